@@ -1,0 +1,1 @@
+"""The attribute encoder: image + attribute text -> tokens for the generator and a pooled vector for search."""

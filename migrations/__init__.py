@@ -1,0 +1,1 @@
+"""Alembic migrations for the metadata store (PostgreSQL and SQLite)."""

@@ -1,0 +1,81 @@
+"""The one settings class. Only entry points (API app factory, Celery app, CLI, Alembic env) read it."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Profile(StrEnum):
+    """How omniattr is deployed."""
+
+    embedded = "embedded"  # one process, no servers: SQLite + Qdrant Edge under data_dir, in-process worker
+    server = "server"  # PostgreSQL + Qdrant server + a Celery broker, many workers
+
+
+class Settings(BaseSettings):
+    """Everything an entry point needs to wire the system; read from OMNIATTR_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="OMNIATTR_", env_file=".env", extra="ignore")
+
+    profile: Profile = Profile.embedded
+    data_dir: Path = Field(default=Path("./data"), description="Media, thumbnails, SQLite file, Edge shards.")
+
+    # server profile
+    database_url: str | None = Field(default=None, description="e.g. postgresql+psycopg://user@host/db")
+    qdrant_url: str | None = Field(default=None, description="e.g. http://qdrant:6333")
+    qdrant_api_key: str | None = None
+    broker_url: str | None = Field(default=None, description="e.g. redis://redis:6379/0")
+    result_backend_url: str | None = None
+
+    # shared
+    allowed_roots: list[Path] = Field(default_factory=list, description="Directories ingest-from-path may read.")
+    encoder_path: Path | None = Field(default=None, description="Encoder checkpoint dir; default: shipped model.")
+    device: str = "auto"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    require_api_keys: bool | None = Field(
+        default=None, description="Defaults to True in the server profile, False in the embedded one."
+    )
+
+    @model_validator(mode="after")
+    def _check_profile(self) -> Settings:
+        if self.profile is Profile.server:
+            missing = [
+                f"OMNIATTR_{name.upper()}"
+                for name in ("database_url", "qdrant_url", "broker_url")
+                if not getattr(self, name)
+            ]
+            if missing:
+                raise ValueError(
+                    f"the server profile needs {', '.join(missing)}; set them, "
+                    "or use OMNIATTR_PROFILE=embedded for a single process with no servers"
+                )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL: the configured one, or a SQLite file under data_dir when embedded."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'omniattr.sqlite3').resolve()}"
+
+    @property
+    def vectors_dir(self) -> Path:
+        """Where the embedded vector index keeps its Qdrant Edge shards."""
+        return self.data_dir / "vectors"
+
+    @property
+    def media_dir(self) -> Path:
+        """Where originals (content-addressed) and thumbnails live."""
+        return self.data_dir / "media"
+
+    @property
+    def api_keys_required(self) -> bool:
+        """Whether requests must carry an API key."""
+        if self.require_api_keys is not None:
+            return self.require_api_keys
+        return self.profile is Profile.server
