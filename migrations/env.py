@@ -1,6 +1,7 @@
 """Alembic environment: runs the packaged migrations on PostgreSQL or SQLite."""
 
 from alembic import context
+
 from store.database import make_engine
 from store.tables import Base
 

@@ -345,10 +345,14 @@ def create_job(
     collection_id: int | None = None,
     encoder_model_id: int | None = None,
     params: dict[str, Any] | None = None,
-    shards: Sequence[Sequence[int]] = (),
+    shards: Sequence[Sequence[Any]] = (),
     units_per_item: int = 1,
 ) -> Job:
-    """Create a job split into shards of image ids; each item counts `units_per_item` towards the total."""
+    """Create a job split into shards of items (image ids, or file paths for ingest).
+
+    Each item counts `units_per_item` towards the totals (e.g. the number of attributes an image is
+    encoded under).
+    """
     if units_per_item < 1:
         raise InvalidInputError("units_per_item must be at least 1")
     job = Job(
@@ -358,9 +362,9 @@ def create_job(
         params=params or {},
         total=sum(len(ids) for ids in shards) * units_per_item,
     )
-    for position, ids in enumerate(shards):
+    for position, ids in enumerate(shards):  # ids: one shard's items
         job.shards.append(
-            JobShard(position=position, image_ids=list(ids), total=len(ids) * units_per_item)
+            JobShard(position=position, items=list(ids), total=len(ids) * units_per_item)
         )
     if not shards:
         job.status = "done"

@@ -193,7 +193,7 @@ class JobShard(TimestampMixin, Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    image_ids: Mapped[list[int]] = mapped_column(JSONType, default=list)
+    items: Mapped[list[Any]] = mapped_column(JSONType, default=list)  # image ids, or paths for ingest
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,244 @@
+"""Ingest of image files: safe paths, decode checks, content-addressed originals, thumbnails, rows.
+
+Read (bytes from a path or an upload) -> check (decode, orient, measure; pure) -> write (media files and
+an image row). A file that fails any check is recorded as a failed image with the reason and never stops
+the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sqlalchemy.orm import Session
+
+from store import metadata
+from store.errors import InvalidInputError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; larger is treated as a decompression bomb
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+THUMBNAIL_SIZE = 256
+SUFFIX_BY_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+class ImageRejected(Exception):
+    """A file is not a usable image; the message is the reason recorded on its row."""
+
+
+class PathNotAllowed(InvalidInputError):
+    """A path lies outside every allowed root (directly or through a symlink)."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image, EXIF orientation applied, in RGB, with the size and format of the file."""
+
+    image: Image.Image
+    width: int
+    height: int
+    format: str
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """What happened to one file."""
+
+    source: str
+    image_id: int
+    created: bool  # False: the same content was already in the collection
+    status: str  # "ready" or "failed"
+    error: str | None = None
+
+
+def sha256_hex(data: bytes) -> str:
+    """Content hash used for dedup and content-addressed storage."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode and fully load an image; corrupt, truncated, non-image or bomb-sized input is rejected."""
+    if not data:
+        raise ImageRejected("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+            width, height = opened.size  # header only: checked before any pixel is decoded
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+                    "(possible decompression bomb); downscale it first"
+                )
+            file_format = opened.format or "UNKNOWN"
+            opened.load()
+            oriented = ImageOps.exif_transpose(opened)
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image file (no known image format recognised)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageRejected(f"decompression bomb refused: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated/corrupt data
+        raise ImageRejected(f"corrupt or truncated image: {error}") from None
+    rgb = _to_rgb(oriented)
+    return DecodedImage(image=rgb, width=rgb.width, height=rgb.height, format=file_format)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for every mode: alpha composited on white, 16-bit and float scaled, palettes expanded."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class MediaStore:
+    """Originals and thumbnails under one directory, addressed by content hash (shared across collections)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def original_path(self, sha256: str, file_format: str) -> Path:
+        return self.root / "originals" / sha256[:2] / f"{sha256}{SUFFIX_BY_FORMAT.get(file_format, '.img')}"
+
+    def thumbnail_path(self, sha256: str) -> Path:
+        return self.root / "thumbnails" / sha256[:2] / f"{sha256}.jpg"
+
+    def put_original(self, data: bytes, sha256: str, file_format: str) -> Path:
+        """Write the original once (atomically); an existing copy is kept."""
+        path = self.original_path(sha256, file_format)
+        if not path.exists():
+            _atomic_write(path, data)
+        return path
+
+    def put_thumbnail(self, image: Image.Image, sha256: str, size: int = THUMBNAIL_SIZE) -> Path:
+        """Write a JPEG thumbnail whose longer side is at most `size`."""
+        path = self.thumbnail_path(sha256)
+        if not path.exists():
+            thumbnail = image.copy()
+            thumbnail.thumbnail((size, size), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            thumbnail.save(buffer, format="JPEG", quality=85)
+            _atomic_write(path, buffer.getvalue())
+        return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=".tmp-") as handle:
+        handle.write(data)
+        temporary = Path(handle.name)
+    os.replace(temporary, path)  # readers never see a half-written file
+
+
+def check_allowed(path: Path, allowed_roots: Sequence[Path]) -> Path:
+    """The resolved path if it (after following symlinks) lies inside an allowed root, else PathNotAllowed."""
+    if not allowed_roots:
+        raise PathNotAllowed(
+            "ingest from a path is disabled: no allowed roots are configured (set OMNIATTR_ALLOWED_ROOTS)"
+        )
+    resolved = Path(path).resolve()
+    for root in allowed_roots:
+        if resolved.is_relative_to(Path(root).resolve()):
+            return resolved
+    roots = ", ".join(str(r) for r in allowed_roots)
+    raise PathNotAllowed(f"{path} is outside the allowed roots ({roots}); move it there or add its directory")
+
+
+def scan_directory(directory: Path, allowed_roots: Sequence[Path]) -> Iterator[tuple[Path, str | None]]:
+    """Image files under `directory`, recursively, in sorted order: (path, None) or (path, refusal reason)."""
+    top = check_allowed(directory, allowed_roots)
+    if not top.is_dir():
+        raise InvalidInputError(f"{directory} is not a directory")
+    for current, dirnames, filenames in os.walk(top, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(current) / name
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                check_allowed(path, allowed_roots)
+            except PathNotAllowed:
+                yield path, "symlink leads outside the allowed roots; refused"
+                continue
+            yield path, None
+
+
+def ingest_bytes(
+    session: Session,
+    media: MediaStore,
+    *,
+    collection_id: int,
+    source: str,
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> IngestOutcome:
+    """Check one file and record it: a ready image with its media, or a failed one with the reason."""
+    sha256 = sha256_hex(data)
+    existing = metadata.find_image(session, collection_id=collection_id, sha256=sha256)
+    if existing is not None:
+        return IngestOutcome(source, existing.id, False, existing.status, existing.error)
+    try:
+        if len(data) > max_bytes:
+            raise ImageRejected(f"file is {len(data):,} bytes, over the limit of {max_bytes:,}")
+        decoded = decode_image(data, max_pixels=max_pixels)
+    except ImageRejected as rejected:
+        image, created = metadata.add_image(
+            session, collection_id=collection_id, source=source, sha256=sha256, bytes=len(data),
+            status="failed", error=str(rejected),
+        )
+        return IngestOutcome(source, image.id, created, image.status, image.error)
+    media.put_original(data, sha256, decoded.format)
+    media.put_thumbnail(decoded.image, sha256)
+    image, created = metadata.add_image(
+        session, collection_id=collection_id, source=source, sha256=sha256, bytes=len(data),
+        width=decoded.width, height=decoded.height, format=decoded.format, status="ready",
+    )
+    return IngestOutcome(source, image.id, created, image.status, image.error)
+
+
+def ingest_path(
+    session: Session,
+    media: MediaStore,
+    *,
+    collection_id: int,
+    path: Path,
+    allowed_roots: Sequence[Path],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> IngestOutcome:
+    """Ingest one file from disk, re-checking that it is inside an allowed root."""
+    resolved = check_allowed(path, allowed_roots)
+    size = resolved.stat().st_size
+    if size > max_bytes:  # do not read a huge file just to reject it
+        sha256 = hashlib.sha256(f"oversized:{resolved}:{size}".encode()).hexdigest()
+        image, created = metadata.add_image(
+            session, collection_id=collection_id, source=str(path), sha256=sha256, bytes=size,
+            status="failed", error=f"file is {size:,} bytes, over the limit of {max_bytes:,}",
+        )
+        return IngestOutcome(str(path), image.id, created, image.status, image.error)
+    return ingest_bytes(
+        session, media, collection_id=collection_id, source=str(path), data=resolved.read_bytes(),
+        max_pixels=max_pixels, max_bytes=max_bytes,
+    )
