@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.orm import Session
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from store.database import make_engine, make_session_factory, upgrade_database
 from store.tables import Base
