@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     allowed_roots: list[Path] = Field(default_factory=list, description="Directories ingest-from-path may read.")
     encoder_path: Path | None = Field(default=None, description="Encoder checkpoint dir; default: shipped model.")
     device: str = "auto"
+    index_batch_size: int = Field(default=32, ge=1, description="Images per encoder batch while indexing.")
+    task_visibility_timeout_s: int = Field(
+        default=1800, ge=1, description="A task unacknowledged this long (its worker died) is delivered again; "
+        "must exceed the longest shard's run time."
+    )
+    query_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a query image's encoding.")
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     require_api_keys: bool | None = Field(

@@ -32,6 +32,15 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+            # pysqlite's own transaction handling breaks SAVEPOINTs (releasing one commits the outer
+            # transaction), so SQLAlchemy emits BEGIN itself (the SQLAlchemy docs' pysqlite recipe).
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection):  # noqa: ANN001
+            # IMMEDIATE takes the write lock up front: concurrent writers queue on the busy timeout
+            # instead of failing when a read transaction later tries to write.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True)

@@ -211,3 +211,13 @@ def test_timestamps_are_set(session):
     if created.tzinfo is None:  # SQLite hands back naive UTC
         before = before.replace(tzinfo=None)
     assert created >= before
+
+
+def test_rollback_undoes_rows_written_through_savepoints(session):
+    """Regression: on SQLite, releasing a SAVEPOINT used to commit the whole transaction."""
+    collection = metadata.create_collection(session, name="kept?")
+    metadata.get_or_create_attribute(session, text="lighting")  # uses a savepoint
+    add(session, collection.id, "x")  # uses a savepoint
+    session.rollback()
+    assert metadata.find_attribute(session, text="lighting") is None
+    assert metadata.find_collection(session, name="kept?") is None

@@ -1,0 +1,81 @@
+"""Encoder checkpoints as the indexer sees them: described without torch, loaded once per process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from store.errors import InvalidInputError
+
+ENCODER_CONFIG_NAME = "encoder_config.json"  # the encoder package's checkpoint format (DESIGN §3)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the metadata store records about a checkpoint; read from its files, no model loaded."""
+
+    path: Path
+    name: str
+    version: str
+    backend: str
+    dimension: int
+    checkpoint_sha256: str
+
+
+def describe_encoder(path: Path) -> EncoderInfo:
+    """Read a checkpoint's config and hash its files, so an API process can register it without torch."""
+    path = Path(path)
+    config_file = path / ENCODER_CONFIG_NAME
+    if not config_file.is_file():
+        raise InvalidInputError(
+            f"{path} is not an encoder checkpoint ({ENCODER_CONFIG_NAME} is missing); "
+            "point OMNIATTR_ENCODER_PATH at a directory written by AttributeEncoder.save_pretrained"
+        )
+    config = json.loads(config_file.read_text())
+    if not config.get("version"):
+        raise InvalidInputError(f"{config_file} has no version; re-save the encoder with save_pretrained")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return EncoderInfo(
+        path=path,
+        name=path.name,
+        version=str(config["version"]),
+        backend=str(config["backend"]),
+        dimension=int(config["context_dim"]),
+        checkpoint_sha256=digest.hexdigest(),
+    )
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class EncoderProvider:
+    """Loads the encoder on first use and keeps it for the life of the process (one per worker process)."""
+
+    def __init__(self, path: Path, *, device: str = "auto"):
+        self.path = Path(path)
+        self.device = device
+        self._encoder: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        """The loaded `encoder.AttributeEncoder`, in eval mode on its device."""
+        with self._lock:
+            if self._encoder is None:
+                from encoder import AttributeEncoder  # torch is imported only by processes that encode
+
+                encoder = AttributeEncoder.from_pretrained(self.path)
+                self._encoder = encoder.to(resolve_device(self.device)).eval()
+            return self._encoder

@@ -1,0 +1,314 @@
+"""Jobs and their shard bodies, shared by the Celery tasks and the embedded in-process worker.
+
+Planning functions run inside the caller's transaction and return shard ids to dispatch *after* commit.
+Shard bodies take ids, re-read what they need, skip rows deleted meanwhile, and write idempotently, so a
+shard redelivered after a crash simply runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer.ingest import MediaStore, PathNotAllowed, decode_image, ingest_path, scan_directory
+from indexer.models import EncoderInfo, EncoderProvider
+from indexer.runner import encode_grid_pooled, index_images
+from store import metadata
+from store.errors import InvalidInputError, NotFoundError
+from store.vectors import VectorIndex, point_id
+
+log = logging.getLogger(__name__)
+
+INGEST_SHARD_SIZE = 64  # files: seconds of decode + thumbnail work
+INDEX_SHARD_SIZE = 256  # images: a few minutes on a CPU, seconds on a GPU
+MAX_SHARD_ATTEMPTS = 3
+MAX_ERRORS_KEPT = 20
+# Worth another attempt: the database or broker blinked. Anything else is a bug or bad data.
+TRANSIENT_ERRORS = (OperationalError, ConnectionError, TimeoutError)
+
+
+class Dispatcher(Protocol):
+    """Where shard work goes: Celery queues (server) or the in-process worker (embedded)."""
+
+    def submit(self, kind: str, shard_ids: Sequence[int]) -> None: ...
+
+
+@dataclass
+class WorkerContext:
+    """Everything a shard body needs; built once per process by an entry point from settings."""
+
+    session_factory: sessionmaker[Session]
+    vectors: VectorIndex
+    media: MediaStore
+    encoder: EncoderProvider
+    encoder_info: EncoderInfo
+    allowed_roots: list[Path] = field(default_factory=list)
+    index_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job created in the caller's transaction, and the shards to dispatch once it commits."""
+
+    job_id: int
+    kind: str
+    shard_ids: list[int]
+
+
+# --- planning (inside the caller's transaction) ------------------------------------------------------
+
+
+def register_encoder(session: Session, info: EncoderInfo) -> metadata.EncoderModel:
+    """Record the encoder checkpoint in use (idempotent)."""
+    return metadata.register_encoder_model(
+        session, name=info.name, version=info.version, backend=info.backend, dimension=info.dimension,
+        checkpoint_sha256=info.checkpoint_sha256,
+    )
+
+
+def _split(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
+def plan_ingest_directory(
+    session: Session, *, collection_id: int, directory: Path, allowed_roots: Sequence[Path],
+    shard_size: int = INGEST_SHARD_SIZE,
+) -> PlannedJob:
+    """Scan a directory (inside the allowed roots) into an ingest job of file-path shards."""
+    metadata.get_collection(session, collection_id=collection_id)
+    found = list(scan_directory(directory, allowed_roots))
+    # Refused symlinks go into the shards too: the shard records them as failures with the reason.
+    paths = [str(path) for path, _ in found]
+    job = metadata.create_job(
+        session, kind="ingest", collection_id=collection_id, params={"directory": str(directory)},
+        shards=_split(paths, shard_size),
+    )
+    return PlannedJob(job.id, job.kind, [shard.id for shard in job.shards])
+
+
+def plan_index_attributes(
+    session: Session, *, collection_id: int, attribute_texts: Sequence[str], encoder_model_id: int,
+    shard_size: int = INDEX_SHARD_SIZE,
+) -> PlannedJob | None:
+    """Index a collection under attributes it is not yet indexed for (a backfill); None if nothing is new."""
+    metadata.get_collection(session, collection_id=collection_id)
+    if not attribute_texts:
+        raise InvalidInputError("no attributes given; name at least one, e.g. 'lighting'")
+    attributes = list({a.id: a for a in (metadata.get_or_create_attribute(session, text=t) for t in attribute_texts)}
+                      .values())
+    existing = {
+        row.attribute_id: row.status
+        for row in metadata.list_collection_attributes(
+            session, collection_id=collection_id, encoder_model_id=encoder_model_id
+        )
+    }
+    new = [a for a in attributes if existing.get(a.id) not in ("ready", "indexing")]
+    if not new:
+        return None
+    for attribute in new:
+        metadata.set_collection_attribute(
+            session, collection_id=collection_id, attribute_id=attribute.id, encoder_model_id=encoder_model_id,
+            status="indexing",
+        )
+    image_ids = metadata.list_image_ids(session, collection_id=collection_id)
+    return _create_index_job(session, collection_id, encoder_model_id, [a.id for a in new], image_ids, shard_size,
+                             kind="index")
+
+
+def plan_index_new_images(
+    session: Session, *, collection_id: int, image_ids: Sequence[int], encoder_model_id: int,
+    shard_size: int = INDEX_SHARD_SIZE,
+) -> PlannedJob | None:
+    """Index newly ingested images under every attribute already indexed for their collection."""
+    attribute_ids = [
+        row.attribute_id
+        for row in metadata.list_collection_attributes(
+            session, collection_id=collection_id, encoder_model_id=encoder_model_id
+        )
+        if row.status in ("ready", "indexing")
+    ]
+    if not attribute_ids or not image_ids:
+        return None
+    return _create_index_job(session, collection_id, encoder_model_id, attribute_ids, list(image_ids), shard_size,
+                             kind="index_new_images")
+
+
+def _create_index_job(session, collection_id, encoder_model_id, attribute_ids, image_ids, shard_size, *, kind):
+    job = metadata.create_job(
+        session, kind=kind, collection_id=collection_id, encoder_model_id=encoder_model_id,
+        params={"attribute_ids": attribute_ids}, shards=_split(image_ids, shard_size),
+        units_per_item=len(attribute_ids),
+    )
+    if job.status == "done":  # an empty collection: the attributes are trivially ready
+        _mark_attributes(session, job, "ready")
+    return PlannedJob(job.id, "index", [shard.id for shard in job.shards])
+
+
+def _mark_attributes(session: Session, job: metadata.Job, status: str) -> None:
+    for attribute_id in job.params.get("attribute_ids", []):
+        metadata.set_collection_attribute(
+            session, collection_id=job.collection_id, attribute_id=attribute_id,
+            encoder_model_id=job.encoder_model_id, status=status,
+        )
+
+
+def resume_job(session: Session, *, job_id: int) -> PlannedJob:
+    """The unfinished shards of a job, to dispatch again (after a crash or a lost broker)."""
+    job = metadata.get_job(session, job_id=job_id)
+    kind = "ingest" if job.kind == "ingest" else "index"
+    return PlannedJob(job.id, kind, [shard.id for shard in metadata.unfinished_shards(session, job_id=job_id)])
+
+
+# --- shard bodies (run by a worker) ------------------------------------------------------------------
+
+
+def _errors_text(errors: Sequence[str]) -> str | None:
+    if not errors:
+        return None
+    kept = list(errors[:MAX_ERRORS_KEPT])
+    if len(errors) > MAX_ERRORS_KEPT:
+        kept.append(f"... and {len(errors) - MAX_ERRORS_KEPT} more")
+    return "\n".join(kept)
+
+
+def run_ingest_shard(context: WorkerContext, shard_id: int, dispatcher: Dispatcher | None = None) -> str:
+    """Ingest one shard of file paths, then index its new images under the collection's attributes."""
+    with context.session_factory.begin() as session:
+        shard = metadata.start_shard(session, shard_id=shard_id)
+        if shard is None:
+            return "skipped"
+        paths, job_id, collection_id = list(shard.items), shard.job_id, shard.job.collection_id
+    done, failed, errors, ready_ids = 0, 0, [], []
+    for path in paths:
+        with context.session_factory.begin() as session:
+            try:
+                outcome = ingest_path(
+                    session, context.media, collection_id=collection_id, path=Path(path),
+                    allowed_roots=context.allowed_roots,
+                )
+            except (PathNotAllowed, OSError) as error:
+                failed += 1
+                errors.append(f"{path}: {error}")
+                continue
+            except NotFoundError:  # the collection was deleted meanwhile: nothing more to do
+                return "collection deleted"
+        if outcome.status == "ready":
+            done += 1
+            ready_ids.append(outcome.image_id)
+        else:
+            failed += 1
+            errors.append(f"{path}: {outcome.error}")
+    # Checked against the vectors rather than "created now", so a shard redelivered after a crash between
+    # ingest and this point still indexes what the first attempt ingested.
+    missing = _images_missing_vectors(context, ready_ids, collection_id)
+    with context.session_factory.begin() as session:
+        metadata.finish_shard(session, shard_id=shard_id, done=done, failed=failed, error=_errors_text(errors))
+        follow_up = None
+        if missing:
+            follow_up = plan_index_new_images(
+                session, collection_id=collection_id, image_ids=missing,
+                encoder_model_id=metadata.get_encoder_model(session, version=context.encoder_info.version).id,
+            )
+    if follow_up and dispatcher is not None:
+        dispatcher.submit(follow_up.kind, follow_up.shard_ids)
+    log.info("ingest shard %s of job %s: %s ready, %s failed", shard_id, job_id, done, failed)
+    return "done"
+
+
+def _images_missing_vectors(context: WorkerContext, image_ids: Sequence[int], collection_id: int) -> list[int]:
+    """Those of `image_ids` lacking a vector for some attribute indexed for the collection."""
+    version = context.encoder_info.version
+    with context.session_factory() as session:
+        try:
+            encoder_model = metadata.get_encoder_model(session, version=version)
+        except NotFoundError:
+            return []  # this encoder never indexed anything: no attributes to keep up to date
+        attribute_ids = [
+            row.attribute_id
+            for row in metadata.list_collection_attributes(
+                session, collection_id=collection_id, encoder_model_id=encoder_model.id
+            )
+        ]
+    if not attribute_ids or not image_ids:
+        return []
+    wanted = {
+        image_id: [str(point_id(image_id=image_id, attribute_id=a, encoder_version=version)) for a in attribute_ids]
+        for image_id in image_ids
+    }
+    try:
+        present = context.vectors.fetch(encoder_version=version, point_ids=[p for ids in wanted.values() for p in ids])
+    except NotFoundError:
+        return list(image_ids)
+    return [image_id for image_id, ids in wanted.items() if not all(p in present for p in ids)]
+
+
+def run_index_shard(context: WorkerContext, shard_id: int) -> str:
+    """Encode one shard's images under the job's attributes and upsert the vectors."""
+    with context.session_factory.begin() as session:
+        shard = metadata.start_shard(session, shard_id=shard_id)
+        if shard is None:
+            return "skipped"
+        job = shard.job
+        image_ids = list(shard.items)
+        attribute_ids = list(job.params["attribute_ids"])
+        attributes = [(a, metadata.get_attribute(session, attribute_id=a).text) for a in attribute_ids]
+        encoder_model = session.get(metadata.EncoderModel, job.encoder_model_id)
+        encoder_version, dimension = encoder_model.version, encoder_model.dimension
+    if encoder_version != context.encoder_info.version:
+        raise InvalidInputError(
+            f"job {job.id} was planned for encoder {encoder_version}, but this worker runs "
+            f"{context.encoder_info.version}; start a worker with that checkpoint"
+        )
+    context.vectors.ensure_collection(encoder_version=encoder_version, dimension=dimension)
+    result = index_images(
+        session_factory=context.session_factory, media=context.media, vectors=context.vectors,
+        encoder=context.encoder.get(), encoder_version=encoder_version, image_ids=image_ids,
+        attributes=attributes, batch_size=context.index_batch_size,
+    )
+    with context.session_factory.begin() as session:
+        # Images deleted (or failed) since planning need no work: they count as done so progress reaches 100%.
+        skipped = len(image_ids) * len(attributes) - result.done - result.failed
+        finished = metadata.finish_shard(
+            session, shard_id=shard_id, done=result.done + skipped, failed=result.failed,
+            error=_errors_text(result.errors),
+        )
+        if finished.status in ("done", "failed"):
+            _mark_attributes(session, finished, "ready" if finished.status == "done" else "failed")
+            if finished.status == "done":
+                context.vectors.optimize(encoder_version=encoder_version)
+    t = result.times
+    log.info("index shard %s: %s encodings (read %.2fs, encode %.2fs, write %.2fs)",
+             shard_id, result.done, t.read, t.encode, t.write)
+    return "done"
+
+
+def fail_shard_attempt(context: WorkerContext, shard_id: int, error: BaseException, *, retryable: bool) -> None:
+    """Record a failed attempt: back to pending while a retryable error has tries left, else failed for good."""
+    with context.session_factory.begin() as session:
+        metadata.fail_shard(session, shard_id=shard_id, error=f"{type(error).__name__}: {error}",
+                            max_attempts=MAX_SHARD_ATTEMPTS if retryable else 0)
+
+
+def encode_query(context: WorkerContext, *, image_bytes: bytes, attribute: str) -> list[float]:
+    """Encode an uploaded query image under one attribute; returns the pooled vector."""
+    decoded = decode_image(image_bytes)
+    text = metadata.normalize_attribute(attribute)
+    pooled = encode_grid_pooled(context.encoder.get(), [decoded.image], [text])  # (1, 1, d)
+    return pooled[0, 0].tolist()
+
+
+def run_shard(context: WorkerContext, kind: str, shard_id: int, dispatcher: Dispatcher | None = None) -> str:
+    """Dispatch a shard id to its body by job kind."""
+    bodies: dict[str, Callable[[], str]] = {
+        "ingest": lambda: run_ingest_shard(context, shard_id, dispatcher),
+        "index": lambda: run_index_shard(context, shard_id),
+    }
+    if kind not in bodies:
+        raise InvalidInputError(f"unknown shard kind {kind!r}; expected one of {sorted(bodies)}")
+    return bodies[kind]()

@@ -1,0 +1,186 @@
+"""Ingest, indexing, backfill and query encoding through the in-process worker, on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.dispatch import InProcessDispatcher
+from indexer.models import describe_encoder
+from indexer.work import (
+    encode_query,
+    plan_index_attributes,
+    plan_ingest_directory,
+    register_encoder,
+    resume_job,
+)
+from store import metadata
+from store.errors import InvalidInputError, NotFoundError
+from store.vectors import point_id
+from tests.indexer.conftest import write_images
+
+
+def run_planned(context, dispatcher, plan):
+    """Commit the plan (done by the caller's `with`), then dispatch and wait, as the API does."""
+    dispatcher.submit(plan.kind, plan.shard_ids)
+    dispatcher.join()
+
+
+@pytest.fixture
+def dispatcher(worker_context):
+    dispatcher = InProcessDispatcher(worker_context)
+    yield dispatcher
+    dispatcher.close()
+
+
+def setup_collection(context, tmp_path, count=10):
+    write_images(tmp_path / "photos", count)
+    with context.session_factory.begin() as session:
+        collection = metadata.create_collection(session, name="c")
+        encoder_model = register_encoder(session, context.encoder_info)
+        return collection.id, encoder_model.id
+
+
+def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatcher, tmp_path):
+    context = worker_context
+    collection_id, encoder_model_id = setup_collection(context, tmp_path, count=10)
+    version = context.encoder_info.version
+
+    with context.session_factory.begin() as session:
+        ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
+                                       allowed_roots=context.allowed_roots, shard_size=4)
+    run_planned(context, dispatcher, ingest)
+    with context.session_factory() as session:
+        progress = metadata.job_progress(session, job_id=ingest.job_id)
+        assert (progress.status, progress.done, progress.total, progress.shards_total) == ("done", 10, 10, 3)
+
+    with context.session_factory.begin() as session:
+        index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["Lighting", "art style"],
+                                      encoder_model_id=encoder_model_id, shard_size=4)
+    run_planned(context, dispatcher, index)
+    assert context.vectors.count(encoder_version=version, collection_id=collection_id) == 20
+    with context.session_factory() as session:
+        progress = metadata.job_progress(session, job_id=index.job_id)
+        assert (progress.status, progress.done, progress.total) == ("done", 20, 20)
+        assert progress.rate > 0
+        states = metadata.list_collection_attributes(session, collection_id=collection_id)
+        assert sorted((s.attribute.text, s.status) for s in states) == [("art style", "ready"), ("lighting", "ready")]
+
+    # Already-indexed attributes plan nothing; a new one backfills only itself.
+    with context.session_factory.begin() as session:
+        assert plan_index_attributes(session, collection_id=collection_id, attribute_texts=["lighting"],
+                                     encoder_model_id=encoder_model_id) is None
+        backfill = plan_index_attributes(session, collection_id=collection_id,
+                                         attribute_texts=["lighting", "background"],
+                                         encoder_model_id=encoder_model_id)
+        assert metadata.get_job(session, job_id=backfill.job_id).total == 10  # 10 images x 1 new attribute
+    run_planned(context, dispatcher, backfill)
+    assert context.vectors.count(encoder_version=version, collection_id=collection_id) == 30
+
+    # New images are indexed under every attribute already indexed, without being asked.
+    write_images(tmp_path / "photos", 3, start=100)
+    with context.session_factory.begin() as session:
+        more = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
+                                     allowed_roots=context.allowed_roots)
+    run_planned(context, dispatcher, more)
+    assert context.vectors.count(encoder_version=version, collection_id=collection_id) == 13 * 3
+    with context.session_factory() as session:
+        assert metadata.count_images(session, collection_id=collection_id) == 13  # the 10 old ones deduplicated
+
+
+def test_indexed_vectors_match_the_encoder_and_queries(worker_context, dispatcher, tmp_path):
+    context = worker_context
+    collection_id, encoder_model_id = setup_collection(context, tmp_path, count=4)
+    with context.session_factory.begin() as session:
+        ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
+                                       allowed_roots=context.allowed_roots)
+    run_planned(context, dispatcher, ingest)
+    with context.session_factory.begin() as session:
+        index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["lighting"],
+                                      encoder_model_id=encoder_model_id)
+    run_planned(context, dispatcher, index)
+    version = context.encoder_info.version
+    with context.session_factory() as session:
+        image = metadata.list_images(session, collection_id=collection_id, limit=1)[0]
+        lighting = metadata.find_attribute(session, text="lighting")
+    data = (tmp_path / "photos" / "img0000.png").read_bytes()
+    query = np.asarray(encode_query(context, image_bytes=data, attribute="  LIGHTING "))
+    stored = context.vectors.fetch(
+        encoder_version=version,
+        point_ids=[point_id(image_id=image.id, attribute_id=lighting.id, encoder_version=version)],
+    )
+    (vector,) = stored.values()
+    np.testing.assert_allclose(vector, query, atol=1e-5)
+    hits = context.vectors.search(encoder_version=version, vector=query, collection_id=collection_id,
+                                  attribute_id=lighting.id, limit=1)
+    assert hits[0].image_id == image.id and hits[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_deleted_images_are_skipped_and_bad_files_fail_alone(worker_context, dispatcher, tmp_path):
+    context = worker_context
+    collection_id, encoder_model_id = setup_collection(context, tmp_path, count=5)
+    (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with context.session_factory.begin() as session:
+        ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
+                                       allowed_roots=context.allowed_roots)
+    run_planned(context, dispatcher, ingest)
+    with context.session_factory.begin() as session:
+        job = metadata.get_job(session, job_id=ingest.job_id)
+        assert (job.done, job.failed) == (5, 1)
+        assert "broken.png" in job.shards[0].error
+        index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["pose"],
+                                      encoder_model_id=encoder_model_id)
+        doomed = metadata.list_images(session, collection_id=collection_id, status="ready", limit=1)[0].id
+    with context.session_factory.begin() as session:  # deleted after planning, before the worker runs
+        metadata.delete_image(session, image_id=doomed)
+    run_planned(context, dispatcher, index)
+    with context.session_factory() as session:
+        progress = metadata.job_progress(session, job_id=index.job_id)
+    assert (progress.status, progress.done, progress.total) == ("done", 5, 5)
+    assert context.vectors.count(encoder_version=context.encoder_info.version, collection_id=collection_id) == 4
+
+
+def test_bad_requests_are_refused_and_write_nothing(worker_context, tmp_path):
+    context = worker_context
+    collection_id, encoder_model_id = setup_collection(context, tmp_path, count=1)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with context.session_factory() as session:
+        with pytest.raises(InvalidInputError, match="outside the allowed roots"):
+            plan_ingest_directory(session, collection_id=collection_id, directory=outside,
+                                  allowed_roots=context.allowed_roots)
+        with pytest.raises(InvalidInputError, match="attribute text is empty"):
+            plan_index_attributes(session, collection_id=collection_id, attribute_texts=["lighting", "  "],
+                                  encoder_model_id=encoder_model_id)
+        with pytest.raises(InvalidInputError, match="limit is 200"):
+            plan_index_attributes(session, collection_id=collection_id, attribute_texts=["x" * 300],
+                                  encoder_model_id=encoder_model_id)
+        with pytest.raises(NotFoundError):
+            plan_index_attributes(session, collection_id=99999, attribute_texts=["lighting"],
+                                  encoder_model_id=encoder_model_id)
+        session.rollback()
+        assert metadata.list_jobs(session) == []
+        assert metadata.find_attribute(session, text="lighting") is None
+
+
+def test_resume_lists_only_unfinished_shards(worker_context, tmp_path):
+    context = worker_context
+    collection_id, encoder_model_id = setup_collection(context, tmp_path, count=6)
+    with context.session_factory.begin() as session:
+        plan = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
+                                     allowed_roots=context.allowed_roots, shard_size=2)
+    from indexer.work import run_ingest_shard
+
+    run_ingest_shard(context, plan.shard_ids[0])
+    with context.session_factory() as session:
+        assert resume_job(session, job_id=plan.job_id).shard_ids == plan.shard_ids[1:]
+
+
+def test_encoder_description_matches_the_loaded_model(tiny_encoder_dir):
+    from encoder import AttributeEncoder
+
+    info = describe_encoder(tiny_encoder_dir)
+    model = AttributeEncoder.from_pretrained(tiny_encoder_dir)
+    assert (info.version, info.dimension, info.backend) == (model.version, model.dimension, "mllm")
+    with pytest.raises(InvalidInputError, match="not an encoder checkpoint"):
+        describe_encoder(tiny_encoder_dir.parent)
