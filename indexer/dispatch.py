@@ -6,8 +6,16 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
-from indexer.work import MAX_SHARD_ATTEMPTS, TRANSIENT_ERRORS, WorkerContext, fail_shard_attempt, run_shard
+from indexer.work import (
+    MAX_SHARD_ATTEMPTS,
+    TRANSIENT_ERRORS,
+    WorkerContext,
+    encode_query,
+    fail_shard_attempt,
+    run_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +29,18 @@ class InProcessDispatcher:
         self._queue: queue.Queue[tuple[str, int, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="omniattr-worker", daemon=True)
         self._thread.start()
+        # Queries get their own thread so they never wait behind an indexing shard.
+        self._queries = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omniattr-query")
 
     def submit(self, kind: str, shard_ids: Sequence[int]) -> None:
         """Queue shards; call after the transaction that created them has committed."""
         for shard_id in shard_ids:
             self._queue.put((kind, shard_id, 1))
+
+    def encode_query(self, *, image_bytes: bytes, attribute: str, timeout: float) -> list[float]:
+        """Encode a query image under one attribute; TimeoutError after `timeout` seconds."""
+        future = self._queries.submit(encode_query, self.context, image_bytes=image_bytes, attribute=attribute)
+        return future.result(timeout=timeout)
 
     def join(self) -> None:
         """Wait until every queued shard (and the work they queue) has run."""
@@ -35,6 +50,7 @@ class InProcessDispatcher:
         """Stop the worker thread after the work already queued."""
         self._queue.put(None)
         self._thread.join()
+        self._queries.shutdown(wait=True)
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:

@@ -105,6 +105,8 @@ def test_indexed_vectors_match_the_encoder_and_queries(worker_context, dispatche
         lighting = metadata.find_attribute(session, text="lighting")
     data = (tmp_path / "photos" / "img0000.png").read_bytes()
     query = np.asarray(encode_query(context, image_bytes=data, attribute="  LIGHTING "))
+    np.testing.assert_allclose(dispatcher.encode_query(image_bytes=data, attribute="lighting", timeout=30), query,
+                               atol=1e-6)
     stored = context.vectors.fetch(
         encoder_version=version,
         point_ids=[point_id(image_id=image.id, attribute_id=lighting.id, encoder_version=version)],
