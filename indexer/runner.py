@@ -40,6 +40,7 @@ class LoadedImage:
     image_id: int
     collection_id: int
     pixels: Image.Image
+    payload: dict[str, Any]  # written beside each vector, for metadata filters in search
 
 
 @dataclass
@@ -59,9 +60,12 @@ def read_images(
     with session_factory() as session:
         rows = metadata.get_images(session, image_ids=image_ids)
         wanted = [rows[i] for i in image_ids if i in rows and rows[i].status == "ready"]
-        described = [(row.id, row.collection_id, row.sha256, row.format) for row in wanted]
+        described = [
+            (row.id, row.collection_id, row.sha256, row.format, {**row.metadata_, "format": row.format})
+            for row in wanted
+        ]
     loaded, failures = [], []
-    for image_id, collection_id, sha256, file_format in described:
+    for image_id, collection_id, sha256, file_format, payload in described:
         path = media.original_path(sha256, file_format)
         try:
             with Image.open(path) as opened:
@@ -69,7 +73,7 @@ def read_images(
         except OSError as error:
             failures.append((image_id, f"image {image_id}: cannot read {path.name}: {error}"))
             continue
-        loaded.append(LoadedImage(image_id, collection_id, pixels))
+        loaded.append(LoadedImage(image_id, collection_id, pixels, payload))
     return loaded, failures
 
 
@@ -97,6 +101,7 @@ def write_vectors(
             attribute_id=attribute_id,
             collection_id=image.collection_id,
             vector=pooled[row, column],
+            payload=image.payload,
         )
         for row, image in enumerate(images)
         for column, attribute_id in enumerate(attribute_ids)

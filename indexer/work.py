@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from indexer.ingest import MediaStore, PathNotAllowed, decode_image, ingest_path, scan_directory
+from indexer.ingest import ImageRejected, MediaStore, PathNotAllowed, decode_image, ingest_path, scan_directory
 from indexer.models import EncoderInfo, EncoderProvider
 from indexer.runner import encode_grid_pooled, index_images
 from store import metadata
@@ -297,7 +297,10 @@ def fail_shard_attempt(context: WorkerContext, shard_id: int, error: BaseExcepti
 
 def encode_query(context: WorkerContext, *, image_bytes: bytes, attribute: str) -> list[float]:
     """Encode an uploaded query image under one attribute; returns the pooled vector."""
-    decoded = decode_image(image_bytes)
+    try:
+        decoded = decode_image(image_bytes)
+    except ImageRejected as rejected:
+        raise InvalidInputError(f"the query image cannot be used: {rejected}") from None
     text = metadata.normalize_attribute(attribute)
     pooled = encode_grid_pooled(context.encoder.get(), [decoded.image], [text])  # (1, 1, d)
     return pooled[0, 0].tolist()

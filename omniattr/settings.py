@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     query_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a query image's encoding.")
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     require_api_keys: bool | None = Field(
         default=None, description="Defaults to True in the server profile, False in the embedded one."
     )

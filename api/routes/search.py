@@ -1,0 +1,53 @@
+"""Attribute-conditioned search by stored image ids or an uploaded image."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from api import schemas, services
+from api.deps import ServicesDep
+from api.routes.views import image_public
+
+router = APIRouter(prefix="/api/search", tags=["search"])
+
+
+def _results(ranked, started: float) -> schemas.SearchResults:
+    return schemas.SearchResults(
+        results=[
+            schemas.SearchHitPublic(image=image_public(image), score=round(hit.score, 6),
+                                    attribute_scores=hit.attribute_scores, negative_scores=hit.negative_scores)
+            for hit, image in ranked
+        ],
+        took_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+
+
+@router.post("", response_model=schemas.SearchResults)
+def search(body: schemas.SearchRequest, services_: ServicesDep) -> schemas.SearchResults:
+    """Rank a collection by one or several weighted (image, attribute) terms, minus negative terms."""
+    started = time.perf_counter()
+    ranked = services.search(
+        services_, collection_id=body.collection_id,
+        terms=[services.TermRequest(t.attribute, t.weight, image_id=t.image_id) for t in body.terms],
+        negatives=[services.TermRequest(t.attribute, t.weight, image_id=t.image_id) for t in body.negatives],
+        limit=body.limit, filters=body.filters, include_query_images=body.include_query_images,
+    )
+    return _results(ranked, started)
+
+
+@router.post("/upload", response_model=schemas.SearchResults)
+def search_by_upload(
+    services_: ServicesDep,
+    image: Annotated[UploadFile, File(description="The query image.")],
+    collection_id: Annotated[int, Form()],
+    attribute: Annotated[str, Form(min_length=1, max_length=200)],
+    limit: Annotated[int, Form(ge=1, le=200)] = 20,
+) -> schemas.SearchResults:
+    """Rank a collection by an uploaded image's embedding under one attribute."""
+    started = time.perf_counter()
+    term = services.TermRequest(attribute, image_bytes=image.file.read())
+    ranked = services.search(services_, collection_id=collection_id, terms=[term], limit=limit)
+    return _results(ranked, started)

@@ -1,0 +1,156 @@
+"""Request and response schemas: a family per resource (XCreate / XPublic / XsPublic). Tables are never
+serialised directly."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Attribute = Annotated[str, Field(min_length=1, max_length=200, examples=["lighting"])]
+
+
+class Message(BaseModel):
+    detail: str
+
+
+class CollectionCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200, examples=["holiday photos"])
+    description: str = Field(default="", max_length=2000)
+
+
+class AttributeState(BaseModel):
+    attribute: str
+    status: str
+
+
+class CollectionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    description: str
+    created_at: datetime
+    image_count: int = 0
+    failed_count: int = 0
+    attributes: list[AttributeState] = []
+
+
+class CollectionsPublic(BaseModel):
+    data: list[CollectionPublic]
+    count: int
+
+
+class ImagePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    collection_id: int
+    source: str
+    sha256: str
+    width: int | None
+    height: int | None
+    format: str | None
+    bytes: int
+    status: str
+    error: str | None
+    thumbnail_url: str
+    created_at: datetime
+
+
+class ImagesPublic(BaseModel):
+    data: list[ImagePublic]
+    count: int
+    next_after_id: int | None = Field(description="Pass as after_id for the next page; null on the last page.")
+
+
+class UploadResult(BaseModel):
+    source: str
+    image_id: int
+    created: bool
+    status: str
+    error: str | None = None
+
+
+class UploadReport(BaseModel):
+    results: list[UploadResult]
+    index_job_id: int | None = Field(
+        default=None, description="The job indexing the new images under the collection's attributes, if any."
+    )
+
+
+class IngestPathRequest(BaseModel):
+    path: str = Field(min_length=1, max_length=4096, description="A directory inside the server's allowed roots.")
+
+
+class AttributesRequest(BaseModel):
+    attributes: list[Attribute] = Field(min_length=1, max_length=16)
+
+
+class JobPublic(BaseModel):
+    id: int
+    kind: str
+    status: str
+    collection_id: int | None
+    done: int
+    failed: int
+    total: int
+    shards_done: int
+    shards_total: int
+    rate: float | None = Field(description="Units per second since the job started.")
+    eta_seconds: float | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class IndexResponse(BaseModel):
+    job: JobPublic | None
+    detail: str
+
+
+class SearchTermIn(BaseModel):
+    image_id: int = Field(description="A stored image whose vector under `attribute` is the query.")
+    attribute: Attribute
+    weight: float = Field(default=1.0, gt=0, le=100)
+
+
+class SearchRequest(BaseModel):
+    collection_id: int
+    terms: list[SearchTermIn] = Field(min_length=1, max_length=8)
+    negatives: list[SearchTermIn] = Field(default=[], max_length=7)
+    limit: int = Field(default=20, ge=1, le=200)
+    filters: dict[str, str | int | float | bool | list[str | int]] = Field(
+        default={}, description="Exact-match filters on the vector payload, e.g. {\"format\": \"PNG\"}."
+    )
+    include_query_images: bool = Field(default=False, description="Keep the query images in the results.")
+
+
+class SearchHitPublic(BaseModel):
+    image: ImagePublic
+    score: float
+    attribute_scores: dict[str, float]
+    negative_scores: dict[str, float] = {}
+
+
+class SearchResults(BaseModel):
+    results: list[SearchHitPublic]
+    took_ms: float
+
+
+class HealthPublic(BaseModel):
+    status: str
+    profile: str
+    encoder_version: str
+    version: str
+
+
+def to_dict(model: BaseModel) -> dict[str, Any]:
+    """Plain dict of a schema instance (for the CLI's --json output)."""
+    return model.model_dump(mode="json")

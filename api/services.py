@@ -1,0 +1,260 @@
+"""What the API and the CLI do, in one place: the routes and the in-process CLI both call these.
+
+`Services` holds the process's handles (database, vector index, dispatcher); it is built by an entry point
+from settings (`build_services`) and closed on shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer.ingest import MediaStore, ingest_bytes
+from indexer.models import EncoderInfo
+from indexer.work import (
+    PlannedJob,
+    plan_index_attributes,
+    plan_index_new_images,
+    plan_ingest_directory,
+    register_encoder,
+    resume_job,
+)
+from store import metadata
+from store.errors import ConflictError, InvalidInputError, NotFoundError
+from store.search import RankedImage, SearchTerm, search_images
+from store.vectors import VectorIndex, point_id
+
+if TYPE_CHECKING:
+    from omniattr.settings import Settings
+
+
+@dataclass
+class Services:
+    """The handles one API (or CLI) process works with."""
+
+    session_factory: sessionmaker[Session]
+    vectors: VectorIndex
+    media: MediaStore
+    dispatcher: Any  # InProcessDispatcher (embedded) or CeleryDispatcher (server): submit(), encode_query()
+    encoder_info: EncoderInfo
+    allowed_roots: list[Path] = field(default_factory=list)
+    query_timeout_s: float = 30.0
+    api_keys_required: bool = False
+    closers: list[Any] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Stop the in-process worker (if any) and close the vector index."""
+        for closer in reversed(self.closers):
+            closer()
+
+
+def build_services(settings: Settings) -> Services:
+    """Open everything an API process needs, per profile: in-process worker when embedded, Celery when not."""
+    from indexer.context import build_worker_context
+
+    context = build_worker_context(settings)
+    closers: list[Any] = [context.vectors.close]
+    if settings.broker_url:
+        from indexer.celery_app import CeleryDispatcher, create_celery_app
+
+        dispatcher: Any = CeleryDispatcher(create_celery_app(settings))
+    else:
+        from indexer.dispatch import InProcessDispatcher
+
+        dispatcher = InProcessDispatcher(context)
+        closers.append(dispatcher.close)
+    with context.session_factory.begin() as session:
+        register_encoder(session, context.encoder_info)
+    return Services(
+        session_factory=context.session_factory,
+        vectors=context.vectors,
+        media=context.media,
+        dispatcher=dispatcher,
+        encoder_info=context.encoder_info,
+        allowed_roots=list(settings.allowed_roots),
+        query_timeout_s=settings.query_timeout_s,
+        api_keys_required=settings.api_keys_required,
+        closers=closers,
+    )
+
+
+def _encoder_model_id(session: Session, services: Services) -> int:
+    return metadata.get_encoder_model(session, version=services.encoder_info.version).id
+
+
+def dispatch(services: Services, plan: PlannedJob | None) -> None:
+    """Send a committed plan's shards to the workers."""
+    if plan is not None and plan.shard_ids:
+        services.dispatcher.submit(plan.kind, plan.shard_ids)
+
+
+# --- collections and images --------------------------------------------------------------------------
+
+
+def delete_collection(services: Services, *, collection_id: int) -> None:
+    """Delete a collection's vectors, then its rows."""
+    with services.session_factory.begin() as session:
+        image_ids = metadata.list_image_ids(session, collection_id=collection_id, status="ready")
+        metadata.delete_collection(session, collection_id=collection_id)
+        for version in services.vectors.list_encoder_versions():
+            services.vectors.delete_images(encoder_version=version, image_ids=image_ids)
+
+
+def delete_image(services: Services, *, image_id: int) -> None:
+    """Delete an image's vectors and row (its content-addressed file may be shared and is kept)."""
+    with services.session_factory.begin() as session:
+        metadata.delete_image(session, image_id=image_id)
+        for version in services.vectors.list_encoder_versions():
+            services.vectors.delete_images(encoder_version=version, image_ids=[image_id])
+
+
+def upload_images(
+    services: Services, *, collection_id: int, files: Sequence[tuple[str, bytes]]
+) -> tuple[list[Any], int | None]:
+    """Ingest uploaded files (each fails alone) and index the new ones under the collection's attributes."""
+    outcomes = []
+    with services.session_factory.begin() as session:
+        metadata.get_collection(session, collection_id=collection_id)
+    for name, data in files:
+        with services.session_factory.begin() as session:
+            outcomes.append(ingest_bytes(session, services.media, collection_id=collection_id, source=name, data=data))
+    new_ids = [o.image_id for o in outcomes if o.created and o.status == "ready"]
+    with services.session_factory.begin() as session:
+        plan = plan_index_new_images(
+            session, collection_id=collection_id, image_ids=new_ids,
+            encoder_model_id=_encoder_model_id(session, services),
+        )
+    dispatch(services, plan)
+    return outcomes, plan.job_id if plan else None
+
+
+def ingest_directory(services: Services, *, collection_id: int, path: str) -> PlannedJob:
+    """Start an ingest job over a directory inside the allowed roots."""
+    with services.session_factory.begin() as session:
+        plan = plan_ingest_directory(
+            session, collection_id=collection_id, directory=Path(path), allowed_roots=services.allowed_roots
+        )
+    dispatch(services, plan)
+    return plan
+
+
+def index_attributes(services: Services, *, collection_id: int, attributes: Sequence[str]) -> PlannedJob | None:
+    """Start indexing (or backfilling) attributes for a collection; None when all are indexed already."""
+    with services.session_factory.begin() as session:
+        plan = plan_index_attributes(
+            session, collection_id=collection_id, attribute_texts=attributes,
+            encoder_model_id=_encoder_model_id(session, services),
+        )
+    dispatch(services, plan)
+    return plan
+
+
+def resume(services: Services, *, job_id: int) -> PlannedJob:
+    """Dispatch a job's unfinished shards again."""
+    with services.session_factory() as session:
+        plan = resume_job(session, job_id=job_id)
+    dispatch(services, plan)
+    return plan
+
+
+# --- search ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TermRequest:
+    """A search term as asked: a stored image id or uploaded bytes, an attribute, a weight."""
+
+    attribute: str
+    weight: float = 1.0
+    image_id: int | None = None
+    image_bytes: bytes | None = None
+
+
+def _require_indexed(session: Session, services: Services, collection_id: int, attribute: str) -> metadata.Attribute:
+    """The attribute row, if `collection_id` is indexed under it; otherwise a ConflictError naming what to do."""
+    text = metadata.normalize_attribute(attribute)
+    encoder_model_id = _encoder_model_id(session, services)
+    found = metadata.find_attribute(session, text=text)
+    rows = {
+        row.attribute_id: row
+        for row in metadata.list_collection_attributes(
+            session, collection_id=collection_id, encoder_model_id=encoder_model_id
+        )
+    }
+    row = rows.get(found.id) if found else None
+    if row is None or row.status == "failed":
+        raise ConflictError(
+            f"attribute {text!r} is not indexed for collection {collection_id}; start it with "
+            f'POST /api/collections/{collection_id}/attributes {{"attributes": ["{text}"]}} '
+            f"(or `omniattr index --collection {collection_id} {text!r}`)"
+        )
+    if row.status == "indexing":
+        jobs = [
+            job for job in metadata.list_jobs(session, collection_id=collection_id, status="running")
+            + metadata.list_jobs(session, collection_id=collection_id, status="pending")
+            if row.attribute_id in job.params.get("attribute_ids", [])
+        ]
+        where = f" by job {jobs[0].id} ({jobs[0].done}/{jobs[0].total})" if jobs else ""
+        raise ConflictError(f"attribute {text!r} is still being indexed{where}; try again when it is done")
+    return found
+
+
+def _term(session: Session, services: Services, collection_id: int, request: TermRequest) -> SearchTerm:
+    attribute = _require_indexed(session, services, collection_id, request.attribute)
+    version = services.encoder_info.version
+    if request.image_id is not None:
+        image = metadata.get_image(session, image_id=request.image_id)
+        if image.collection_id != collection_id:
+            _require_indexed(session, services, image.collection_id, request.attribute)
+        key = str(point_id(image_id=image.id, attribute_id=attribute.id, encoder_version=version))
+        stored = services.vectors.fetch(encoder_version=version, point_ids=[key])
+        if key not in stored:
+            raise ConflictError(
+                f"image {image.id} has no {attribute.text!r} vector yet (status {image.status}); "
+                "wait for its indexing job, or search with the image uploaded"
+            )
+        return SearchTerm(stored[key], attribute.id, attribute.text, request.weight, exclude_image_id=image.id)
+    if request.image_bytes is None:
+        raise InvalidInputError("each term needs an image_id or an uploaded image")
+    vector = services.dispatcher.encode_query(
+        image_bytes=request.image_bytes, attribute=attribute.text, timeout=services.query_timeout_s
+    )
+    return SearchTerm(np.asarray(vector, dtype=np.float32), attribute.id, attribute.text, request.weight)
+
+
+def search(
+    services: Services,
+    *,
+    collection_id: int,
+    terms: Sequence[TermRequest],
+    negatives: Sequence[TermRequest] = (),
+    limit: int = 20,
+    filters: dict[str, Any] | None = None,
+    include_query_images: bool = False,
+) -> list[tuple[RankedImage, metadata.Image]]:
+    """Ranked images of a collection for weighted positive and negative (image, attribute) terms."""
+    with services.session_factory() as session:
+        metadata.get_collection(session, collection_id=collection_id)
+        positive = [_term(session, services, collection_id, t) for t in terms]
+        negative = [_term(session, services, collection_id, t) for t in negatives]
+    if include_query_images:
+        positive = [SearchTerm(t.vector, t.attribute_id, t.attribute, t.weight) for t in positive]
+    ranked = search_images(
+        services.vectors, encoder_version=services.encoder_info.version, collection_id=collection_id,
+        terms=positive, negatives=negative, limit=limit, payload_filter=filters or None,
+    )
+    with services.session_factory() as session:
+        images = metadata.get_images(session, image_ids=[r.image_id for r in ranked])
+    return [(r, images[r.image_id]) for r in ranked if r.image_id in images]
+
+
+def require(value: Any, what: str) -> Any:
+    """Raise NotFoundError when a looked-up value is missing."""
+    if value is None:
+        raise NotFoundError(f"{what} does not exist")
+    return value

@@ -1,0 +1,52 @@
+"""API fixtures: the real app on the embedded profile (SQLite + Qdrant Edge + in-process worker)."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api.app import create_app
+from omniattr.settings import Settings
+from tests.indexer.conftest import tiny_encoder_dir  # noqa: F401 - shared session fixture
+
+
+def png(seed: int, size: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wait_for_job(client: TestClient, job_id: int, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def make_settings(tmp_path, encoder_dir, **overrides) -> Settings:
+    (tmp_path / "photos").mkdir(exist_ok=True)
+    values = dict(data_dir=tmp_path / "data", encoder_path=encoder_dir, device="cpu",
+                  allowed_roots=[tmp_path / "photos"], index_batch_size=8)
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def client(tmp_path, tiny_encoder_dir, monkeypatch):  # noqa: F811
+    for key in [k for k in __import__("os").environ if k.startswith("OMNIATTR_")]:
+        monkeypatch.delenv(key)
+    from store.database import upgrade_database
+
+    settings = make_settings(tmp_path, tiny_encoder_dir)
+    upgrade_database(settings.resolved_database_url)
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
