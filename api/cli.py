@@ -1,18 +1,32 @@
-"""The `omniattr` command line. An entry point: it reads settings and passes plain values down."""
+"""The `omniattr` command line. An entry point: it reads settings and passes plain values down.
+
+Commands that act on collections speak the HTTP API, so they behave the same everywhere: with `--url`
+they talk to a running server; without it the app runs inside this process on the configured profile
+(the embedded default needs no server). One code path, one contract (the OpenAPI schema).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from omniattr import __version__
 from omniattr.settings import Settings
-from store.database import upgrade_database
+from store.database import make_engine, make_session_factory, upgrade_database
 from store.errors import StoreError
+
+
+class CommandError(Exception):
+    """A failure to report as one line (exit code 2)."""
 
 
 def _load_settings() -> Settings:
@@ -21,6 +35,71 @@ def _load_settings() -> Settings:
     except ValidationError as error:
         messages = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
         raise SystemExit(f"omniattr: bad settings: {messages}") from None
+
+
+@contextmanager
+def api_client(settings: Settings, url: str | None, api_key: str | None) -> Iterator[httpx.Client]:
+    """An HTTP client for a running server (`url`), or for the app run inside this process."""
+    headers = {"X-API-Key": api_key} if api_key else {}
+    if url:
+        with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+            yield client
+        return
+    # In-process: Starlette's TestClient is a synchronous httpx client over the ASGI app, lifespan included,
+    # so the command goes through exactly the routes a server would run.
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    upgrade_database(settings.resolved_database_url)
+    with TestClient(create_app(settings), headers=headers) as client:
+        yield client
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    response = client.request(method, path, **kwargs)
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise CommandError(f"{detail} (HTTP {response.status_code})")
+    return response.json() if response.content else None
+
+
+def _print(args: argparse.Namespace, value: Any, text: str) -> None:
+    print(json.dumps(value, indent=2) if args.json else text)
+
+
+def _collection_id(client: httpx.Client, name_or_id: str, *, create: bool = False) -> int:
+    collections = _call(client, "GET", "/api/collections", params={"limit": 500})["data"]
+    for collection in collections:
+        if collection["name"] == name_or_id or str(collection["id"]) == name_or_id:
+            return collection["id"]
+    if not create:
+        names = ", ".join(c["name"] for c in collections) or "none yet"
+        raise CommandError(f"no collection {name_or_id!r} (existing: {names}); `omniattr ingest` creates one")
+    return _call(client, "POST", "/api/collections", json={"name": name_or_id})["id"]
+
+
+def _follow(client: httpx.Client, job: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
+    """Poll a job to its end, with a progress bar on stderr."""
+    from tqdm import tqdm
+
+    with tqdm(total=job["total"], desc=f"job {job['id']} {job['kind']}", unit="it", disable=quiet,
+              file=sys.stderr) as bar:
+        while True:
+            job = _call(client, "GET", f"/api/jobs/{job['id']}")
+            bar.total = job["total"]
+            bar.n = job["done"] + job["failed"]
+            bar.set_postfix(failed=job["failed"])
+            bar.refresh()
+            if job["status"] in ("done", "failed", "cancelled"):
+                return job
+            time.sleep(0.2)
+
+
+# --- commands ----------------------------------------------------------------------------------------
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -35,9 +114,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
     """Print the resolved settings (secrets masked)."""
     settings = _load_settings()
     shown = settings.model_dump(mode="json")
-    for secret in ("qdrant_api_key",):
-        if shown.get(secret):
-            shown[secret] = "***"
+    if shown.get("qdrant_api_key"):
+        shown["qdrant_api_key"] = "***"
     for url in ("database_url", "broker_url", "result_backend_url"):
         if shown.get(url) and "@" in shown[url] and ":" in shown[url].split("@")[0].split("//")[-1]:
             scheme, rest = shown[url].split("//", 1)
@@ -48,6 +126,136 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    """Serve the API and web page (embedded: with the in-process worker, no other servers)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = _load_settings()
+    upgrade_database(settings.resolved_database_url)
+    host, port = args.host or settings.api_host, args.port or settings.api_port
+    print(f"omniattr {__version__} ({settings.profile.value}) on http://{host}:{port}", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Ingest a directory of images into a collection (created if new), then wait for the job."""
+    settings = _load_settings()
+    directory = Path(args.path).resolve()
+    if not args.url and directory not in [Path(r).resolve() for r in settings.allowed_roots]:
+        # A local user may read their own files: allow this directory for this in-process run.
+        settings = settings.model_copy(update={"allowed_roots": [*settings.allowed_roots, directory]})
+    with api_client(settings, args.url, args.api_key) as client:
+        collection_id = _collection_id(client, args.collection, create=True)
+        job = _call(client, "POST", f"/api/collections/{collection_id}/ingest", json={"path": str(directory)})
+        job = _follow(client, job, quiet=args.json)
+        follow_ups = [j for j in _call(client, "GET", "/api/jobs", params={"collection_id": collection_id})["data"]
+                      if j["kind"] == "index_new_images" and j["status"] in ("pending", "running")]
+        for follow_up in follow_ups:  # new images are indexed under the collection's attributes
+            _follow(client, follow_up, quiet=args.json)
+    _print(args, job, f"collection {collection_id}: {job['done']} images ingested, {job['failed']} failed"
+                      + (f"\n{job['error']}" if job["error"] else ""))
+    return 0 if job["status"] == "done" else 1
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Index a collection under attributes (only the new ones are computed), then wait for the job."""
+    settings = _load_settings()
+    with api_client(settings, args.url, args.api_key) as client:
+        collection_id = _collection_id(client, args.collection)
+        response = _call(client, "POST", f"/api/collections/{collection_id}/attributes",
+                         json={"attributes": args.attributes})
+        job = _follow(client, response["job"], quiet=args.json) if response["job"] else None
+    _print(args, {"job": job, "detail": response["detail"]},
+           response["detail"] if job is None else f"job {job['id']}: {job['done']} encodings, {job['failed']} failed")
+    return 0 if job is None or job["status"] == "done" else 1
+
+
+def _term(text: str) -> dict[str, Any]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0].isdigit():
+        raise CommandError(f"a term is IMAGE_ID:ATTRIBUTE[:WEIGHT], e.g. 12:lighting:0.7; got {text!r}")
+    term: dict[str, Any] = {"image_id": int(parts[0]), "attribute": parts[1]}
+    if len(parts) == 3:
+        term["weight"] = float(parts[2])
+    return term
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Rank a collection by (image, attribute) terms: a stored image id, or an image file with --attribute."""
+    settings = _load_settings()
+    with api_client(settings, args.url, args.api_key) as client:
+        collection_id = _collection_id(client, args.collection)
+        if args.image:
+            if not args.attribute:
+                raise CommandError("--image needs --attribute, e.g. --attribute lighting")
+            data = Path(args.image).read_bytes()
+            results = _call(client, "POST", "/api/search/upload",
+                            data={"collection_id": collection_id, "attribute": args.attribute, "limit": args.limit},
+                            files={"image": (Path(args.image).name, data)})
+        else:
+            if not args.term:
+                raise CommandError("give --term IMAGE_ID:ATTRIBUTE (repeatable) or --image FILE --attribute A")
+            body = {"collection_id": collection_id, "limit": args.limit,
+                    "terms": [_term(t) for t in args.term], "negatives": [_term(t) for t in args.negative]}
+            results = _call(client, "POST", "/api/search", json=body)
+    lines = [f"{r['score']:+.4f}  image {r['image']['id']:>6}  {r['image']['source']}  "
+             + " ".join(f"{k}={v:.3f}" for k, v in r["attribute_scores"].items()) for r in results["results"]]
+    _print(args, results, "\n".join(lines) or "no results")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List jobs, show one, or resume one whose workers were lost."""
+    settings = _load_settings()
+    with api_client(settings, args.url, args.api_key) as client:
+        if args.resume:
+            job = _follow(client, _call(client, "POST", f"/api/jobs/{args.resume}/resume"), quiet=args.json)
+            _print(args, job, f"job {job['id']}: {job['status']}")
+            return 0
+        if args.job_id:
+            job = _call(client, "GET", f"/api/jobs/{args.job_id}")
+            _print(args, job, json.dumps(job, indent=2))
+            return 0
+        jobs = _call(client, "GET", "/api/jobs")
+    lines = [f"{j['id']:>5}  {j['kind']:<17} {j['status']:<9} {j['done']}/{j['total']} failed {j['failed']}"
+             for j in jobs["data"]]
+    _print(args, jobs, "\n".join(lines) or "no jobs")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Create, list or revoke API keys (stored hashed; a new key is shown once)."""
+    from store import metadata
+
+    settings = _load_settings()
+    upgrade_database(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_session_factory(engine).begin() as session:
+            if args.action == "create":
+                if not args.name:
+                    raise CommandError("`omniattr keys create NAME`: name the key, e.g. after its user")
+                key, plaintext = metadata.create_api_key(session, name=args.name)
+                _print(args, {"id": key.id, "name": key.name, "key": plaintext},
+                       f"{plaintext}\n(key {key.id} '{key.name}': store it now, it is not shown again)")
+            elif args.action == "list":
+                keys = [{"id": k.id, "name": k.name, "prefix": k.prefix, "revoked": k.revoked_at is not None}
+                        for k in metadata.list_api_keys(session)]
+                _print(args, keys, "\n".join(f"{k['id']:>4}  {k['prefix']}...  {k['name']}"
+                                             + ("  (revoked)" if k["revoked"] else "") for k in keys) or "no keys")
+            else:
+                if not args.name or not args.name.isdigit():
+                    raise CommandError("`omniattr keys revoke ID`: give the key's id from `omniattr keys list`")
+                metadata.revoke_api_key(session, key_id=int(args.name))
+                print(f"key {args.name} revoked")
+    finally:
+        engine.dispose()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omniattr", description="Search image collections by one visual attribute; generate images with it."
@@ -55,21 +263,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"omniattr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    migrate = commands.add_parser("migrate", help=cmd_migrate.__doc__)
-    migrate.add_argument("--revision", default="head", help="target schema revision (default: head)")
-    migrate.set_defaults(run=cmd_migrate)
+    def command(name: str, run: Any, *, remote: bool = False) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=run.__doc__, description=run.__doc__)
+        sub.set_defaults(run=run)
+        if remote:
+            sub.add_argument("--url", help="a running omniattr server; default: run in this process")
+            sub.add_argument("--api-key", help="API key for --url servers that require one")
+            sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return sub
 
-    show = commands.add_parser("settings", help=cmd_settings.__doc__)
-    show.set_defaults(run=cmd_settings)
+    command("migrate", cmd_migrate).add_argument("--revision", default="head", help="target revision (default head)")
+    command("settings", cmd_settings)
+    up = command("up", cmd_up)
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+
+    ingest = command("ingest", cmd_ingest, remote=True)
+    ingest.add_argument("path", help="directory of images (searched recursively)")
+    ingest.add_argument("--collection", required=True, help="collection name (created if new) or id")
+
+    index = command("index", cmd_index, remote=True)
+    index.add_argument("attributes", nargs="+", help="attribute texts, e.g. lighting 'art style'")
+    index.add_argument("--collection", required=True)
+
+    search = command("search", cmd_search, remote=True)
+    search.add_argument("--collection", required=True)
+    search.add_argument("--term", action="append", default=[], help="IMAGE_ID:ATTRIBUTE[:WEIGHT], repeatable")
+    search.add_argument("--negative", action="append", default=[], help="IMAGE_ID:ATTRIBUTE[:WEIGHT] to avoid")
+    search.add_argument("--image", help="an image file to use as the query (with --attribute)")
+    search.add_argument("--attribute")
+    search.add_argument("--limit", type=int, default=10)
+
+    jobs = command("jobs", cmd_jobs, remote=True)
+    jobs.add_argument("job_id", nargs="?", type=int)
+    jobs.add_argument("--resume", type=int, metavar="JOB_ID", help="dispatch a job's unfinished shards again")
+
+    keys = command("keys", cmd_keys)
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("name", nargs="?", help="key name (create) or id (revoke)")
+    keys.add_argument("--json", action="store_true")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one `omniattr` command; store errors become a one-line message and exit code 2."""
+    """Run one `omniattr` command; expected failures become a one-line message and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except StoreError as error:
+    except (StoreError, CommandError, httpx.ConnectError) as error:
         print(f"omniattr: {error}", file=sys.stderr)
         return 2
 

@@ -59,6 +59,8 @@ def build_services(settings: Settings) -> Services:
 
     context = build_worker_context(settings)
     closers: list[Any] = [context.vectors.close]
+    if context.lock is not None:
+        closers.insert(0, context.lock.close)
     if settings.broker_url:
         from indexer.celery_app import CeleryDispatcher, create_celery_app
 

@@ -50,6 +50,7 @@ class WorkerContext:
     encoder_info: EncoderInfo
     allowed_roots: list[Path] = field(default_factory=list)
     index_batch_size: int = 32
+    lock: Any = None  # the embedded data directory's lock file, held while this context lives
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,112 @@
+"""The omniattr CLI as a user runs it: in-process on the embedded profile, and against a running server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.cli import main
+from tests.api.conftest import png
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def embedded_env(tmp_path, tiny_encoder_dir, monkeypatch):
+    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMNIATTR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("OMNIATTR_ENCODER_PATH", str(tiny_encoder_dir))
+    monkeypatch.setenv("OMNIATTR_DEVICE", "cpu")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        (photos / f"{i}.png").write_bytes(png(i))
+    return photos
+
+
+def run_json(capsys, *argv: str) -> object:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_ingest_index_search_in_process(embedded_env, capsys):
+    job = run_json(capsys, "ingest", str(embedded_env), "--collection", "demo")
+    assert (job["status"], job["done"]) == ("done", 6)
+    indexed = run_json(capsys, "index", "--collection", "demo", "lighting", "art style")
+    assert indexed["job"]["done"] == 12
+    again = run_json(capsys, "index", "--collection", "demo", "lighting")
+    assert again["job"] is None and "already indexed" in again["detail"]
+    results = run_json(capsys, "search", "--collection", "demo", "--term", "1:lighting:0.7", "--term", "2:art style",
+                       "--negative", "3:lighting", "--limit", "3")
+    assert len(results["results"]) == 3
+    assert {"lighting", "art style"} <= set(results["results"][0]["attribute_scores"])
+    by_file = run_json(capsys, "search", "--collection", "demo", "--image", str(embedded_env / "0.png"),
+                       "--attribute", "lighting", "--limit", "1")
+    assert by_file["results"][0]["image"]["source"].endswith("0.png")
+    jobs = run_json(capsys, "jobs")
+    assert [j["kind"] for j in jobs["data"]] == ["index", "ingest"]
+    assert main(["search", "--collection", "demo"]) == 2
+    assert "--term IMAGE_ID:ATTRIBUTE" in capsys.readouterr().err
+    assert main(["search", "--collection", "nope", "--term", "1:lighting"]) == 2
+    assert "no collection 'nope'" in capsys.readouterr().err
+
+
+def test_keys_are_created_listed_and_revoked(embedded_env, capsys):
+    created = run_json(capsys, "keys", "create", "alice")
+    assert created["key"].startswith("oa_")
+    listed = run_json(capsys, "keys", "list")
+    assert [(k["name"], k["revoked"]) for k in listed] == [("alice", False)]
+    assert created["key"] not in json.dumps(listed)
+    assert main(["keys", "revoke", str(created["id"])]) == 0
+    capsys.readouterr()
+    assert run_json(capsys, "keys", "list")[0]["revoked"] is True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_requires_keys_and_cli_talks_to_it(embedded_env, tmp_path, capsys):
+    port = free_port()
+    env = {**os.environ, "OMNIATTR_API_PORT": str(port), "OMNIATTR_REQUIRE_API_KEYS": "true",
+           "OMNIATTR_ALLOWED_ROOTS": json.dumps([str(embedded_env)])}
+    key = run_json(capsys, "keys", "create", "cli")["key"]
+    server = subprocess.Popen([sys.executable, "-m", "api.cli", "up"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("server did not start: " + server.stderr.read1().decode())
+        assert httpx.get(f"{url}/api/collections").status_code == 401
+        assert httpx.get(f"{url}/api/collections", headers={"X-API-Key": "oa_wrong"}).status_code == 401
+        assert httpx.get(f"{url}/api/collections", headers={"X-API-Key": key}).status_code == 200
+
+        # The running server holds the embedded data directory: in-process use is refused with advice.
+        assert main(["ingest", str(embedded_env), "--collection", "remote"]) == 2
+        assert "--url" in capsys.readouterr().err
+        job = run_json(capsys, "ingest", str(embedded_env), "--collection", "remote", "--url", url, "--api-key", key)
+        assert (job["status"], job["done"]) == ("done", 6)
+        assert main(["jobs", "--url", url]) == 2  # no key
+        assert "API key is required" in capsys.readouterr().err
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
