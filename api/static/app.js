@@ -1,0 +1,292 @@
+// omniattr web page: plain JavaScript over the HTTP API (no build step).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  collectionId: null,
+  attributes: [],        // [{attribute, status}] of the current collection
+  query: null,           // {imageId} or {file}
+  afterId: 0,
+  results: [],
+  selected: new Set(),   // image ids chosen for Personalize
+  lastAttribute: "",
+  jobs: new Map(),       // job id -> last seen job
+};
+
+// --- HTTP -------------------------------------------------------------------------------------------
+function headers() {
+  const key = localStorage.getItem("omniattr-key");
+  return key ? { "X-API-Key": key } : {};
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: headers() };
+  if (body instanceof FormData) init.body = body;
+  else if (body !== undefined) {
+    init.body = JSON.stringify(body);
+    init.headers["Content-Type"] = "application/json";
+  }
+  const response = await fetch(path, init);
+  const data = response.status === 204 ? null : await response.json().catch(() => null);
+  if (response.status === 401) $("key-box").hidden = false;
+  if (!response.ok) throw new Error((data && data.detail) || `HTTP ${response.status}`);
+  return data;
+}
+
+function imageUrl(path) {
+  const key = localStorage.getItem("omniattr-key");
+  return key ? `${path}?api_key=${encodeURIComponent(key)}` : path;
+}
+
+function showError(error) {
+  $("error").textContent = error.message || String(error);
+  $("error").hidden = false;
+}
+
+function clearError() { $("error").hidden = true; }
+
+async function guarded(action) {
+  clearError();
+  try { await action(); } catch (error) { showError(error); }
+}
+
+// --- collections and images -------------------------------------------------------------------------
+async function loadCollections(selectId) {
+  const { data } = await api("GET", "/api/collections");
+  const select = $("collection");
+  select.replaceChildren(...data.map((c) => new Option(`${c.name} (${c.image_count})`, c.id)));
+  if (!data.length) {
+    $("collection-info").textContent = "No collection yet: create one, then upload images.";
+    return;
+  }
+  const chosen = selectId ?? state.collectionId ?? data[0].id;
+  select.value = String(chosen);
+  await selectCollection(Number(select.value));
+}
+
+async function selectCollection(id) {
+  state.collectionId = id;
+  state.afterId = 0;
+  state.query = null;
+  $("grid").replaceChildren();
+  await refreshCollectionInfo();
+  await loadImages();
+  updateButtons();
+}
+
+async function refreshCollectionInfo() {
+  const collection = await api("GET", `/api/collections/${state.collectionId}`);
+  state.attributes = collection.attributes;
+  $("attribute-list").replaceChildren(...collection.attributes.map((a) => new Option(a.attribute)));
+  const indexed = collection.attributes.map((a) => `${a.attribute}${a.status === "ready" ? "" : ` (${a.status})`}`);
+  $("collection-info").textContent = `${collection.image_count} images` +
+    (collection.failed_count ? `, ${collection.failed_count} failed` : "") +
+    (indexed.length ? `; indexed attributes: ${indexed.join(", ")}` : "; no attribute indexed yet");
+  updateButtons();
+}
+
+async function loadImages() {
+  const page = await api("GET",
+    `/api/collections/${state.collectionId}/images?status=ready&limit=60&after_id=${state.afterId}`);
+  for (const image of page.data) $("grid").append(tile(image, () => pickQuery(image.id)));
+  state.afterId = page.next_after_id ?? state.afterId;
+  $("more-images").hidden = page.next_after_id === null;
+}
+
+function tile(image, onClick, caption) {
+  const box = document.createElement("div");
+  box.className = "tile";
+  box.dataset.imageId = image.id;
+  const img = document.createElement("img");
+  img.src = imageUrl(image.thumbnail_url);
+  img.alt = image.source.split("/").pop();
+  img.loading = "lazy";
+  box.append(img);
+  if (caption) {
+    const label = document.createElement("span");
+    label.className = "score";
+    label.textContent = caption;
+    box.append(label);
+  }
+  box.addEventListener("click", onClick);
+  return box;
+}
+
+function pickQuery(imageId) {
+  state.query = { imageId };
+  for (const el of document.querySelectorAll("#grid .tile")) {
+    el.classList.toggle("query", Number(el.dataset.imageId) === imageId);
+  }
+  $("query-info").textContent = `Query: image ${imageId}.`;
+  updateButtons();
+}
+
+function updateButtons() {
+  const attribute = $("attribute").value.trim().toLowerCase();
+  const known = state.attributes.find((a) => a.attribute === attribute);
+  $("search").disabled = !(state.query && attribute);
+  $("index-attribute").hidden = !(attribute && state.collectionId && !known);
+  $("personalize").disabled = !(state.selected.size && $("prompt").value.trim());
+}
+
+// --- search -----------------------------------------------------------------------------------------
+async function search() {
+  const attribute = $("attribute").value.trim();
+  let results;
+  if (state.query.file) {
+    const form = new FormData();
+    form.append("image", state.query.file);
+    form.append("collection_id", state.collectionId);
+    form.append("attribute", attribute);
+    form.append("limit", "24");
+    results = await api("POST", "/api/search/upload", form);
+  } else {
+    results = await api("POST", "/api/search", {
+      collection_id: state.collectionId, limit: 24,
+      terms: [{ image_id: state.query.imageId, attribute }],
+    });
+  }
+  state.results = results.results;
+  state.lastAttribute = attribute;
+  state.selected.clear();
+  renderResults(results.took_ms);
+}
+
+function renderResults(tookMs) {
+  $("results-panel").hidden = false;
+  $("generate-panel").hidden = !state.generatorAvailable;
+  $("results-info").textContent =
+    `${state.results.length} images ranked by ${state.lastAttribute} in ${tookMs} ms. Tick results to personalize.`;
+  $("results").replaceChildren(...state.results.map((hit) => {
+    const parts = Object.entries(hit.attribute_scores);
+    const caption = parts.length === 1
+      ? `${parts[0][0]} ${hit.score.toFixed(3)}`
+      : `${hit.score.toFixed(3)} · ${parts.map(([k, v]) => `${k} ${v.toFixed(3)}`).join(", ")}`;
+    const box = tile(hit.image, () => toggleSelected(hit.image.id, box), caption);
+    const check = document.createElement("input");
+    check.type = "checkbox";
+    check.setAttribute("aria-label", `select image ${hit.image.id}`);
+    check.addEventListener("click", (event) => { event.stopPropagation(); toggleSelected(hit.image.id, box); });
+    box.prepend(check);
+    return box;
+  }));
+  updateButtons();
+}
+
+function toggleSelected(imageId, box) {
+  if (state.selected.has(imageId)) state.selected.delete(imageId); else state.selected.add(imageId);
+  box.classList.toggle("selected", state.selected.has(imageId));
+  box.querySelector("input[type=checkbox]").checked = state.selected.has(imageId);
+  updateButtons();
+}
+
+// --- personalize ------------------------------------------------------------------------------------
+async function personalize() {
+  const refs = [...state.selected].map((imageId) => ({ image_id: imageId, attribute: state.lastAttribute }));
+  const generation = await api("POST", "/api/generations", { refs, prompt: $("prompt").value.trim() });
+  $("personalize").disabled = true;
+  const view = $("generation");
+  view.replaceChildren(Object.assign(document.createElement("p"), { textContent: "Generating..." }));
+  trackJob(generation.job_id);
+  let current = generation;
+  while (current.status === "pending" || current.status === "running") {
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    current = await api("GET", `/api/generations/${generation.id}`);
+  }
+  if (current.status !== "done") throw new Error(`generation failed: ${current.error}`);
+  const img = Object.assign(document.createElement("img"), { src: imageUrl(current.output_url), alt: "generated image" });
+  const scores = document.createElement("ul");
+  scores.id = "transfer-scores";
+  for (const [attribute, score] of Object.entries(current.transfer_scores)) {
+    scores.append(Object.assign(document.createElement("li"), { textContent: `${attribute}: ${score.toFixed(3)}` }));
+  }
+  const caption = Object.assign(document.createElement("div"), { innerHTML: "<strong>Attribute-transfer scores</strong>" });
+  caption.append(scores);
+  view.replaceChildren(img, caption);
+  updateButtons();
+}
+
+// --- jobs -------------------------------------------------------------------------------------------
+function trackJob(jobId) {
+  if (jobId == null || state.jobs.has(jobId)) return;
+  state.jobs.set(jobId, null);
+  pollJobs();
+}
+
+async function pollJobs() {
+  let active = false;
+  for (const jobId of state.jobs.keys()) {
+    const job = await api("GET", `/api/jobs/${jobId}`);
+    state.jobs.set(jobId, job);
+    active ||= job.status === "pending" || job.status === "running";
+  }
+  $("jobs").replaceChildren(...[...state.jobs.values()].map((job) => {
+    const item = document.createElement("li");
+    item.dataset.jobId = job.id;
+    item.dataset.status = job.status;
+    const eta = job.eta_seconds ? `, ${Math.ceil(job.eta_seconds)} s left` : "";
+    item.textContent = `job ${job.id} ${job.kind}: ${job.status} ${job.done}/${job.total}` +
+      (job.failed ? ` (${job.failed} failed)` : "") + eta + " ";
+    const bar = Object.assign(document.createElement("progress"), { max: job.total || 1, value: job.done + job.failed });
+    item.append(bar);
+    return item;
+  }));
+  if (active) setTimeout(pollJobs, 500);
+  else if (state.collectionId) await refreshCollectionInfo();
+}
+
+// --- wiring -----------------------------------------------------------------------------------------
+async function init() {
+  $("api-key").value = localStorage.getItem("omniattr-key") || "";
+  $("api-key").addEventListener("change", () => guarded(async () => {
+    localStorage.setItem("omniattr-key", $("api-key").value.trim());
+    await loadCollections();
+  }));
+  $("collection").addEventListener("change", () => guarded(() => selectCollection(Number($("collection").value))));
+  $("create-collection").addEventListener("click", () => guarded(async () => {
+    const created = await api("POST", "/api/collections", { name: $("new-collection").value.trim() });
+    $("new-collection").value = "";
+    await loadCollections(created.id);
+  }));
+  $("upload").addEventListener("change", () => guarded(async () => {
+    const form = new FormData();
+    for (const file of $("upload").files) form.append("files", file);
+    const report = await api("POST", `/api/collections/${state.collectionId}/images`, form);
+    const failed = report.results.filter((r) => r.status === "failed");
+    if (failed.length) showError(new Error(failed.map((r) => `${r.source}: ${r.error}`).join("; ")));
+    trackJob(report.index_job_id);
+    await loadCollections(state.collectionId);  // new counts and the new images
+  }));
+  $("query-upload").addEventListener("change", () => {
+    state.query = { file: $("query-upload").files[0] };
+    $("query-info").textContent = `Query: uploaded ${state.query.file.name}.`;
+    for (const el of document.querySelectorAll("#grid .tile.query")) el.classList.remove("query");
+    updateButtons();
+  });
+  $("attribute").addEventListener("input", updateButtons);
+  $("prompt").addEventListener("input", updateButtons);
+  $("search").addEventListener("click", () => guarded(async () => {
+    try {
+      await search();
+    } catch (error) {
+      // The API's advice names its own route; on the page, the button is the way.
+      if (/is not indexed/.test(error.message)) {
+        throw new Error(`"${$("attribute").value.trim()}" is not indexed for this collection yet: ` +
+          "press Index this attribute, then search again.");
+      }
+      throw error;
+    }
+  }));
+  $("index-attribute").addEventListener("click", () => guarded(async () => {
+    const response = await api("POST", `/api/collections/${state.collectionId}/attributes`,
+      { attributes: [$("attribute").value.trim()] });
+    if (response.job) trackJob(response.job.id);
+  }));
+  $("more-images").addEventListener("click", () => guarded(loadImages));
+  $("personalize").addEventListener("click", () => guarded(personalize));
+  const health = await api("GET", "/api/health");
+  state.generatorAvailable = Boolean(health.generator);
+  await guarded(loadCollections);
+}
+
+init().catch(showError);

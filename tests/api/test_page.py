@@ -1,0 +1,94 @@
+"""The web page in headless Chromium (Debian's), driven by Playwright against a real `omniattr up` server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import png
+from tests.api.test_cli import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def server(tmp_path, tiny_encoder_dir):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
+    env.update(OMNIATTR_DATA_DIR=str(tmp_path / "data"), OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
+               OMNIATTR_DEVICE="cpu", OMNIATTR_API_PORT=str(port))
+    process = subprocess.Popen([sys.executable, "-m", "api.cli", "up"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("server did not start: " + process.stderr.read1().decode())
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_search_from_the_page(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    files = []
+    for i in range(8):
+        path = tmp_path / f"photo{i}.png"
+        path.write_bytes(png(i, size=64))
+        files.append(path)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server)
+        expect(page.locator("#collection-info")).to_contain_text("No collection yet")
+
+        page.fill("#new-collection", "holiday")
+        page.click("#create-collection")
+        expect(page.locator("#collection")).to_contain_text("holiday (0)")
+        page.set_input_files("#upload", [str(p) for p in files])
+        expect(page.locator("#grid .tile")).to_have_count(8)
+
+        page.fill("#attribute", "lighting")
+        expect(page.locator("#index-attribute")).to_be_visible()
+        page.click("#index-attribute")
+        expect(page.locator("#jobs li[data-status=done]")).to_have_count(1, timeout=60_000)
+        expect(page.locator("#collection-info")).to_contain_text("indexed attributes: lighting")
+
+        page.locator("#grid .tile").first.click()
+        expect(page.locator("#grid .tile.query")).to_have_count(1)
+        page.click("#search")
+        expect(page.locator("#results .tile")).to_have_count(7)  # every other image, ranked
+        expect(page.locator("#collection")).to_contain_text("holiday (8)")
+        scores = [float(t.split(" ")[-1]) for t in page.locator("#results .score").all_inner_texts()]
+        assert scores == sorted(scores, reverse=True)
+        expect(page.locator("#results-info")).to_contain_text("ranked by lighting")
+
+        page.fill("#attribute", "pose")
+        expect(page.locator("#search")).to_be_enabled()
+        page.click("#search")
+        expect(page.locator("#error")).to_contain_text("press Index this attribute")
+
+        page.screenshot(path=str(ARTIFACTS / "page-search.png"), full_page=True)
+        browser.close()
+    assert errors == []
