@@ -41,6 +41,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         lifespan=lifespan,
     )
     app.state.settings = settings
+    if services is not None:  # given by the caller (tests, fuzzing): usable even without a lifespan
+        app.state.services = services
     install_error_handlers(app)
 
     @app.middleware("http")

@@ -6,9 +6,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
+from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 Attribute = Annotated[str, Field(min_length=1, max_length=200, examples=["lighting"])]
+MAX_ID = 2_147_483_647  # ids are 32-bit integer columns
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
+QueryId = Annotated[int, Query(ge=1, le=MAX_ID)]
 
 
 class Message(BaseModel):
@@ -116,13 +121,13 @@ class IndexResponse(BaseModel):
 
 
 class SearchTermIn(BaseModel):
-    image_id: int = Field(description="A stored image whose vector under `attribute` is the query.")
+    image_id: Id = Field(description="A stored image whose vector under `attribute` is the query.")
     attribute: Attribute
     weight: float = Field(default=1.0, gt=0, le=100)
 
 
 class SearchRequest(BaseModel):
-    collection_id: int
+    collection_id: Id
     terms: list[SearchTermIn] = Field(min_length=1, max_length=8)
     negatives: list[SearchTermIn] = Field(default=[], max_length=7)
     limit: int = Field(default=20, ge=1, le=200)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
 from api import schemas, services
 from api.deps import ServicesDep, SessionDep
 from api.routes.views import collection_public, image_public, job_public
+from api.schemas import PathId
 from store import metadata
 
 router = APIRouter(prefix="/api/collections", tags=["collections"])
@@ -25,7 +26,9 @@ def create_collection(body: schemas.CollectionCreate, session: SessionDep) -> sc
 
 @router.get("", response_model=schemas.CollectionsPublic)
 def list_collections(
-    session: SessionDep, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    session: SessionDep,
+    offset: Annotated[int, Query(ge=0, le=schemas.MAX_ID)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> schemas.CollectionsPublic:
     """All collections with their image counts and attributes."""
     rows = metadata.list_collections(session, offset=offset, limit=limit)
@@ -33,23 +36,23 @@ def list_collections(
 
 
 @router.get("/{collection_id}", response_model=schemas.CollectionPublic)
-def get_collection(collection_id: int, session: SessionDep) -> schemas.CollectionPublic:
+def get_collection(collection_id: PathId, session: SessionDep) -> schemas.CollectionPublic:
     """One collection."""
     return collection_public(session, metadata.get_collection(session, collection_id=collection_id))
 
 
 @router.delete("/{collection_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_collection(collection_id: int, services_: ServicesDep) -> None:
+def delete_collection(collection_id: PathId, services_: ServicesDep) -> None:
     """Delete a collection, its images' rows and vectors."""
     services.delete_collection(services_, collection_id=collection_id)
 
 
 @router.get("/{collection_id}/images", response_model=schemas.ImagesPublic)
 def list_images(
-    collection_id: int,
+    collection_id: PathId,
     session: SessionDep,
     status_: Annotated[str | None, Query(alias="status", pattern="^(pending|ready|failed)$")] = None,
-    after_id: Annotated[int, Query(ge=0)] = 0,
+    after_id: Annotated[int, Query(ge=0, le=schemas.MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> schemas.ImagesPublic:
     """A page of a collection's images, in id order."""
@@ -63,7 +66,7 @@ def list_images(
 
 @router.post("/{collection_id}/images", response_model=schemas.UploadReport)
 def upload_images(
-    collection_id: int, services_: ServicesDep, files: Annotated[list[UploadFile], File(description="Image files.")]
+    collection_id: PathId, services_: ServicesDep, files: Annotated[list[UploadFile], File(description="Image files.")]
 ) -> schemas.UploadReport:
     """Upload images (many at once); a bad file fails alone; new images are indexed under existing attributes."""
     if len(files) > MAX_FILES_PER_UPLOAD:
@@ -79,7 +82,7 @@ def upload_images(
 
 
 @router.post("/{collection_id}/ingest", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.JobPublic)
-def ingest_path(collection_id: int, body: schemas.IngestPathRequest, services_: ServicesDep) -> schemas.JobPublic:
+def ingest_path(collection_id: PathId, body: schemas.IngestPathRequest, services_: ServicesDep) -> schemas.JobPublic:
     """Ingest every image under a server-side directory (inside the allowed roots) as a job."""
     plan = services.ingest_directory(services_, collection_id=collection_id, path=body.path)
     with services_.session_factory() as session:
@@ -87,14 +90,14 @@ def ingest_path(collection_id: int, body: schemas.IngestPathRequest, services_: 
 
 
 @router.get("/{collection_id}/attributes", response_model=list[schemas.AttributeState])
-def list_attributes(collection_id: int, session: SessionDep) -> list[schemas.AttributeState]:
+def list_attributes(collection_id: PathId, session: SessionDep) -> list[schemas.AttributeState]:
     """Attributes indexed (or being indexed) for the collection."""
     return collection_public(session, metadata.get_collection(session, collection_id=collection_id)).attributes
 
 
 @router.post("/{collection_id}/attributes", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.IndexResponse)
 def index_attributes(
-    collection_id: int, body: schemas.AttributesRequest, services_: ServicesDep
+    collection_id: PathId, body: schemas.AttributesRequest, services_: ServicesDep
 ) -> schemas.IndexResponse:
     """Index the collection under attributes; ones already indexed are skipped (a backfill of the new ones)."""
     plan = services.index_attributes(services_, collection_id=collection_id, attributes=body.attributes)

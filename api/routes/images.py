@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 from api import schemas, services
 from api.deps import ServicesDep, SessionDep
 from api.routes.views import image_public
+from api.schemas import PathId
 from store import metadata
 from store.errors import NotFoundError
 
@@ -15,7 +16,7 @@ router = APIRouter(prefix="/api/images", tags=["images"])
 
 
 @router.get("/{image_id}", response_model=schemas.ImagePublic)
-def get_image(image_id: int, session: SessionDep) -> schemas.ImagePublic:
+def get_image(image_id: PathId, session: SessionDep) -> schemas.ImagePublic:
     """One image's metadata."""
     return image_public(metadata.get_image(session, image_id=image_id))
 
@@ -28,7 +29,7 @@ def _ready(session, image_id: int):
 
 
 @router.get("/{image_id}/thumbnail", response_class=FileResponse, responses={200: {"content": {"image/jpeg": {}}}})
-def get_thumbnail(image_id: int, session: SessionDep, services_: ServicesDep) -> FileResponse:
+def get_thumbnail(image_id: PathId, session: SessionDep, services_: ServicesDep) -> FileResponse:
     """A JPEG thumbnail (longer side 256 px)."""
     image = _ready(session, image_id)
     return FileResponse(services_.media.thumbnail_path(image.sha256), media_type="image/jpeg",
@@ -36,13 +37,13 @@ def get_thumbnail(image_id: int, session: SessionDep, services_: ServicesDep) ->
 
 
 @router.get("/{image_id}/original", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}})
-def get_original(image_id: int, session: SessionDep, services_: ServicesDep) -> FileResponse:
+def get_original(image_id: PathId, session: SessionDep, services_: ServicesDep) -> FileResponse:
     """The original file as ingested."""
     image = _ready(session, image_id)
     return FileResponse(services_.media.original_path(image.sha256, image.format))
 
 
 @router.delete("/{image_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_image(image_id: int, services_: ServicesDep) -> None:
+def delete_image(image_id: PathId, services_: ServicesDep) -> None:
     """Delete an image's row and vectors."""
     services.delete_image(services_, image_id=image_id)

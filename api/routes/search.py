@@ -42,7 +42,7 @@ def search(body: schemas.SearchRequest, services_: ServicesDep) -> schemas.Searc
 def search_by_upload(
     services_: ServicesDep,
     image: Annotated[UploadFile, File(description="The query image.")],
-    collection_id: Annotated[int, Form()],
+    collection_id: Annotated[int, Form(ge=1, le=schemas.MAX_ID)],
     attribute: Annotated[str, Form(min_length=1, max_length=200)],
     limit: Annotated[int, Form(ge=1, le=200)] = 20,
 ) -> schemas.SearchResults:
