@@ -1,0 +1,51 @@
+"""Attribute text: validation, whitespace normalisation and the phrase the backbones read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Attribute names are short noun phrases ("man hairstyle", "image lighting"); a paragraph is a mistake.
+MAX_ATTRIBUTE_CHARS = 200
+
+Attribute = str | Sequence[str]  # one attribute, or several encoded together ("identity", "hairstyle")
+
+
+def normalize_attribute(text: str) -> str:
+    """Collapse whitespace; ValueError for empty, non-string or overlong attribute text."""
+    if not isinstance(text, str):
+        raise ValueError(f"attribute must be a string, got {type(text).__name__}; pass e.g. 'lighting'")
+    text = " ".join(text.split())
+    if not text:
+        raise ValueError("attribute text is empty; pass e.g. 'lighting'")
+    if len(text) > MAX_ATTRIBUTE_CHARS:
+        raise ValueError(
+            f"attribute text is {len(text)} characters, more than {MAX_ATTRIBUTE_CHARS}; "
+            f"name the attribute in a few words (e.g. 'lighting'), not a description: {text[:40]!r}..."
+        )
+    return text
+
+
+def attribute_phrase(attribute: Attribute) -> str:
+    """One attribute or several -> 'a1', 'a1, and a2', 'a1, a2, and a3' (the paper's joining)."""
+    names = [attribute] if isinstance(attribute, str) else list(attribute)
+    if not names:
+        raise ValueError("an attribute list is empty; pass at least one attribute, e.g. 'lighting'")
+    names = [normalize_attribute(name) for name in names]
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + ", and " + names[-1]
+
+
+def attribute_phrases(attributes: Sequence[Attribute]) -> list[str]:
+    """Validate a list of attributes (each a string or a list of strings) into phrases."""
+    if isinstance(attributes, str):
+        raise ValueError("pass a list of attributes (one per image for encode), not a single string")
+    phrases = []
+    for index, attribute in enumerate(attributes):
+        try:
+            phrases.append(attribute_phrase(attribute))
+        except ValueError as err:
+            raise ValueError(f"attribute {index}: {err}") from err
+    if not phrases:
+        raise ValueError("no attributes given; pass at least one, e.g. ['lighting']")
+    return phrases

