@@ -1,0 +1,680 @@
+"""AttributePipeline: personalization and multi-attribute composition with D(A, c).
+
+D(A, c) is a frozen FLUX-style flow transformer with an attribute adapter (generator_plugin.adapter), an
+AutoencoderKL and a text-encoder seam: FLUX's CLIP (pooled) + T5 (sequence) encoders when present, or
+precomputed prompt embeddings, so text encoders are optional.
+
+Guidance, one rule for everything (Composable Diffusion, as in the paper's composition figure, with
+InstructPix2Pix-style text guidance):
+
+    v* = D(0, 0) + s_c (D(0, c) - D(0, 0)) + sum_i w_i (D(A_i, 0) - D(0, 0))
+
+- s_c is `guidance_scale` (text guidance). With s_c = 1 this is exactly the paper's
+  v* = D(0, c) + sum_i w_i (D(A_i, 0) - D(0, 0)).
+- Null attribute "A = 0": the adapter is off for that row (per-row mask 0 in the attention processors),
+  i.e. the frozen base model. Null text "c = 0": `negative_prompt_embeds` / `negative_pooled_prompt_embeds`
+  when given (e.g. the empty prompt's embeddings), otherwise zeros of the prompt embeddings' shape.
+  Training must drop conditions the same way.
+- Personalization is the one-reference case with w_1 = `attribute_scale`: D(A, c) "with guidance" means the
+  attribute's flow field D(A, 0) - D(0, 0) added to the (text-guided) prompt's flow field. So compose with one
+  reference of weight w equals personalize with attribute_scale = w, by construction.
+- Every step evaluates the N + 2 condition rows [D(0,0), D(0,c), D(A_1,0) .. D(A_N,0)] in one batched
+  transformer forward (`condition_batch_size` can split it to save memory; 1 gives N + 2 sequential calls).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from generator_plugin.adapter import AttributeAdapterLoaderMixin, check_attribute_tokens
+
+if TYPE_CHECKING:
+    from encoder import AttributeEncoder
+
+MAX_REFERENCES = 8
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class GeneratorInputError(ValueError):
+    """A generation request that cannot run as given; the message says what to change."""
+
+
+@dataclass
+class AttributePipelineOutput(BaseOutput):
+    """Generated images and, when the references were images, their attribute-transfer scores."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    # (num_images, N): cos(pooled(E(output_b, a_i)), pooled(E(I_i, a_i))); None without an encoder or image
+    # refs.
+    transfer_scores: torch.Tensor | None = None
+    attributes: list[str] | None = None  # a_i, in the column order of transfer_scores
+
+
+@dataclass
+class _AttributeConditions:
+    tokens: torch.Tensor | None  # (N, l, d_ctx) or None when N = 0
+    weights: list[float]  # w_i
+    attributes: list[str] | None  # a_i when the references were (image, attribute) pairs
+    reference_pooled: torch.Tensor | None  # (N, d) pooled(E(I_i, a_i))
+
+
+def transfer_scores(
+    attribute_encoder: AttributeEncoder,
+    images: Sequence[PIL.Image.Image],
+    attributes: Sequence[str],
+    reference_pooled: torch.Tensor,  # (N, d)
+) -> torch.Tensor:
+    """cos(pooled(E(image_b, a_i)), reference_pooled_i) for each generated image b and attribute i: (B, N)."""
+    num_images, num_refs = len(images), len(attributes)
+    pairs_images = [image for image in images for _ in range(num_refs)]  # image-major: row b * N + i
+    pairs_attributes = [attribute for _ in range(num_images) for attribute in attributes]
+    with torch.no_grad():
+        pooled = attribute_encoder.encode(pairs_images, pairs_attributes).pooled  # (B * N, d)
+    pooled = pooled.detach().float().cpu().view(num_images, num_refs, -1)  # (B, N, d)
+    reference = reference_pooled.detach().float().cpu()[None]  # (1, N, d)
+    return F.cosine_similarity(pooled, reference, dim=-1)  # (B, N)
+
+
+class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
+    """D(A, c) for personalization and composition; see the module docstring for the guidance rule."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
+    _optional_components = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+
+    def __init__(
+        self,
+        transformer: FluxTransformer2DModel,
+        vae: AutoencoderKL,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder: Any = None,  # CLIPTextModel: pooled prompt embedding
+        tokenizer: Any = None,
+        text_encoder_2: Any = None,  # T5EncoderModel: prompt token embeddings
+        tokenizer_2: Any = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer,
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+        if transformer.config.in_channels != 4 * vae.config.latent_channels:
+            raise ValueError(
+                f"transformer in_channels ({transformer.config.in_channels}) must be 4 x the VAE's "
+                f"latent_channels ({vae.config.latent_channels}): FLUX packs 2x2 latent patches per token."
+            )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        self.default_image_size = 128 * self.vae_scale_factor  # FLUX's 1024 x 1024
+        self.attribute_adapter = None
+        self.attribute_encoder: AttributeEncoder | None = None  # used when a call passes none
+
+    def to(self, *args, **kwargs):
+        """Move the components, and the attribute adapter with the transformer."""
+        super().to(*args, **kwargs)
+        if self.attribute_adapter is not None:
+            self.attribute_adapter.to(device=self.transformer.device, dtype=self.transformer.dtype)
+        return self
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Diffusers layout (model_index.json, transformer/, vae/, scheduler/, ...) and attribute_adapter/."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.attribute_adapter is not None:
+            self.attribute_adapter.save_pretrained(f"{save_directory}/attribute_adapter")
+
+    # --------------------------------------------------------------------------------------------------------
+    # The two entry points users call
+    # --------------------------------------------------------------------------------------------------------
+
+    def personalize(
+        self,
+        refs: Sequence[tuple[PIL.Image.Image, str]] | None = None,
+        prompt: str | None = None,
+        attribute_scale: float = 1.0,
+        **kwargs,
+    ) -> AttributePipelineOutput:
+        """D(A, c) with guidance: v = D(0,0) + s_c (D(0,c) - D(0,0)) + s_a (D(A,0) - D(0,0)).
+
+        s_a is `attribute_scale`, s_c `guidance_scale`. `refs` are (image, attribute) pairs (usually one);
+        each gets weight `attribute_scale`: this is `compose` with every weight equal to `attribute_scale`.
+        Other keyword arguments are those of `__call__`.
+        """
+        weighted = None
+        if refs is not None:
+            weighted = []
+            for position, ref in enumerate(refs):
+                if not isinstance(ref, (tuple, list)) or len(ref) != 2:
+                    raise GeneratorInputError(
+                        f"personalize: reference {position} must be an (image, attribute) pair; got {ref!r}. "
+                        "Use compose() for (image, attribute, weight) triples."
+                    )
+                weighted.append((ref[0], ref[1], attribute_scale))
+        elif "attribute_tokens" in kwargs and "attribute_weights" not in kwargs:
+            kwargs["attribute_weights"] = [attribute_scale] * len(kwargs["attribute_tokens"])
+        return self(prompt=prompt, refs=weighted, **kwargs)
+
+    def compose(
+        self,
+        refs: Sequence[tuple[PIL.Image.Image, str, float]] | None = None,
+        prompt: str | None = None,
+        **kwargs,
+    ) -> AttributePipelineOutput:
+        """v* = D(0,c) + sum_i w_i (D(A_i,0) - D(0,0)); refs are (image, attribute, w_i) triples.
+
+        With guidance_scale s_c != 1, D(0,c) becomes D(0,0) + s_c (D(0,c) - D(0,0)).
+        """
+        return self(prompt=prompt, refs=refs, **kwargs)
+
+    # --------------------------------------------------------------------------------------------------------
+    # Helpers for the stages (public so training and tests build the same inputs)
+    # --------------------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, max_sequence_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX's text path: prompt_embeds (1, T, joint_dim) from T5, pooled (1, pooled_dim) from CLIP."""
+        if self.text_encoder is None or self.text_encoder_2 is None:
+            raise GeneratorInputError(
+                "this generator has no text encoders; pass prompt_embeds (1, T, "
+                f"{self.transformer.config.joint_attention_dim}) and pooled_prompt_embeds (1, "
+                f"{self.transformer.config.pooled_projection_dim}) instead of a prompt string."
+            )
+        clip_ids = self.tokenizer(
+            [prompt],
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids  # (1, 77)
+        pooled_prompt_embeds = self.text_encoder(
+            clip_ids.to(self.text_encoder.device), output_hidden_states=False
+        ).pooler_output  # (1, pooled_dim)
+        t5_ids = self.tokenizer_2(
+            [prompt],
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids  # (1, T)
+        prompt_embeds = self.text_encoder_2(
+            t5_ids.to(self.text_encoder_2.device), output_hidden_states=False
+        )[0]
+        return prompt_embeds, pooled_prompt_embeds  # (1, T, joint_dim), (1, pooled_dim)
+
+    def prepare_latent_image_ids(self, height: int, width: int) -> torch.Tensor:
+        """RoPE positions of the packed latent tokens: (S, 3) with (0, row, column)."""
+        latent_height = 2 * (height // (self.vae_scale_factor * 2))
+        latent_width = 2 * (width // (self.vae_scale_factor * 2))
+        rows, columns = torch.meshgrid(
+            torch.arange(latent_height // 2), torch.arange(latent_width // 2), indexing="ij"
+        )  # (h/2, w/2) each
+        ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3)  # (S, 3)
+        return ids.to(device=self._execution_device, dtype=self.transformer.dtype)
+
+    def prepare_timesteps(self, num_inference_steps: int, image_seq_len: int) -> torch.Tensor:
+        """FLUX's schedule: sigmas 1 -> 1/steps, resolution-dependent shift when the scheduler asks for it."""
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        config = self.scheduler.config
+        # mu grows linearly with the token count, from base_shift at base_image_seq_len to max_shift at max.
+        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        mu = base_shift + (max_shift - base_shift) * (image_seq_len - base_len) / (max_len - base_len)
+        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self._execution_device)
+        self.scheduler.set_begin_index(0)
+        return self.scheduler.timesteps
+
+    # --------------------------------------------------------------------------------------------------------
+    # The pipeline
+    # --------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | None = None,
+        refs: Sequence[tuple[PIL.Image.Image, str, float]] | None = None,
+        attribute_tokens: torch.Tensor | None = None,
+        attribute_weights: Sequence[float] | None = None,
+        attribute_encoder: AttributeEncoder | None = None,
+        guidance_scale: float = 1.0,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        num_images_per_prompt: int = 1,
+        embedded_guidance_scale: float = 3.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        condition_batch_size: int | None = None,
+        max_sequence_length: int = 512,
+        score_transfer: bool = True,
+    ) -> AttributePipelineOutput | tuple:
+        """Generate with v* = D(0,0) + s_c (D(0,c) - D(0,0)) + sum_i w_i (D(A_i,0) - D(0,0)).
+
+        Args:
+            prompt / prompt_embeds + pooled_prompt_embeds: the text condition c (one of the two).
+            refs: up to 8 (image, attribute, weight) triples, encoded with `attribute_encoder`
+                (or `self.attribute_encoder`); or
+            attribute_tokens: precomputed encoder tokens (N, l, d_ctx) with `attribute_weights` (N floats).
+            guidance_scale: text guidance s_c; 1.0 disables it.
+            negative_prompt_embeds / negative_pooled_prompt_embeds: the null text; zeros when not given.
+            embedded_guidance_scale: FLUX-dev's distilled guidance input, used if the transformer has one.
+            condition_batch_size: at most this many condition rows per transformer forward (None: all N + 2).
+            score_transfer: re-encode every output under each attribute and return the transfer scores.
+        """
+        # 1. Check inputs
+        encoder = attribute_encoder if attribute_encoder is not None else self.attribute_encoder
+        height = height or self.default_image_size
+        width = width or self.default_image_size
+        refs = self.check_inputs(
+            prompt,
+            refs,
+            attribute_tokens,
+            attribute_weights,
+            encoder,
+            guidance_scale,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            height,
+            width,
+            num_inference_steps,
+            num_images_per_prompt,
+            latents,
+            output_type,
+            condition_batch_size,
+        )
+        device = self._execution_device
+        dtype = self.transformer.dtype
+
+        # 2. Encode: the text condition, the null text, and the attribute references
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)  # (1, T, J)
+        pooled_prompt_embeds = pooled_prompt_embeds.to(device=device, dtype=dtype)  # (1, P_text)
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+            negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+        if negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise GeneratorInputError(
+                f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of the "
+                f"prompt's embeddings {tuple(prompt_embeds.shape)}; encode both with one max_sequence_length."
+            )
+        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.to(device=device, dtype=dtype)
+        conditions = self.encode_attributes(refs, attribute_tokens, attribute_weights, encoder)
+
+        # 3. Prepare latents
+        num_latent_channels = self.transformer.config.in_channels // 4
+        latents = self.prepare_latents(
+            num_images_per_prompt, num_latent_channels, height, width, dtype, device, generator, latents
+        )  # (B, S, 4 * C_lat)
+        latent_image_ids = self.prepare_latent_image_ids(height, width)  # (S, 3)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)  # (T, 3)
+        timesteps = self.prepare_timesteps(num_inference_steps, latents.shape[1])
+
+        # 4. Denoise: one batched forward over the condition rows per step
+        rows = self.build_condition_rows(
+            conditions,
+            guidance_scale,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            num_images_per_prompt,
+        )
+        num_rows = rows["num_conditions"]
+        chunk = condition_batch_size or num_rows
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((num_rows * num_images_per_prompt,), embedded_guidance_scale, device=device)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for t in timesteps:
+                model_input = latents.repeat(num_rows, 1, 1)  # (R * B, S, 4 * C_lat), row r * B + b
+                timestep = t.expand(model_input.shape[0]).to(dtype) / 1000
+                velocities = []
+                for start in range(0, num_rows, chunk):
+                    rows_slice = slice(
+                        start * num_images_per_prompt, min(start + chunk, num_rows) * num_images_per_prompt
+                    )
+                    attention_kwargs = None
+                    if rows["ip_hidden_states"] is not None:
+                        attention_kwargs = {
+                            "ip_hidden_states": rows["ip_hidden_states"][rows_slice],
+                            "ip_adapter_masks": rows["attribute_mask"][rows_slice],
+                        }
+                    velocity = self.transformer(
+                        hidden_states=model_input[rows_slice],
+                        timestep=timestep[rows_slice],
+                        guidance=None if guidance is None else guidance[rows_slice],
+                        pooled_projections=rows["pooled_prompt_embeds"][rows_slice],
+                        encoder_hidden_states=rows["prompt_embeds"][rows_slice],
+                        txt_ids=text_ids,
+                        img_ids=latent_image_ids,
+                        joint_attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )[0]
+                    velocities.append(velocity)
+                velocity = torch.cat(velocities).view(num_rows, *latents.shape)  # (R, B, S, 4 * C_lat)
+                # (B, S, 4 * C_lat)
+                guided = self.combine_velocities(velocity, guidance_scale, conditions.weights)
+                latents = self.scheduler.step(guided, t, latents, return_dict=False)[0]
+                progress_bar.update()
+
+        # 5. Decode
+        if output_type == "latent":
+            images = latents
+            decoded = None
+        else:
+            unpacked = self.unpack_latents(latents, height, width)  # (B, C_lat, h, w)
+            unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            decoded = self.vae.decode(unpacked.to(self.vae.dtype)).sample  # (B, 3, H, W) in [-1, 1]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+
+        scores = None
+        if score_transfer and decoded is not None and conditions.reference_pooled is not None:
+            pil_images = images if output_type == "pil" else self.image_processor.postprocess(decoded, "pil")
+            scores = transfer_scores(encoder, pil_images, conditions.attributes, conditions.reference_pooled)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, scores
+        return AttributePipelineOutput(
+            images=images, transfer_scores=scores, attributes=conditions.attributes
+        )
+
+    # --------------------------------------------------------------------------------------------------------
+    # Stages
+    # --------------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        refs,
+        attribute_tokens,
+        attribute_weights,
+        encoder,
+        guidance_scale,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        height,
+        width,
+        num_inference_steps,
+        num_images_per_prompt,
+        latents,
+        output_type,
+        condition_batch_size,
+    ) -> list[tuple[PIL.Image.Image, str, float]] | None:
+        """Raise GeneratorInputError naming what to fix; return references as (image, attribute, weight)."""
+        config = self.transformer.config
+        # The text condition
+        if (prompt is None) == (prompt_embeds is None):
+            raise GeneratorInputError("pass exactly one of prompt (a string) and prompt_embeds.")
+        if prompt is not None and not isinstance(prompt, str):
+            raise GeneratorInputError(f"prompt must be one string; got {type(prompt).__name__}.")
+        if prompt_embeds is not None:
+            if pooled_prompt_embeds is None:
+                raise GeneratorInputError(
+                    "prompt_embeds needs pooled_prompt_embeds as well (FLUX's CLIP vector)."
+                )
+            _check_embeds("prompt_embeds", prompt_embeds, (1, None, config.joint_attention_dim))
+            _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, (1, config.pooled_projection_dim))
+        if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
+            raise GeneratorInputError(
+                "pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither."
+            )
+        if negative_prompt_embeds is not None:
+            _check_embeds(
+                "negative_prompt_embeds", negative_prompt_embeds, (1, None, config.joint_attention_dim)
+            )
+            _check_embeds(
+                "negative_pooled_prompt_embeds",
+                negative_pooled_prompt_embeds,
+                (1, config.pooled_projection_dim),
+            )
+            if prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise GeneratorInputError(
+                    f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
+                    f"prompt_embeds {tuple(prompt_embeds.shape)} so both run in one batch; pad them to the "
+                    "same length."
+                )
+        if not math.isfinite(guidance_scale):
+            raise GeneratorInputError(f"guidance_scale must be a finite float; got {guidance_scale}.")
+
+        # The attribute references
+        if refs is not None and attribute_tokens is not None:
+            raise GeneratorInputError("pass either refs (images to encode) or attribute_tokens, not both.")
+        normalised = None
+        if refs is not None:
+            normalised = []
+            for position, ref in enumerate(refs):
+                if not isinstance(ref, (tuple, list)) or len(ref) != 3:
+                    raise GeneratorInputError(
+                        f"reference {position} must be an (image, attribute, weight) triple; got {ref!r}."
+                    )
+                image, attribute, weight = ref
+                if not isinstance(image, PIL.Image.Image):
+                    raise GeneratorInputError(
+                        f"reference {position}: the image must be a PIL.Image; got {type(image).__name__}."
+                    )
+                if not isinstance(attribute, str) or not attribute.strip():
+                    raise GeneratorInputError(
+                        f"reference {position}: the attribute must be a non-empty string; got {attribute!r}."
+                    )
+                normalised.append((image, attribute, _check_weight(weight, position)))
+            num_refs = len(normalised)
+        elif attribute_tokens is not None:
+            if not isinstance(attribute_tokens, torch.Tensor) or attribute_tokens.ndim != 3:
+                raise GeneratorInputError(
+                    "attribute_tokens must be a (N, l, d_ctx) tensor: one row of encoder tokens "
+                    "(AttributeEmbeddings.tokens) per reference."
+                )
+            num_refs = attribute_tokens.shape[0]
+            if attribute_weights is None:
+                raise GeneratorInputError(
+                    "attribute_tokens need attribute_weights: one weight w_i per reference row."
+                )
+            if len(attribute_weights) != num_refs:
+                raise GeneratorInputError(
+                    f"got {len(attribute_weights)} attribute_weights for {num_refs} references (rows of "
+                    "attribute_tokens); pass exactly one weight per reference."
+                )
+            for position, weight in enumerate(attribute_weights):
+                _check_weight(weight, position)
+        else:
+            if attribute_weights is not None:
+                raise GeneratorInputError("attribute_weights were given without attribute_tokens.")
+            num_refs = 0
+        if num_refs > MAX_REFERENCES:
+            raise GeneratorInputError(
+                f"{num_refs} references given; at most {MAX_REFERENCES} are supported (each adds a "
+                "transformer row per step). Drop or merge references."
+            )
+        if normalised and encoder is None:
+            raise GeneratorInputError(
+                "image references need an attribute encoder: pass attribute_encoder=, set "
+                "pipeline.attribute_encoder, or pass precomputed attribute_tokens."
+            )
+        if num_refs > 0:
+            if self.attribute_adapter is None:
+                raise GeneratorInputError(
+                    "attribute references need an attribute adapter: call load_attribute_adapter() first."
+                )
+            if attribute_tokens is not None:
+                check_attribute_tokens(attribute_tokens, self.attribute_adapter.config.token_dim)
+
+        # Sampling settings
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise GeneratorInputError(
+                f"height and width must be multiples of {multiple}; got {height}x{width}."
+            )
+        if num_inference_steps < 1 or num_images_per_prompt < 1:
+            raise GeneratorInputError("num_inference_steps and num_images_per_prompt must be at least 1.")
+        if latents is not None:
+            expected = (
+                num_images_per_prompt,
+                (height // multiple) * (width // multiple),
+                config.in_channels,
+            )
+            if tuple(latents.shape) != expected:
+                raise GeneratorInputError(
+                    f"latents must be packed with shape {expected}; got {tuple(latents.shape)}."
+                )
+        if output_type not in OUTPUT_TYPES:
+            raise GeneratorInputError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}.")
+        if condition_batch_size is not None and condition_batch_size < 1:
+            raise GeneratorInputError(
+                f"condition_batch_size must be None or at least 1; got {condition_batch_size}."
+            )
+        return normalised
+
+    def encode_attributes(
+        self,
+        refs: list[tuple[PIL.Image.Image, str, float]] | None,
+        attribute_tokens: torch.Tensor | None,
+        attribute_weights: Sequence[float] | None,
+        encoder: AttributeEncoder | None,
+    ) -> _AttributeConditions:
+        """Encode (image, attribute) references with the encoder, or take precomputed tokens as they are."""
+        if refs:
+            images = [image for image, _, _ in refs]
+            attributes = [attribute for _, attribute, _ in refs]
+            embeddings = encoder.encode(images, attributes)
+            tokens = embeddings.tokens  # (N, l, d_ctx)
+            check_attribute_tokens(tokens, self.attribute_adapter.config.token_dim)
+            return _AttributeConditions(
+                tokens, [weight for _, _, weight in refs], attributes, embeddings.pooled
+            )
+        if attribute_tokens is not None and len(attribute_tokens):
+            return _AttributeConditions(attribute_tokens, [float(w) for w in attribute_weights], None, None)
+        return _AttributeConditions(None, [], None, None)
+
+    def prepare_latents(
+        self, batch_size, num_latent_channels, height, width, dtype, device, generator, latents=None
+    ) -> torch.Tensor:
+        """Gaussian noise packed to FLUX's token layout: (B, C, h, w) -> (B, h/2 * w/2, 4 C)."""
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        latent_height = 2 * (height // (self.vae_scale_factor * 2))
+        latent_width = 2 * (width // (self.vae_scale_factor * 2))
+        shape = (batch_size, num_latent_channels, latent_height, latent_width)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)  # (B, C, h, w)
+        patches = noise.view(batch_size, num_latent_channels, latent_height // 2, 2, latent_width // 2, 2)
+        patches = patches.permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
+        return patches.reshape(
+            batch_size, (latent_height // 2) * (latent_width // 2), num_latent_channels * 4
+        )
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Inverse of the packing in prepare_latents: (B, h/2 * w/2, 4 C) -> (B, C, h, w)."""
+        batch_size, _, packed_channels = latents.shape
+        latent_height = 2 * (height // (self.vae_scale_factor * 2))
+        latent_width = 2 * (width // (self.vae_scale_factor * 2))
+        patches = latents.view(batch_size, latent_height // 2, latent_width // 2, packed_channels // 4, 2, 2)
+        patches = patches.permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+        return patches.reshape(batch_size, packed_channels // 4, latent_height, latent_width)
+
+    def build_condition_rows(
+        self,
+        conditions: _AttributeConditions,
+        guidance_scale: float,
+        prompt_embeds: torch.Tensor,  # (1, T, J)
+        pooled_prompt_embeds: torch.Tensor,  # (1, P_text)
+        negative_prompt_embeds: torch.Tensor,  # (1, T, J)
+        negative_pooled_prompt_embeds: torch.Tensor,  # (1, P_text)
+        num_images: int,
+    ) -> dict[str, Any]:
+        """The transformer batch for one step: condition rows [D(0,0), D(0,c), D(A_1,0) .. D(A_N,0)] x images.
+
+        Row r * num_images + b is condition r for image b. With no references and no text guidance, only
+        D(0, c) runs.
+        """
+        num_refs = len(conditions.weights)
+        if num_refs == 0 and guidance_scale == 1.0:
+            return {
+                "num_conditions": 1,
+                "prompt_embeds": prompt_embeds.repeat(num_images, 1, 1),
+                "pooled_prompt_embeds": pooled_prompt_embeds.repeat(num_images, 1),
+                "ip_hidden_states": None,
+                "attribute_mask": None,
+            }
+        null_text_rows = [negative_prompt_embeds, prompt_embeds] + [negative_prompt_embeds] * num_refs
+        null_pooled_rows = [negative_pooled_prompt_embeds, pooled_prompt_embeds] + [
+            negative_pooled_prompt_embeds
+        ] * num_refs
+        rows = {
+            "num_conditions": num_refs + 2,
+            "prompt_embeds": torch.cat(null_text_rows).repeat_interleave(num_images, dim=0),  # (R B, T, J)
+            "pooled_prompt_embeds": torch.cat(null_pooled_rows).repeat_interleave(
+                num_images, dim=0
+            ),  # (R B, P)
+            "ip_hidden_states": None,
+            "attribute_mask": None,
+        }
+        if num_refs:
+            tokens = conditions.tokens.to(prompt_embeds.device)  # (N, l, d_ctx)
+            null_tokens = tokens.new_zeros(2, *tokens.shape[1:])  # rows D(0, 0) and D(0, c)
+            tokens = torch.cat([null_tokens, tokens])  # (R, l, d_ctx)
+            mask = torch.tensor([0.0, 0.0] + [1.0] * num_refs, device=prompt_embeds.device)  # (R,)
+            projected = self.attribute_adapter.project_tokens(tokens)  # (R, l, P), once for all steps
+            rows["ip_hidden_states"] = projected.repeat_interleave(num_images, dim=0)  # (R B, l, P)
+            rows["attribute_mask"] = mask.repeat_interleave(num_images)  # (R B,)
+        return rows
+
+    @staticmethod
+    def combine_velocities(
+        velocity: torch.Tensor, guidance_scale: float, weights: Sequence[float]
+    ) -> torch.Tensor:
+        """(R, B, S, C) condition velocities -> guided (B, S, C) by the rule in the module docstring."""
+        if velocity.shape[0] == 1:
+            return velocity[0]  # D(0, c) alone: no references, no text guidance
+        null, text = velocity[0], velocity[1]  # D(0, 0), D(0, c)
+        guided = null + guidance_scale * (text - null)
+        for index, weight in enumerate(weights):
+            guided = guided + weight * (velocity[2 + index] - null)  # w_i (D(A_i, 0) - D(0, 0))
+        return guided
+
+
+def _check_weight(weight: Any, position: int) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise GeneratorInputError(
+            f"reference {position}: the weight must be a finite number; got {weight!r}."
+        )
+    return float(weight)
+
+
+def _check_embeds(name: str, tensor: Any, shape: tuple[int | None, ...]) -> None:
+    expected = "(" + ", ".join("T" if size is None else str(size) for size in shape) + ")"
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != len(shape):
+        raise GeneratorInputError(
+            f"{name} must be a tensor of shape {expected}; got {type(tensor).__name__}."
+        )
+    for size, want in zip(tensor.shape, shape, strict=True):
+        if want is not None and size != want:
+            raise GeneratorInputError(f"{name} must have shape {expected}; got {tuple(tensor.shape)}.")

@@ -1,0 +1,213 @@
+"""AttributePipeline on a tiny random transformer and VAE: the guidance rule, batching, seeds, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from generator_plugin.adapter import AttributeTokenWidthError
+from generator_plugin.pipeline import AttributePipeline, GeneratorInputError
+from generator_plugin.testing import random_attribute_tokens, tiny_generator, tiny_text_encoders
+from tests.generator_plugin.conftest import HEIGHT, STEPS, WIDTH, settings
+
+
+def sequential_reference(pipe, prompt, tokens, weights, guidance_scale, latents):
+    """The composition rule evaluated with N + 2 separate single-row transformer calls per step.
+
+    Written independently of the pipeline's batching: null-attribute rows run the transformer without any
+    adapter input, attribute rows without a mask, and the null text is zeros.
+    """
+    transformer, adapter = pipe.transformer, pipe.attribute_adapter
+    timesteps = pipe.prepare_timesteps(STEPS, latents.shape[1])
+    scheduler = copy.deepcopy(pipe.scheduler)
+    text, pooled = prompt["prompt_embeds"], prompt["pooled_prompt_embeds"]
+    null_text, null_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
+    image_ids = pipe.prepare_latent_image_ids(HEIGHT, WIDTH)
+    text_ids = torch.zeros(text.shape[1], 3)
+
+    def velocity(x, t, text_embeds, pooled_embeds, attribute=None):
+        kwargs = None if attribute is None else adapter.attention_kwargs(attribute[None])
+        return transformer(
+            hidden_states=x,
+            timestep=t.expand(1) / 1000,
+            pooled_projections=pooled_embeds,
+            encoder_hidden_states=text_embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            joint_attention_kwargs=kwargs,
+            return_dict=False,
+        )[0]
+
+    x = latents.clone()
+    with torch.no_grad():
+        for t in timesteps:
+            null = velocity(x, t, null_text, null_pooled)  # D(0, 0)
+            guided = null + guidance_scale * (velocity(x, t, text, pooled) - null)  # text-guided D(0, c)
+            for attribute, weight in zip(tokens, weights, strict=True):
+                guided = guided + weight * (velocity(x, t, null_text, null_pooled, attribute) - null)
+            x = scheduler.step(guided, t, x, return_dict=False)[0]
+    return x
+
+
+def initial_latents(seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(seed))  # (B, S, 4 * C_lat)
+
+
+@pytest.mark.parametrize(("num_refs", "guidance_scale"), [(1, 1.0), (3, 1.0), (4, 2.5)])
+def test_batched_composition_equals_the_sequential_reference(pipe, prompt, num_refs, guidance_scale):
+    tokens = random_attribute_tokens(num_refs, seed=num_refs)
+    weights = [1.0, 0.6, -0.3, 0.8][:num_refs]
+    latents = initial_latents()
+    expected = sequential_reference(pipe, prompt, tokens, weights, guidance_scale, latents)
+
+    common = dict(attribute_tokens=tokens, attribute_weights=weights, guidance_scale=guidance_scale, **prompt)
+    batched = pipe.compose(**common, **settings(latents=latents.clone()), output_type="latent").images
+    one_by_one = pipe.compose(
+        **common, **settings(latents=latents.clone()), output_type="latent", condition_batch_size=1
+    ).images
+
+    assert (batched - expected).abs().max() <= 1e-5
+    assert (one_by_one - expected).abs().max() <= 1e-5
+    # The references matter: without them the result is a different image.
+    unconditioned = pipe(
+        guidance_scale=guidance_scale, **prompt, **settings(latents=latents.clone()), output_type="latent"
+    )
+    assert (unconditioned.images - batched).abs().max() > 1e-3
+
+
+def test_batched_forward_runs_all_conditions_at_once(pipe, prompt):
+    batch_sizes = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    tokens = random_attribute_tokens(3)
+    pipe.compose(attribute_tokens=tokens, attribute_weights=[1.0, 1.0, 1.0], **prompt, **settings())
+    hook.remove()
+    assert batch_sizes == [3 + 2] * STEPS
+
+
+def test_one_reference_with_weight_one_equals_personalization(pipe, prompt):
+    tokens = random_attribute_tokens(1)
+    for guidance_scale in (1.0, 3.0):
+        composed = pipe.compose(
+            attribute_tokens=tokens,
+            attribute_weights=[1.0],
+            guidance_scale=guidance_scale,
+            **prompt,
+            **settings(),
+        )
+        personalized = pipe.personalize(
+            attribute_tokens=tokens, guidance_scale=guidance_scale, **prompt, **settings()
+        )
+        assert np.array_equal(np.asarray(composed.images[0]), np.asarray(personalized.images[0]))
+    # and the reference changes the image: personalization is not the plain text-to-image output
+    plain = pipe(**prompt, **settings(output_type="np")).images
+    with_attribute = pipe.personalize(attribute_tokens=tokens, **prompt, **settings(output_type="np")).images
+    assert np.abs(plain - with_attribute).max() > 1e-3
+
+
+def test_weight_zero_reference_contributes_nothing(pipe, prompt):
+    tokens = random_attribute_tokens(2)
+    both = pipe.compose(
+        attribute_tokens=tokens, attribute_weights=[0.7, 0.0], **prompt, **settings(output_type="np")
+    )
+    first = pipe.compose(
+        attribute_tokens=tokens[:1], attribute_weights=[0.7], **prompt, **settings(output_type="np")
+    )
+    assert np.abs(both.images - first.images).max() <= 1e-5
+
+
+def test_fixed_seed_reproduces_the_image(pipe, prompt):
+    common = dict(attribute_tokens=random_attribute_tokens(2), attribute_weights=[1.0, 0.5], **prompt)
+    first = pipe.compose(**common, **settings(seed=7))
+    second = pipe.compose(**common, **settings(seed=7))
+    other_seed = pipe.compose(**common, **settings(seed=8))
+    assert isinstance(first.images[0], PIL.Image.Image) and first.images[0].size == (WIDTH, HEIGHT)
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+    assert not np.array_equal(np.asarray(first.images[0]), np.asarray(other_seed.images[0]))
+
+
+def test_several_images_per_prompt_match_single_runs(pipe, prompt):
+    common = dict(attribute_tokens=random_attribute_tokens(2), attribute_weights=[1.0, 0.5], **prompt)
+    latents = torch.cat([initial_latents(0), initial_latents(1)])
+    pair = pipe.compose(
+        **common, **settings(latents=latents, num_images_per_prompt=2, output_type="np")
+    ).images
+    for index in range(2):
+        single = pipe.compose(
+            **common, **settings(latents=latents[index : index + 1], output_type="np")
+        ).images
+        assert np.abs(pair[index] - single[0]).max() <= 1e-5
+
+
+def test_text_encoder_seam_matches_precomputed_embeddings():
+    pipe = tiny_generator(seed=0)
+    with_text = AttributePipeline(pipe.transformer, pipe.vae, pipe.scheduler, **tiny_text_encoders(seed=0))
+    with_text.set_progress_bar_config(disable=True)
+    prompt_embeds, pooled = with_text.encode_prompt("a red dog", max_sequence_length=16)
+    assert prompt_embeds.shape == (1, 16, 32) and pooled.shape == (1, 32)
+
+    from_text = with_text(prompt="a red dog", max_sequence_length=16, **settings(output_type="np")).images
+    from_embeds = with_text(
+        prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, **settings(output_type="np")
+    )
+    other_prompt = with_text(prompt="a blue cat", max_sequence_length=16, **settings(output_type="np")).images
+    assert np.abs(from_text - from_embeds.images).max() <= 1e-5
+    assert np.abs(from_text - other_prompt).max() > 1e-4
+
+
+def test_bad_input_is_refused_with_a_message_naming_the_fix(pipe, prompt):
+    tokens = random_attribute_tokens(9)
+    image = PIL.Image.new("RGB", (32, 32))
+    cases = [
+        (dict(attribute_tokens=tokens, attribute_weights=[1.0] * 9), GeneratorInputError, "at most 8"),
+        (
+            dict(attribute_tokens=tokens[:2], attribute_weights=[1.0]),
+            GeneratorInputError,
+            "1 attribute_weights for 2",
+        ),
+        (dict(attribute_tokens=tokens[:2]), GeneratorInputError, "need attribute_weights"),
+        (
+            dict(attribute_tokens=random_attribute_tokens(1, token_dim=48), attribute_weights=[1.0]),
+            AttributeTokenWidthError,
+            "width 48 .* expects d_ctx = 32",
+        ),
+        (dict(refs=[(image, "lighting", 1.0)]), GeneratorInputError, "need an attribute encoder"),
+        (
+            dict(attribute_tokens=torch.zeros(4, 32), attribute_weights=[1.0]),
+            GeneratorInputError,
+            r"\(N, l, d_ctx\)",
+        ),
+        (
+            dict(
+                negative_prompt_embeds=torch.zeros(1, 3, 32), negative_pooled_prompt_embeds=torch.zeros(1, 32)
+            ),
+            GeneratorInputError,
+            "must have the shape of",
+        ),
+        (dict(refs=[(image, "lighting")]), GeneratorInputError, r"\(image, attribute, weight\) triple"),
+        (dict(refs=[(image, "lighting", float("nan"))]), GeneratorInputError, "finite number"),
+        (dict(refs=[(image, "lighting", 1.0)] * 9), GeneratorInputError, "at most 8"),
+        (dict(height=72), GeneratorInputError, "multiples of 16"),
+    ]
+    for kwargs, error, message in cases:
+        call = {**prompt, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 1, **kwargs}
+        with pytest.raises(error, match=message):
+            pipe(**call)
+
+    with pytest.raises(GeneratorInputError, match="exactly one of prompt"):
+        pipe(prompt="a dog", **prompt)
+    with pytest.raises(GeneratorInputError, match="no text encoders; pass prompt_embeds"):
+        pipe(prompt="a dog")
+    with pytest.raises(GeneratorInputError, match=r"prompt_embeds must have shape \(1, T, 32\)"):
+        pipe(prompt_embeds=torch.zeros(1, 4, 8), pooled_prompt_embeds=torch.zeros(1, 32))
+    with pytest.raises(GeneratorInputError, match=r"\(image, attribute\) pair"):
+        pipe.personalize(refs=[(image, "lighting", 1.0)], **prompt)
+
+    pipe.unload_attribute_adapter()
+    with pytest.raises(GeneratorInputError, match="load_attribute_adapter"):
+        pipe(attribute_tokens=tokens[:1], attribute_weights=[1.0], **prompt)
