@@ -32,6 +32,15 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
+def get_read_session(services: ServicesDep) -> Iterator[Session]:
+    """A session for queries only (never waits for writers)."""
+    with services.read_session_factory() as session:
+        yield session
+
+
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+
+
 def require_api_key(
     services: ServicesDep,
     header_key: Annotated[str | None, Security(_header_key)] = None,

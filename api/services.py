@@ -25,7 +25,8 @@ from indexer.work import (
     resume_job,
 )
 from store import metadata
-from store.errors import ConflictError, InvalidInputError, NotFoundError
+from store.database import make_session_factory
+from store.errors import ConflictError, InvalidInputError
 from store.search import RankedImage, SearchTerm, search_images
 from store.vectors import VectorIndex, point_id
 
@@ -38,6 +39,7 @@ class Services:
     """The handles one API (or CLI) process works with."""
 
     session_factory: sessionmaker[Session]
+    read_session_factory: sessionmaker[Session]  # queries only: never waits for writers
     vectors: VectorIndex
     media: MediaStore
     dispatcher: Any  # InProcessDispatcher (embedded) or CeleryDispatcher (server): submit(), encode_query()
@@ -74,6 +76,7 @@ def build_services(settings: Settings) -> Services:
         register_encoder(session, context.encoder_info)
     return Services(
         session_factory=context.session_factory,
+        read_session_factory=make_session_factory(context.session_factory.kw["bind"], read_only=True),
         vectors=context.vectors,
         media=context.media,
         dispatcher=dispatcher,
@@ -240,7 +243,7 @@ def search(
     include_query_images: bool = False,
 ) -> list[tuple[RankedImage, metadata.Image]]:
     """Ranked images of a collection for weighted positive and negative (image, attribute) terms."""
-    with services.session_factory() as session:
+    with services.read_session_factory() as session:
         metadata.get_collection(session, collection_id=collection_id)
         positive = [_term(session, services, collection_id, t) for t in terms]
         negative = [_term(session, services, collection_id, t) for t in negatives]
@@ -250,13 +253,8 @@ def search(
         services.vectors, encoder_version=services.encoder_info.version, collection_id=collection_id,
         terms=positive, negatives=negative, limit=limit, payload_filter=filters or None,
     )
-    with services.session_factory() as session:
+    with services.read_session_factory() as session:
         images = metadata.get_images(session, image_ids=[r.image_id for r in ranked])
     return [(r, images[r.image_id]) for r in ranked if r.image_id in images]
 
 
-def require(value: Any, what: str) -> Any:
-    """Raise NotFoundError when a looked-up value is missing."""
-    if value is None:
-        raise NotFoundError(f"{what} does not exist")
-    return value

@@ -106,7 +106,7 @@ def main() -> None:
     photos, data = work / "photos", work / "data"
     print(f"building {args.images} images under {photos} ...", file=sys.stderr)
     paths = make_collection(photos, args.images, args.size)
-    encoder_dir = work / "encoder"
+    encoder_dir = work / "encoder-checkpoint"
     AttributeEncoder(EncoderConfig.compact()).save_pretrained(encoder_dir)
     info = describe_encoder(encoder_dir)
 

@@ -6,18 +6,66 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 
 from indexer.work import (
     MAX_SHARD_ATTEMPTS,
     TRANSIENT_ERRORS,
     WorkerContext,
-    encode_query,
+    encode_queries,
     fail_shard_attempt,
     run_shard,
 )
 
 log = logging.getLogger(__name__)
+
+
+MAX_QUERY_BATCH = 16
+
+
+class QueryBatcher:
+    """Encodes query images on one thread, batching the queries that arrive while it is busy."""
+
+    def __init__(self, context: WorkerContext, *, max_batch: int = MAX_QUERY_BATCH):
+        self.context = context
+        self.max_batch = max_batch
+        self._queue: queue.Queue[tuple[bytes, str, Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="omniattr-query", daemon=True)
+        self._thread.start()
+
+    def submit(self, image_bytes: bytes, attribute: str) -> Future:
+        future: Future = Future()
+        self._queue.put((image_bytes, attribute, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _work(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:  # whatever queued up meanwhile rides along
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                results = encode_queries(self.context, [(data, attribute) for data, attribute, _ in batch])
+            except Exception as error:  # noqa: BLE001 - handed to every waiting caller
+                results = [error] * len(batch)
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+            if stop:
+                return
 
 
 class InProcessDispatcher:
@@ -30,7 +78,7 @@ class InProcessDispatcher:
         self._thread = threading.Thread(target=self._work, name="omniattr-worker", daemon=True)
         self._thread.start()
         # Queries get their own thread so they never wait behind an indexing shard.
-        self._queries = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omniattr-query")
+        self._queries = QueryBatcher(context)
 
     def submit(self, kind: str, shard_ids: Sequence[int]) -> None:
         """Queue shards; call after the transaction that created them has committed."""
@@ -39,8 +87,7 @@ class InProcessDispatcher:
 
     def encode_query(self, *, image_bytes: bytes, attribute: str, timeout: float) -> list[float]:
         """Encode a query image under one attribute; TimeoutError after `timeout` seconds."""
-        future = self._queries.submit(encode_query, self.context, image_bytes=image_bytes, attribute=attribute)
-        return future.result(timeout=timeout)
+        return self._queries.submit(image_bytes, attribute).result(timeout=timeout)
 
     def join(self) -> None:
         """Wait until every queued shard (and the work they queue) has run."""
@@ -50,7 +97,7 @@ class InProcessDispatcher:
         """Stop the worker thread after the work already queued."""
         self._queue.put(None)
         self._thread.join()
-        self._queries.shutdown(wait=True)
+        self._queries.close()
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:

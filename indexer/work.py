@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.ingest import ImageRejected, MediaStore, PathNotAllowed, decode_image, ingest_path, scan_directory
 from indexer.models import EncoderInfo, EncoderProvider
-from indexer.runner import encode_grid_pooled, index_images
+from indexer.runner import index_images
 from store import metadata
 from store.errors import InvalidInputError, NotFoundError
 from store.vectors import VectorIndex, point_id
@@ -298,13 +298,33 @@ def fail_shard_attempt(context: WorkerContext, shard_id: int, error: BaseExcepti
 
 def encode_query(context: WorkerContext, *, image_bytes: bytes, attribute: str) -> list[float]:
     """Encode an uploaded query image under one attribute; returns the pooled vector."""
-    try:
-        decoded = decode_image(image_bytes)
-    except ImageRejected as rejected:
-        raise InvalidInputError(f"the query image cannot be used: {rejected}") from None
-    text = metadata.normalize_attribute(attribute)
-    pooled = encode_grid_pooled(context.encoder.get(), [decoded.image], [text])  # (1, 1, d)
-    return pooled[0, 0].tolist()
+    return encode_queries(context, [(image_bytes, attribute)])[0]
+
+
+def encode_queries(context: WorkerContext, queries: Sequence[tuple[bytes, str]]) -> list[list[float] | Exception]:
+    """Encode several (image bytes, attribute) queries in one forward; a bad query fails alone."""
+    import torch
+
+    results: list[list[float] | Exception] = [InvalidInputError("not encoded")] * len(queries)
+    images, texts, positions = [], [], []
+    for position, (image_bytes, attribute) in enumerate(queries):
+        try:
+            decoded = decode_image(image_bytes)
+            texts.append(metadata.normalize_attribute(attribute))
+        except ImageRejected as rejected:
+            results[position] = InvalidInputError(f"the query image cannot be used: {rejected}")
+            continue
+        except InvalidInputError as error:
+            results[position] = error
+            continue
+        images.append(decoded.image)
+        positions.append(position)
+    if images:
+        with torch.inference_mode():
+            pooled = context.encoder.get().encode(images, texts).pooled.float().cpu().numpy()  # (B, d)
+        for row, position in enumerate(positions):
+            results[position] = pooled[row].tolist()
+    return results
 
 
 def run_shard(context: WorkerContext, kind: str, shard_id: int, dispatcher: Dispatcher | None = None) -> str:

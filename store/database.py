@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store.errors import SchemaVersionError
 
+READ_ONLY_OPTION = "omniattr_read_only"
+
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """An engine for `url`; SQLite gets foreign keys, WAL and a busy timeout so two processes can share it."""
@@ -38,17 +40,24 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection):  # noqa: ANN001
-            # IMMEDIATE takes the write lock up front: concurrent writers queue on the busy timeout
-            # instead of failing when a read transaction later tries to write.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers: IMMEDIATE takes the write lock up front, so concurrent writers queue on the busy
+            # timeout instead of failing when a transaction that read first later tries to write.
+            # Readers (read_only sessions): a deferred BEGIN takes no lock; WAL gives them a snapshot.
+            read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True)
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions that keep loaded attributes after commit, so callers can return what they wrote."""
-    return sessionmaker(bind=engine, expire_on_commit=False)
+def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions that keep loaded attributes after commit, so callers can return what they wrote.
+
+    `read_only` sessions never block or wait for writers on SQLite (use them for queries only: a write in
+    one may fail with "database is locked" under concurrency).
+    """
+    bind = engine.execution_options(**{READ_ONLY_OPTION: True}) if read_only else engine
+    return sessionmaker(bind=bind, expire_on_commit=False)
 
 
 def alembic_config(url: str) -> Config:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
 
 from api import schemas, services
-from api.deps import ServicesDep, SessionDep
+from api.deps import ReadSessionDep, ServicesDep, SessionDep
 from api.routes.views import collection_public, image_public, job_public
 from api.schemas import PathId
 from store import metadata
@@ -26,7 +26,7 @@ def create_collection(body: schemas.CollectionCreate, session: SessionDep) -> sc
 
 @router.get("", response_model=schemas.CollectionsPublic)
 def list_collections(
-    session: SessionDep,
+    session: ReadSessionDep,
     offset: Annotated[int, Query(ge=0, le=schemas.MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> schemas.CollectionsPublic:
@@ -36,7 +36,7 @@ def list_collections(
 
 
 @router.get("/{collection_id}", response_model=schemas.CollectionPublic)
-def get_collection(collection_id: PathId, session: SessionDep) -> schemas.CollectionPublic:
+def get_collection(collection_id: PathId, session: ReadSessionDep) -> schemas.CollectionPublic:
     """One collection."""
     return collection_public(session, metadata.get_collection(session, collection_id=collection_id))
 
@@ -50,7 +50,7 @@ def delete_collection(collection_id: PathId, services_: ServicesDep) -> None:
 @router.get("/{collection_id}/images", response_model=schemas.ImagesPublic)
 def list_images(
     collection_id: PathId,
-    session: SessionDep,
+    session: ReadSessionDep,
     status_: Annotated[str | None, Query(alias="status", pattern="^(pending|ready|failed)$")] = None,
     after_id: Annotated[int, Query(ge=0, le=schemas.MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -90,7 +90,7 @@ def ingest_path(collection_id: PathId, body: schemas.IngestPathRequest, services
 
 
 @router.get("/{collection_id}/attributes", response_model=list[schemas.AttributeState])
-def list_attributes(collection_id: PathId, session: SessionDep) -> list[schemas.AttributeState]:
+def list_attributes(collection_id: PathId, session: ReadSessionDep) -> list[schemas.AttributeState]:
     """Attributes indexed (or being indexed) for the collection."""
     return collection_public(session, metadata.get_collection(session, collection_id=collection_id)).attributes
 

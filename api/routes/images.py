@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 from fastapi.responses import FileResponse
 
 from api import schemas, services
-from api.deps import ServicesDep, SessionDep
+from api.deps import ReadSessionDep, ServicesDep
 from api.routes.views import image_public
 from api.schemas import PathId
 from store import metadata
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/api/images", tags=["images"])
 
 
 @router.get("/{image_id}", response_model=schemas.ImagePublic)
-def get_image(image_id: PathId, session: SessionDep) -> schemas.ImagePublic:
+def get_image(image_id: PathId, session: ReadSessionDep) -> schemas.ImagePublic:
     """One image's metadata."""
     return image_public(metadata.get_image(session, image_id=image_id))
 
@@ -29,7 +29,7 @@ def _ready(session, image_id: int):
 
 
 @router.get("/{image_id}/thumbnail", response_class=FileResponse, responses={200: {"content": {"image/jpeg": {}}}})
-def get_thumbnail(image_id: PathId, session: SessionDep, services_: ServicesDep) -> FileResponse:
+def get_thumbnail(image_id: PathId, session: ReadSessionDep, services_: ServicesDep) -> FileResponse:
     """A JPEG thumbnail (longer side 256 px)."""
     image = _ready(session, image_id)
     return FileResponse(services_.media.thumbnail_path(image.sha256), media_type="image/jpeg",
@@ -37,7 +37,7 @@ def get_thumbnail(image_id: PathId, session: SessionDep, services_: ServicesDep)
 
 
 @router.get("/{image_id}/original", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}})
-def get_original(image_id: PathId, session: SessionDep, services_: ServicesDep) -> FileResponse:
+def get_original(image_id: PathId, session: ReadSessionDep, services_: ServicesDep) -> FileResponse:
     """The original file as ingested."""
     image = _ready(session, image_id)
     return FileResponse(services_.media.original_path(image.sha256, image.format))

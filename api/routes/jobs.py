@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api import schemas, services
-from api.deps import ServicesDep, SessionDep
+from api.deps import ReadSessionDep, ServicesDep, SessionDep
 from api.routes.views import job_public
 from api.schemas import PathId
 from store import metadata
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
 @router.get("", response_model=schemas.JobsPublic)
 def list_jobs(
-    session: SessionDep,
+    session: ReadSessionDep,
     collection_id: schemas.QueryId | None = None,
     status: Annotated[str | None, Query(pattern="^(pending|running|done|failed|cancelled)$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -28,7 +28,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=schemas.JobPublic)
-def get_job(job_id: PathId, session: SessionDep) -> schemas.JobPublic:
+def get_job(job_id: PathId, session: ReadSessionDep) -> schemas.JobPublic:
     """A job's status and progress (done, failed, total, rate, ETA)."""
     return job_public(session, metadata.get_job(session, job_id=job_id))
 

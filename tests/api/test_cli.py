@@ -83,7 +83,7 @@ def test_server_requires_keys_and_cli_talks_to_it(embedded_env, tmp_path, capsys
     env = {**os.environ, "OMNIATTR_API_PORT": str(port), "OMNIATTR_REQUIRE_API_KEYS": "true",
            "OMNIATTR_ALLOWED_ROOTS": json.dumps([str(embedded_env)])}
     key = run_json(capsys, "keys", "create", "cli")["key"]
-    server = subprocess.Popen([sys.executable, "-m", "api.cli", "up"], cwd=tmp_path, env=env,
+    server = subprocess.Popen([str(Path(sys.executable).with_name("omniattr")), "up"], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -28,7 +28,7 @@ def server(tmp_path, tiny_encoder_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
     env.update(OMNIATTR_DATA_DIR=str(tmp_path / "data"), OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
                OMNIATTR_DEVICE="cpu", OMNIATTR_API_PORT=str(port))
-    process = subprocess.Popen([sys.executable, "-m", "api.cli", "up"], cwd=tmp_path, env=env,
+    process = subprocess.Popen([str(Path(sys.executable).with_name("omniattr")), "up"], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

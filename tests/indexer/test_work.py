@@ -186,3 +186,30 @@ def test_encoder_description_matches_the_loaded_model(tiny_encoder_dir):
     assert (info.version, info.dimension, info.backend) == (model.version, model.dimension, "mllm")
     with pytest.raises(InvalidInputError, match="not an encoder checkpoint"):
         describe_encoder(tiny_encoder_dir.parent)
+
+
+def test_concurrent_queries_are_batched_and_a_bad_one_fails_alone(worker_context, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from indexer.dispatch import QueryBatcher
+
+    context = worker_context
+    paths = write_images(tmp_path / "q", 6)
+    expected = [encode_query(context, image_bytes=p.read_bytes(), attribute="lighting") for p in paths]
+    batcher = QueryBatcher(context, max_batch=4)
+    calls = []
+    original = context.encoder.get().encode
+    context.encoder.get().encode = lambda images, texts: calls.append(len(images)) or original(images, texts)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(lambda p=p: batcher.submit(p.read_bytes(), "lighting").result(30)) for p in paths]
+            bad = batcher.submit(b"not an image", "lighting")
+            results = [f.result() for f in futures]
+        with pytest.raises(InvalidInputError, match="query image cannot be used"):
+            bad.result(30)
+    finally:
+        del context.encoder.get().encode
+        batcher.close()
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert sum(calls) == 6 and max(calls) <= 4

@@ -221,3 +221,27 @@ def test_rollback_undoes_rows_written_through_savepoints(session):
     session.rollback()
     assert metadata.find_attribute(session, text="lighting") is None
     assert metadata.find_collection(session, name="kept?") is None
+
+
+def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path):
+    """Read-only sessions take no lock (deferred BEGIN on WAL) and see the last committed state."""
+    import time
+
+    from store.database import make_engine, make_session_factory, upgrade_database
+
+    url = f"sqlite:///{tmp_path / 'locks.sqlite3'}"
+    upgrade_database(url)
+    engine = make_engine(url)
+    writer = make_engine(url)
+    try:
+        with make_session_factory(engine).begin() as session:
+            metadata.create_collection(session, name="before")
+        with make_session_factory(writer).begin() as holding:  # holds the write lock until the block ends
+            metadata.create_collection(holding, name="uncommitted")
+            started = time.perf_counter()
+            with make_session_factory(engine, read_only=True)() as reader:
+                names = [c.name for c in metadata.list_collections(reader)]
+            assert names == ["before"] and time.perf_counter() - started < 1.0
+    finally:
+        engine.dispose()
+        writer.dispose()

@@ -1,0 +1,162 @@
+"""Bounded load test of the search API on loopback, embedded profile (`omniattr up`), compact encoder.
+
+    python bench/api_load.py [--images 1000] [--clients 20] [--seconds 30] [--record]
+
+Starts a real server on a free loopback port, builds and indexes a procedural collection through the API,
+then runs two phases of `--clients` concurrent clients for `--seconds` each (bounded in time and count):
+search by image id + attribute, and search with an uploaded image + attribute. Prints p50/p95/p99 latency
+and requests/s. The load generator shares this machine's CPUs with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MAX_REQUESTS_PER_PHASE = 100_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, encoder_dir: Path, port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
+    env.update(OMNIATTR_DATA_DIR=str(data_dir), OMNIATTR_ENCODER_PATH=str(encoder_dir), OMNIATTR_DEVICE="cpu",
+               OMNIATTR_API_PORT=str(port))
+    # The installed console script, not `python -m`: -m would put the cwd first on sys.path.
+    omniattr = str(Path(sys.executable).with_name("omniattr"))
+    process = subprocess.Popen([omniattr, "up"], cwd=data_dir.parent, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    raise SystemExit("the server did not start")
+
+
+def build_collection(url: str, count: int, attribute: str) -> tuple[int, list[int], list[bytes]]:
+    from training.procedural import encode_png, render_image, sample_factors
+
+    images = [encode_png(render_image(sample_factors(np.random.default_rng(i)), size=128, jitter_seed=i))
+              for i in range(count)]
+    with httpx.Client(base_url=url, timeout=600) as client:
+        collection_id = client.post("/api/collections", json={"name": "load"}).json()["id"]
+        image_ids = []
+        for start in range(0, count, 100):
+            files = [("files", (f"{i}.png", images[i], "image/png")) for i in range(start, min(start + 100, count))]
+            report = client.post(f"/api/collections/{collection_id}/images", files=files).json()
+            image_ids += [r["image_id"] for r in report["results"]]
+        job = client.post(f"/api/collections/{collection_id}/attributes", json={"attributes": [attribute]}).json()
+        while (status := client.get(f"/api/jobs/{job['job']['id']}").json())["status"] in ("pending", "running"):
+            time.sleep(0.5)
+        if status["status"] != "done":
+            raise SystemExit(f"indexing failed: {status['error']}")
+    return collection_id, image_ids, images
+
+
+async def phase(url: str, clients: int, seconds: float, make_request) -> tuple[list[float], int, float]:
+    """Run `clients` loops for `seconds`; returns latencies (s), error count and the elapsed time."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        async def loop(worker: int) -> None:
+            nonlocal errors
+            rng = np.random.default_rng(worker)
+            while time.perf_counter() < deadline and len(latencies) < MAX_REQUESTS_PER_PHASE:
+                started = time.perf_counter()
+                response = await make_request(client, rng)
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(loop(i) for i in range(clients)))
+    return latencies, errors, time.perf_counter() - started
+
+
+def summary(name: str, latencies: list[float], errors: int, elapsed: float) -> str:
+    ms = np.array(latencies) * 1000
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99]) if len(ms) else (float("nan"),) * 3
+    return f"| {name} | {len(ms) / elapsed:.1f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {len(ms)} | {errors} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--encoder", type=Path, help="encoder checkpoint (default: a fresh compact encoder)")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="omniattr-load-"))
+    encoder_dir = args.encoder
+    if encoder_dir is None:
+        from encoder import AttributeEncoder, EncoderConfig
+
+        encoder_dir = work / "encoder-checkpoint"
+        AttributeEncoder(EncoderConfig.compact()).save_pretrained(encoder_dir)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(work / "data", encoder_dir, port)
+    try:
+        print(f"indexing {args.images} images ...", file=sys.stderr)
+        collection_id, image_ids, images = build_collection(url, args.images, "lighting")
+
+        async def by_id(client: httpx.AsyncClient, rng: np.random.Generator) -> httpx.Response:
+            body = {"collection_id": collection_id, "limit": 10,
+                    "terms": [{"image_id": int(rng.choice(image_ids)), "attribute": "lighting"}]}
+            return await client.post("/api/search", json=body)
+
+        async def by_upload(client: httpx.AsyncClient, rng: np.random.Generator) -> httpx.Response:
+            data = {"collection_id": str(collection_id), "attribute": "lighting", "limit": "10"}
+            files = {"image": ("q.png", images[int(rng.integers(len(images)))], "image/png")}
+            return await client.post("/api/search/upload", data=data, files=files)
+
+        rows = []
+        for name, request in (("search by image id", by_id), ("search with uploaded image", by_upload)):
+            print(f"{name}: {args.clients} clients for {args.seconds:.0f} s ...", file=sys.stderr)
+            rows.append(summary(name, *asyncio.run(phase(url, args.clients, args.seconds, request))))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    header = (f"{args.images} images indexed under 1 attribute, {args.clients} concurrent clients, "
+              f"{args.seconds:.0f} s per phase, embedded profile on {os.cpu_count()} CPUs (client on the same CPUs), "
+              f"load average before {os.getloadavg()[0]:.1f}, {datetime.now(UTC):%Y-%m-%d}")
+    table = "\n".join(["| request | req/s | p50 ms | p95 ms | p99 ms | ok | errors |", "|---|---|---|---|---|---|---|",
+                       *rows])
+    print(header)
+    print(table)
+    if args.record:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as results:
+            results.write(f"\n## API load (bench/api_load.py)\n\n`python bench/api_load.py --images {args.images} "
+                          f"--clients {args.clients} --seconds {args.seconds:.0f}`\n\n{header}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
