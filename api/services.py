@@ -6,6 +6,9 @@ from settings (`build_services`) and closed on shutdown.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,33 @@ if TYPE_CHECKING:
     from omniattr.settings import Settings
 
 
+class IndexStateCache:
+    """Per collection, the attributes indexed under this process's encoder: text -> (attribute id, status).
+
+    Search reads it on every request; entries live `ttl` seconds. A miss or a non-ready status is always
+    re-read from the database before it becomes an error, so a job that just finished is seen at once.
+    """
+
+    def __init__(self, ttl: float = 2.0):
+        self.ttl = ttl
+        self._entries: dict[int, tuple[float, dict[str, tuple[int, str]]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session: Session, *, collection_id: int, encoder_model_id: int, fresh: bool = False):
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(collection_id)
+        if entry is not None and not fresh and now - entry[0] < self.ttl:
+            return entry[1]
+        rows = metadata.list_collection_attributes(
+            session, collection_id=collection_id, encoder_model_id=encoder_model_id
+        )
+        state = {row.attribute.text: (row.attribute_id, row.status) for row in rows}
+        with self._lock:
+            self._entries[collection_id] = (now, state)
+        return state
+
+
 @dataclass
 class Services:
     """The handles one API (or CLI) process works with."""
@@ -48,6 +78,8 @@ class Services:
     query_timeout_s: float = 30.0
     api_keys_required: bool = False
     closers: list[Any] = field(default_factory=list)
+    encoder_model_id: int = 0  # this encoder's row id, registered at start-up
+    index_state: IndexStateCache = field(default_factory=IndexStateCache)
 
     def close(self) -> None:
         """Stop the in-process worker (if any) and close the vector index."""
@@ -73,8 +105,9 @@ def build_services(settings: Settings) -> Services:
         dispatcher = InProcessDispatcher(context)
         closers.append(dispatcher.close)
     with context.session_factory.begin() as session:
-        register_encoder(session, context.encoder_info)
+        encoder_model_id = register_encoder(session, context.encoder_info).id
     return Services(
+        encoder_model_id=encoder_model_id,
         session_factory=context.session_factory,
         read_session_factory=make_session_factory(context.session_factory.kw["bind"], read_only=True),
         vectors=context.vectors,
@@ -89,6 +122,8 @@ def build_services(settings: Settings) -> Services:
 
 
 def _encoder_model_id(session: Session, services: Services) -> int:
+    if services.encoder_model_id:
+        return services.encoder_model_id
     return metadata.get_encoder_model(session, version=services.encoder_info.version).id
 
 
@@ -178,58 +213,64 @@ class TermRequest:
     weight: float = 1.0
     image_id: int | None = None
     image_bytes: bytes | None = None
+    vector: np.ndarray | None = None  # the encoded upload, filled in by `search` before its session opens
 
 
-def _require_indexed(session: Session, services: Services, collection_id: int, attribute: str) -> metadata.Attribute:
-    """The attribute row, if `collection_id` is indexed under it; otherwise a ConflictError naming what to do."""
+def _require_indexed(session: Session, services: Services, collection_id: int, attribute: str) -> tuple[int, str]:
+    """(attribute id, text) if `collection_id` is indexed under it; otherwise a ConflictError saying what to do."""
     text = metadata.normalize_attribute(attribute)
     encoder_model_id = _encoder_model_id(session, services)
-    found = metadata.find_attribute(session, text=text)
-    rows = {
-        row.attribute_id: row
-        for row in metadata.list_collection_attributes(
-            session, collection_id=collection_id, encoder_model_id=encoder_model_id
+    state = services.index_state.get(session, collection_id=collection_id, encoder_model_id=encoder_model_id)
+    if state.get(text, (0, ""))[1] != "ready":  # never fail on a stale cache entry
+        state = services.index_state.get(
+            session, collection_id=collection_id, encoder_model_id=encoder_model_id, fresh=True
         )
-    }
-    row = rows.get(found.id) if found else None
-    if row is None or row.status == "failed":
+    attribute_id, status = state.get(text, (0, "missing"))
+    if status in ("missing", "failed"):
         raise ConflictError(
             f"attribute {text!r} is not indexed for collection {collection_id}; start it with "
             f'POST /api/collections/{collection_id}/attributes {{"attributes": ["{text}"]}} '
             f"(or `omniattr index --collection {collection_id} {text!r}`)"
         )
-    if row.status == "indexing":
+    if status == "indexing":
         jobs = [
             job for job in metadata.list_jobs(session, collection_id=collection_id, status="running")
             + metadata.list_jobs(session, collection_id=collection_id, status="pending")
-            if row.attribute_id in job.params.get("attribute_ids", [])
+            if attribute_id in job.params.get("attribute_ids", [])
         ]
         where = f" by job {jobs[0].id} ({jobs[0].done}/{jobs[0].total})" if jobs else ""
         raise ConflictError(f"attribute {text!r} is still being indexed{where}; try again when it is done")
-    return found
+    return attribute_id, text
 
 
 def _term(session: Session, services: Services, collection_id: int, request: TermRequest) -> SearchTerm:
-    attribute = _require_indexed(session, services, collection_id, request.attribute)
+    attribute_id, attribute_text = _require_indexed(session, services, collection_id, request.attribute)
     version = services.encoder_info.version
     if request.image_id is not None:
         image = metadata.get_image(session, image_id=request.image_id)
         if image.collection_id != collection_id:
             _require_indexed(session, services, image.collection_id, request.attribute)
-        key = str(point_id(image_id=image.id, attribute_id=attribute.id, encoder_version=version))
+        key = str(point_id(image_id=image.id, attribute_id=attribute_id, encoder_version=version))
         stored = services.vectors.fetch(encoder_version=version, point_ids=[key])
         if key not in stored:
             raise ConflictError(
-                f"image {image.id} has no {attribute.text!r} vector yet (status {image.status}); "
+                f"image {image.id} has no {attribute_text!r} vector yet (status {image.status}); "
                 "wait for its indexing job, or search with the image uploaded"
             )
-        return SearchTerm(stored[key], attribute.id, attribute.text, request.weight, exclude_image_id=image.id)
-    if request.image_bytes is None:
+        return SearchTerm(stored[key], attribute_id, attribute_text, request.weight, exclude_image_id=image.id)
+    if request.vector is None:
         raise InvalidInputError("each term needs an image_id or an uploaded image")
+    return SearchTerm(request.vector, attribute_id, attribute_text, request.weight)
+
+
+def _encoded(services: Services, term: TermRequest) -> TermRequest:
+    if term.image_bytes is None:
+        return term
     vector = services.dispatcher.encode_query(
-        image_bytes=request.image_bytes, attribute=attribute.text, timeout=services.query_timeout_s
+        image_bytes=term.image_bytes, attribute=metadata.normalize_attribute(term.attribute),
+        timeout=services.query_timeout_s,
     )
-    return SearchTerm(np.asarray(vector, dtype=np.float32), attribute.id, attribute.text, request.weight)
+    return dataclasses.replace(term, image_bytes=None, vector=np.asarray(vector, dtype=np.float32))
 
 
 def search(
@@ -243,17 +284,18 @@ def search(
     include_query_images: bool = False,
 ) -> list[tuple[RankedImage, metadata.Image]]:
     """Ranked images of a collection for weighted positive and negative (image, attribute) terms."""
-    with services.read_session_factory() as session:
+    # Uploads are encoded first, so no database connection is held while a worker encodes.
+    terms, negatives = ([_encoded(services, t) for t in group] for group in (terms, negatives))
+    with services.read_session_factory() as session:  # one snapshot for the whole search
         metadata.get_collection(session, collection_id=collection_id)
         positive = [_term(session, services, collection_id, t) for t in terms]
         negative = [_term(session, services, collection_id, t) for t in negatives]
-    if include_query_images:
-        positive = [SearchTerm(t.vector, t.attribute_id, t.attribute, t.weight) for t in positive]
-    ranked = search_images(
-        services.vectors, encoder_version=services.encoder_info.version, collection_id=collection_id,
-        terms=positive, negatives=negative, limit=limit, payload_filter=filters or None,
-    )
-    with services.read_session_factory() as session:
+        if include_query_images:
+            positive = [SearchTerm(t.vector, t.attribute_id, t.attribute, t.weight) for t in positive]
+        ranked = search_images(
+            services.vectors, encoder_version=services.encoder_info.version, collection_id=collection_id,
+            terms=positive, negatives=negative, limit=limit, payload_filter=filters or None,
+        )
         images = metadata.get_images(session, image_ids=[r.image_id for r in ranked])
     return [(r, images[r.image_id]) for r in ranked if r.image_id in images]
 

@@ -70,7 +70,7 @@ def upload_images(
 ) -> schemas.UploadReport:
     """Upload images (many at once); a bad file fails alone; new images are indexed under existing attributes."""
     if len(files) > MAX_FILES_PER_UPLOAD:
-        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
                             f"{len(files)} files in one request; send at most {MAX_FILES_PER_UPLOAD} at a time")
     contents = [(f.filename or "upload", f.file.read()) for f in files]
     outcomes, job_id = services.upload_images(services_, collection_id=collection_id, files=contents)
