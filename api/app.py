@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from api import schemas
 from api.deps import ServicesDep, require_api_key
 from api.errors import install_error_handlers
-from api.routes import collections, images, jobs, search
+from api.routes import collections, generations, images, jobs, search
 from api.services import Services, build_services
 from omniattr import __version__
 from omniattr.settings import Settings
@@ -57,14 +57,15 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         return await call_next(request)
 
     protected = [Depends(require_api_key)]
-    for router in (collections.router, images.router, jobs.router, search.router):
+    for router in (collections.router, images.router, jobs.router, search.router, generations.router):
         app.include_router(router, dependencies=protected)
 
     @app.get("/api/health", response_model=schemas.HealthPublic, tags=["meta"])
     def health(services_: ServicesDep) -> schemas.HealthPublic:
         """Liveness and what is running (no key needed)."""
         return schemas.HealthPublic(status="ok", profile=settings.profile.value,
-                                    encoder_version=services_.encoder_info.version, version=__version__)
+                                    encoder_version=services_.encoder_info.version,
+                                    generator=services_.generator_plugin, version=__version__)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -149,10 +149,36 @@ class SearchResults(BaseModel):
     took_ms: float
 
 
+class GenerationReference(BaseModel):
+    image_id: Id
+    attribute: Attribute
+    weight: float = Field(default=1.0, gt=0, le=10)
+
+
+class GenerationCreate(BaseModel):
+    refs: list[GenerationReference] = Field(min_length=1, max_length=8, description="One: personalize; more: compose.")
+    prompt: str = Field(min_length=1, max_length=1000, examples=["a cup on a wooden table"])
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    steps: int | None = Field(default=None, ge=1, le=200)
+    guidance_scale: float = Field(default=1.0, ge=0, le=30, description="Text guidance s_c; 1 disables it.")
+
+
+class GenerationPublic(BaseModel):
+    id: int
+    job_id: int | None
+    status: str
+    request: dict[str, Any]
+    output_url: str | None
+    transfer_scores: dict[str, float]
+    error: str | None
+    created_at: datetime
+
+
 class HealthPublic(BaseModel):
     status: str
     profile: str
     encoder_version: str
+    generator: str | None = Field(description="The generator plugin in use, or null when generation is off.")
     version: str
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from indexer.generate import Reference, plan_generation
 from indexer.ingest import MediaStore, ingest_bytes
 from indexer.models import EncoderInfo
 from indexer.work import (
@@ -79,6 +80,7 @@ class Services:
     api_keys_required: bool = False
     closers: list[Any] = field(default_factory=list)
     encoder_model_id: int = 0  # this encoder's row id, registered at start-up
+    generator_plugin: str | None = None  # None: no generator configured, generations are refused
     index_state: IndexStateCache = field(default_factory=IndexStateCache)
 
     def close(self) -> None:
@@ -108,6 +110,7 @@ def build_services(settings: Settings) -> Services:
         encoder_model_id = register_encoder(session, context.encoder_info).id
     return Services(
         encoder_model_id=encoder_model_id,
+        generator_plugin=settings.generator_plugin if settings.generator_path else None,
         session_factory=context.session_factory,
         read_session_factory=make_session_factory(context.session_factory.kw["bind"], read_only=True),
         vectors=context.vectors,
@@ -300,3 +303,20 @@ def search(
     return [(r, images[r.image_id]) for r in ranked if r.image_id in images]
 
 
+
+
+# --- generations -------------------------------------------------------------------------------------
+
+
+def create_generation(
+    services: Services, *, references: list[Reference], prompt: str, seed: int | None = None,
+    steps: int | None = None, guidance_scale: float = 1.0,
+) -> int:
+    """Record a personalize (one reference) or compose request and start its job; returns its id."""
+    with services.session_factory.begin() as session:
+        plan, generation_id = plan_generation(
+            session, references=references, prompt=prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
+            generator_available=services.generator_plugin is not None,
+        )
+    dispatch(services, plan)
+    return generation_id

@@ -25,6 +25,10 @@ TASK_QUEUES = {
     "omniattr.ingest_shard": "ingest",
     "omniattr.index_shard": "encode",
     "omniattr.encode_query": "query",
+    "omniattr.generate_shard": "generate",
+}
+TASK_BY_KIND = {
+    "ingest": "omniattr.ingest_shard", "index": "omniattr.index_shard", "generate": "omniattr.generate_shard"
 }
 
 
@@ -72,7 +76,7 @@ class CeleryDispatcher:
         self.app = celery_app
 
     def submit(self, kind: str, shard_ids: Sequence[int]) -> None:
-        task = {"ingest": "omniattr.ingest_shard", "index": "omniattr.index_shard"}[kind]
+        task = TASK_BY_KIND[kind]
         for shard_id in shard_ids:
             self.app.send_task(task, args=[shard_id], queue=TASK_QUEUES[task])
 
@@ -106,6 +110,12 @@ def ingest_shard(self: Task, shard_id: int) -> str:
 def index_shard(self: Task, shard_id: int) -> str:
     """Encode one shard of images under its job's attributes."""
     return _run_shard(self, "index", shard_id)
+
+
+@app.task(name="omniattr.generate_shard", bind=True)
+def generate_shard(self: Task, shard_id: int) -> str:
+    """Render one personalize / compose request."""
+    return _run_shard(self, "generate", shard_id)
 
 
 @app.task(name="omniattr.encode_query")

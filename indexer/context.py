@@ -6,6 +6,7 @@ import fcntl
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from indexer.generate import GeneratorProvider
 from indexer.ingest import MediaStore
 from indexer.models import EncoderProvider, describe_encoder
 from indexer.work import WorkerContext
@@ -40,6 +41,11 @@ def build_worker_context(settings: Settings) -> WorkerContext:
         encoder_info=describe_encoder(settings.encoder_path),
         allowed_roots=list(settings.allowed_roots),
         index_batch_size=settings.index_batch_size,
+        generator=(
+            GeneratorProvider(settings.generator_plugin, settings.generator_path, device=settings.device,
+                              steps=settings.generation_steps, size=settings.generation_size)
+            if settings.generator_path else None
+        ),
         lock=lock,
     )
 

@@ -50,6 +50,7 @@ class WorkerContext:
     encoder_info: EncoderInfo
     allowed_roots: list[Path] = field(default_factory=list)
     index_batch_size: int = 32
+    generator: Any = None  # GeneratorProvider, or None when no generator is configured
     lock: Any = None  # the embedded data directory's lock file, held while this context lives
 
 
@@ -329,9 +330,12 @@ def encode_queries(context: WorkerContext, queries: Sequence[tuple[bytes, str]])
 
 def run_shard(context: WorkerContext, kind: str, shard_id: int, dispatcher: Dispatcher | None = None) -> str:
     """Dispatch a shard id to its body by job kind."""
+    from indexer.generate import run_generate_shard
+
     bodies: dict[str, Callable[[], str]] = {
         "ingest": lambda: run_ingest_shard(context, shard_id, dispatcher),
         "index": lambda: run_index_shard(context, shard_id),
+        "generate": lambda: run_generate_shard(context, shard_id),
     }
     if kind not in bodies:
         raise InvalidInputError(f"unknown shard kind {kind!r}; expected one of {sorted(bodies)}")

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     allowed_roots: list[Path] = Field(default_factory=list, description="Directories ingest-from-path may read.")
     encoder_path: Path | None = Field(default=None, description="Encoder checkpoint dir; default: shipped model.")
     device: str = "auto"
+    generator_path: Path | None = Field(
+        default=None, description="Generator weights in diffusers format; generations are off without one."
+    )
+    generator_plugin: str = Field(default="flux", description="Entry point in the omniattr.generators group.")
+    generation_steps: int = Field(default=28, ge=1, le=200)
+    generation_size: int | None = Field(default=None, ge=16, le=4096, description="Output side; default: the model's.")
     index_batch_size: int = Field(default=32, ge=1, description="Images per encoder batch while indexing.")
     task_visibility_timeout_s: int = Field(
         default=1800, ge=1, description="A task unacknowledged this long (its worker died) is delivered again; "

@@ -33,7 +33,7 @@ def wait_for_job(client: TestClient, job_id: int, timeout: float = 120.0) -> dic
 
 
 def make_settings(tmp_path, encoder_dir, **overrides) -> Settings:
-    (tmp_path / "photos").mkdir(exist_ok=True)
+    (tmp_path / "photos").mkdir(parents=True, exist_ok=True)
     values = dict(data_dir=tmp_path / "data", encoder_path=encoder_dir, device="cpu",
                   allowed_roots=[tmp_path / "photos"], index_batch_size=8)
     values.update(overrides)
@@ -50,3 +50,15 @@ def client(tmp_path, tiny_encoder_dir, monkeypatch):  # noqa: F811
     upgrade_database(settings.resolved_database_url)
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def generator_dir(tmp_path_factory):
+    from generator_plugin import AttributePipeline
+    from generator_plugin.testing import tiny_generator, tiny_text_encoders
+
+    root = tmp_path_factory.mktemp("generator")
+    base = tiny_generator(seed=0, token_dim=None)
+    AttributePipeline(base.transformer, base.vae, base.scheduler, **tiny_text_encoders(seed=0)).save_pretrained(root)
+    tiny_generator(seed=3, token_dim=32).attribute_adapter.save_pretrained(root / "attribute_adapter")
+    return root

@@ -61,6 +61,18 @@ def test_ingest_index_search_in_process(embedded_env, capsys):
     assert "no collection 'nope'" in capsys.readouterr().err
 
 
+def test_personalize_writes_the_image(embedded_env, generator_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMNIATTR_GENERATOR_PATH", str(generator_dir))
+    monkeypatch.setenv("OMNIATTR_GENERATION_STEPS", "2")
+    monkeypatch.setenv("OMNIATTR_GENERATION_SIZE", "64")
+    run_json(capsys, "ingest", str(embedded_env), "--collection", "demo")
+    out = tmp_path / "made.png"
+    result = run_json(capsys, "personalize", "--ref", "1:lighting", "--ref", "2:art style:0.5",
+                      "--prompt", "a cup", "--seed", "3", "--out", str(out))
+    assert set(result["transfer_scores"]) == {"lighting", "art style"}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_keys_are_created_listed_and_revoked(embedded_env, capsys):
     created = run_json(capsys, "keys", "create", "alice")
     assert created["key"].startswith("oa_")

@@ -23,11 +23,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.fixture
-def server(tmp_path, tiny_encoder_dir):
+def server(tmp_path, tiny_encoder_dir, generator_dir):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
     env.update(OMNIATTR_DATA_DIR=str(tmp_path / "data"), OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
-               OMNIATTR_DEVICE="cpu", OMNIATTR_API_PORT=str(port))
+               OMNIATTR_DEVICE="cpu", OMNIATTR_API_PORT=str(port), OMNIATTR_GENERATOR_PATH=str(generator_dir),
+               OMNIATTR_GENERATION_STEPS="2", OMNIATTR_GENERATION_SIZE="64")
     process = subprocess.Popen([str(Path(sys.executable).with_name("omniattr")), "up"], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -83,6 +84,17 @@ def test_search_from_the_page(server, tmp_path):
         scores = [float(t.split(" ")[-1]) for t in page.locator("#results .score").all_inner_texts()]
         assert scores == sorted(scores, reverse=True)
         expect(page.locator("#results-info")).to_contain_text("ranked by lighting")
+
+        # One click: tick two results, type a prompt, Personalize; the image and its transfer scores appear.
+        expect(page.locator("#generate-panel")).to_be_visible()
+        page.locator("#results .tile input[type=checkbox]").nth(0).check()
+        page.locator("#results .tile input[type=checkbox]").nth(1).check()
+        page.fill("#prompt", "a cup on a table")
+        page.click("#personalize")
+        expect(page.locator("#transfer-scores li")).to_have_count(2, timeout=120_000)
+        expect(page.locator("#transfer-scores")).to_contain_text("lighting")
+        expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 64)
+        page.screenshot(path=str(ARTIFACTS / "page-personalize.png"), full_page=True)
 
         page.fill("#attribute", "pose")
         expect(page.locator("#search")).to_be_enabled()

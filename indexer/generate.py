@@ -1,0 +1,150 @@
+"""Generations: personalize / compose requests planned as jobs and run by a worker with the generator plugin.
+
+A request names stored images and attributes; the worker loads the references, encodes them with the
+process's encoder, runs the plugin's pipeline (all N + 2 conditions in one forward per step), saves the
+image and stores each attribute's transfer score (re-encoding of the output vs. the reference).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from indexer.models import resolve_device
+from indexer.work import PlannedJob, WorkerContext, _errors_text
+from store import metadata
+from store.errors import ConflictError, InvalidInputError
+
+MAX_REFERENCES = 8
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference of a request: a stored image, the attribute taken from it, its weight."""
+
+    image_id: int
+    attribute: str
+    weight: float = 1.0
+
+
+class GeneratorProvider:
+    """Loads the generator plugin's pipeline on first use, once per process."""
+
+    def __init__(self, plugin: str, path: Path, *, device: str = "auto", steps: int = 28, size: int | None = None):
+        self.plugin = plugin
+        self.path = Path(path)
+        self.device = device
+        self.steps = steps
+        self.size = size
+        self._pipeline: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._pipeline is None:
+                from generator_plugin import load_generator
+
+                self._pipeline = load_generator(self.plugin, self.path, device=resolve_device(self.device))
+                self._pipeline.set_progress_bar_config(disable=True)  # workers report progress on the job
+            return self._pipeline
+
+
+def plan_generation(
+    session: Session, *, references: list[Reference], prompt: str, seed: int | None = None,
+    steps: int | None = None, guidance_scale: float = 1.0, generator_available: bool = True,
+) -> tuple[PlannedJob, int]:
+    """Record a generation request and its one-shard job; returns (plan, generation id)."""
+    if not generator_available:
+        raise ConflictError(
+            "no generator is configured on this server; set OMNIATTR_GENERATOR_PATH to a diffusers-format "
+            "generator directory (and OMNIATTR_GENERATOR_PLUGIN if it is not 'flux')"
+        )
+    if not 1 <= len(references) <= MAX_REFERENCES:
+        raise InvalidInputError(f"give between 1 and {MAX_REFERENCES} references; got {len(references)}")
+    prompt = " ".join(prompt.split())
+    if not prompt:
+        raise InvalidInputError("the prompt is empty; describe the image to make, e.g. 'a cup on a table'")
+    refs = []
+    for reference in references:
+        image = metadata.get_image(session, image_id=reference.image_id)
+        if image.status != "ready":
+            raise InvalidInputError(f"image {image.id} cannot be a reference: its status is {image.status}")
+        if not reference.weight > 0:
+            raise InvalidInputError(f"reference weights must be positive; got {reference.weight}")
+        refs.append({"image_id": image.id, "attribute": metadata.normalize_attribute(reference.attribute),
+                     "weight": reference.weight})
+    request = {"refs": refs, "prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
+    job = metadata.create_job(session, kind="generate", params={}, shards=[[0]])
+    generation = metadata.create_generation(session, request=request, job_id=job.id)
+    job.shards[0].items = [generation.id]
+    job.params = {"generation_id": generation.id}
+    session.flush()
+    return PlannedJob(job.id, "generate", [job.shards[0].id]), generation.id
+
+
+def output_path(context: WorkerContext, generation_id: int) -> Path:
+    """Where a generation's image is stored."""
+    return context.media.root / "generations" / f"{generation_id}.png"
+
+
+def run_generate_shard(context: WorkerContext, shard_id: int) -> str:
+    """Render one generation request and store its image and transfer scores."""
+    from PIL import Image
+
+    with context.session_factory.begin() as session:
+        shard = metadata.start_shard(session, shard_id=shard_id)
+        if shard is None:
+            return "skipped"
+        generation_id = shard.items[0]
+        request = dict(metadata.get_generation(session, generation_id=generation_id).request)
+        rows = metadata.get_images(session, image_ids=[r["image_id"] for r in request["refs"]])
+        sources = {i: (row.sha256, row.format) for i, row in rows.items()}
+    missing = [r["image_id"] for r in request["refs"] if r["image_id"] not in sources]
+    if missing or context.generator is None:
+        error = f"reference images {missing} were deleted" if missing else "no generator is configured"
+        with context.session_factory.begin() as session:
+            metadata.fail_generation(session, generation_id=generation_id, error=error)
+            metadata.finish_shard(session, shard_id=shard_id, done=0, failed=1, error=error)
+        return "failed"
+    images = {}
+    for image_id, (sha256, file_format) in sources.items():
+        with Image.open(context.media.original_path(sha256, file_format)) as opened:
+            images[image_id] = opened.convert("RGB")
+    refs = [(images[r["image_id"]], r["attribute"], r["weight"]) for r in request["refs"]]
+
+    import torch
+
+    pipeline = context.generator.get()
+    seed = request.get("seed")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    output = pipeline(
+        prompt=request["prompt"], refs=refs, attribute_encoder=context.encoder.get(),
+        guidance_scale=request.get("guidance_scale") or 1.0,
+        num_inference_steps=request.get("steps") or context.generator.steps, generator=generator,
+        height=context.generator.size, width=context.generator.size,
+    )
+    path = output_path(context, generation_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    output.images[0].save(path)
+    scores = _named_scores(request["refs"], output.transfer_scores[0])
+    with context.session_factory.begin() as session:
+        metadata.finish_generation(session, generation_id=generation_id, output_path=str(path),
+                                   transfer_scores=scores)
+        metadata.finish_shard(session, shard_id=shard_id, done=1, failed=0, error=_errors_text([]))
+    return "done"
+
+
+def _named_scores(refs: list[dict], scores: Any) -> dict[str, float]:
+    """{attribute: score}; an attribute taken from several images is named with each image id."""
+    counts: dict[str, int] = {}
+    for ref in refs:
+        counts[ref["attribute"]] = counts.get(ref["attribute"], 0) + 1
+    named = {}
+    for ref, score in zip(refs, list(scores), strict=True):
+        key = ref["attribute"] if counts[ref["attribute"]] == 1 else f"{ref['attribute']} (image {ref['image_id']})"
+        named[key] = round(float(score), 6)
+    return named
