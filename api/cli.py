@@ -247,6 +247,41 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_module(module: str, arguments: Sequence[str]) -> int:
+    """Run a training/eval module in a child Python: `api` does not import `training` (DESIGN §2), and -P
+    keeps a folder in the cwd from shadowing a package."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-P", "-m", module, *arguments], check=False).returncode
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train an attribute encoder (and adapter) from a config; resumable (see configs/)."""
+    arguments = ["--config", args.config, *[item for pair in args.set for item in ("--set", pair)]]
+    return _run_module("training.trainer", [*arguments, *(["--resume"] if args.resume else [])])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate encoders: Delta(pos, neg), retrieval mAP@10 / P@10 per attribute, holistic baseline."""
+    return _run_module("training.evaluate", args.arguments)
+
+
+BENCHES = {
+    "vectors": "vector_search.py", "encoder": "encoder_throughput.py", "generation": "generation.py",
+    "index": "index_throughput.py", "api": "api_load.py",
+}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark from bench/ (a source checkout) and print its table."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / BENCHES[args.name]
+    if not script.is_file():
+        raise CommandError(f"{script} is not here: benchmarks run from a source checkout of omniattr")
+    return subprocess.run([sys.executable, "-P", str(script), *args.arguments], check=False).returncode
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """Create, list or revoke API keys (stored hashed; a new key is shown once)."""
     from store import metadata
@@ -326,6 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = command("jobs", cmd_jobs, remote=True)
     jobs.add_argument("job_id", nargs="?", type=int)
     jobs.add_argument("--resume", type=int, metavar="JOB_ID", help="dispatch a job's unfinished shards again")
+
+    train = command("train", cmd_train)
+    train.add_argument("config", help="training config (.yaml / .json), e.g. configs/compact-starter.yaml")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a config value")
+
+    evaluate = command("eval", cmd_eval)
+    evaluate.add_argument("arguments", nargs=argparse.REMAINDER,
+                          help="passed to `python -m training.evaluate`; `omniattr eval -- --help` lists them")
+
+    bench = command("bench", cmd_bench)
+    bench.add_argument("name", choices=sorted(BENCHES))
+    bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed to the benchmark script")
 
     keys = command("keys", cmd_keys)
     keys.add_argument("action", choices=["create", "list", "revoke"])

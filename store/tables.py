@@ -68,6 +68,19 @@ class TimestampMixin:
     )
 
 
+class ProgressMixin:
+    """Status and counters of a unit of work (a job, or one of its shards)."""
+
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class Collection(TimestampMixin, Base):
     """A named set of images that is searched together."""
 
@@ -152,7 +165,7 @@ class CollectionAttribute(TimestampMixin, Base):
     attribute: Mapped[Attribute] = relationship()
 
 
-class Job(TimestampMixin, Base):
+class Job(ProgressMixin, TimestampMixin, Base):
     """Long work (ingest, index, backfill, generate) with progress that can be read at any time."""
 
     __tablename__ = "jobs"
@@ -163,24 +176,16 @@ class Job(TimestampMixin, Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
     collection_id: Mapped[int | None] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
     encoder_model_id: Mapped[int | None] = mapped_column(ForeignKey("encoder_models.id", ondelete="SET NULL"))
     params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    done: Mapped[int] = mapped_column(Integer, default=0)
-    failed: Mapped[int] = mapped_column(Integer, default=0)
-    total: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str | None] = mapped_column(Text)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     shards: Mapped[list[JobShard]] = relationship(
         back_populates="job", order_by="JobShard.position", passive_deletes=True
     )
 
 
-class JobShard(TimestampMixin, Base):
+class JobShard(ProgressMixin, TimestampMixin, Base):
     """A few minutes of a job's work: a fixed list of image ids, done all or retried."""
 
     __tablename__ = "job_shards"
@@ -192,15 +197,7 @@ class JobShard(TimestampMixin, Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
     items: Mapped[list[Any]] = mapped_column(JSONType, default=list)  # image ids, or paths for ingest
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    done: Mapped[int] = mapped_column(Integer, default=0)
-    failed: Mapped[int] = mapped_column(Integer, default=0)
-    total: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str | None] = mapped_column(Text)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     job: Mapped[Job] = relationship(back_populates="shards")
 

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import io
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +20,37 @@ from PIL import Image
 from api.app import create_app
 from omniattr.settings import Settings
 from tests.indexer.conftest import tiny_encoder_dir  # noqa: F401 - shared session fixture
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(env: dict[str, str], cwd) -> Iterator[str]:
+    """`omniattr up` (the installed script) on a free loopback port; yields its URL, stops it after."""
+    port = free_port()
+    process = subprocess.Popen([str(Path(sys.executable).with_name("omniattr")), "up"], cwd=cwd,
+                               env={**env, "OMNIATTR_API_PORT": str(port)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            process.kill()
+            pytest.fail("server did not start: " + process.stderr.read1().decode())
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def png(seed: int, size: int = 48) -> bytes:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from api.cli import main
-from tests.api.conftest import png
+from tests.api.conftest import png, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,30 +82,10 @@ def test_keys_are_created_listed_and_revoked(embedded_env, capsys):
     assert run_json(capsys, "keys", "list")[0]["revoked"] is True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_server_requires_keys_and_cli_talks_to_it(embedded_env, tmp_path, capsys):
-    port = free_port()
-    env = {**os.environ, "OMNIATTR_API_PORT": str(port), "OMNIATTR_REQUIRE_API_KEYS": "true",
-           "OMNIATTR_ALLOWED_ROOTS": json.dumps([str(embedded_env)])}
+    env = {**os.environ, "OMNIATTR_REQUIRE_API_KEYS": "true", "OMNIATTR_ALLOWED_ROOTS": json.dumps([str(embedded_env)])}
     key = run_json(capsys, "keys", "create", "cli")["key"]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("omniattr")), "up"], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("server did not start: " + server.stderr.read1().decode())
+    with running_server(env, tmp_path) as url:
         assert httpx.get(f"{url}/api/collections").status_code == 401
         assert httpx.get(f"{url}/api/collections", headers={"X-API-Key": "oa_wrong"}).status_code == 401
         assert httpx.get(f"{url}/api/collections", headers={"X-API-Key": key}).status_code == 200
@@ -119,6 +97,33 @@ def test_server_requires_keys_and_cli_talks_to_it(embedded_env, tmp_path, capsys
         assert (job["status"], job["done"]) == ("done", 6)
         assert main(["jobs", "--url", url]) == 2  # no key
         assert "API key is required" in capsys.readouterr().err
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_train_and_eval_from_the_cli(tmp_path):
+    """`omniattr train` on a tiny pair set (L_con only), then `omniattr eval` of the checkpoint."""
+    from encoder.testing import tiny_compact_config
+    from training.procedural import ProceduralConfig, generate_dataset
+
+    generate_dataset(tmp_path / "pairs", 6, seed=5, config=ProceduralConfig(size=64))
+    config = {"data_dir": str(tmp_path / "pairs"), "output_dir": str(tmp_path / "run"),
+              "encoder": tiny_compact_config(image_size=64).to_dict(), "lambda_gen": 0.0, "steps": 2,
+              "batch_size": 3, "warmup_steps": 1, "checkpoint_every": 2, "device": "cpu", "progress": False,
+              "seed": 1, "num_threads": 1}
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    omniattr = str(Path(sys.executable).with_name("omniattr"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    trained = subprocess.run([omniattr, "train", str(tmp_path / "train.json")], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (checkpoint,) = sorted((tmp_path / "run").glob("checkpoint-*"))
+    evaluated = subprocess.run(
+        [omniattr, "eval", "--model", f"tiny={checkpoint / 'encoder'}", "--pairs", str(tmp_path / "pairs"),
+         "--gallery-size", "12", "--image-size", "64", "--threads", "1", "--out", str(tmp_path / "eval.md")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    table = (tmp_path / "eval.md").read_text()
+    assert "tiny" in table and "holistic" in table and "mAP@10" in table
+    bad = subprocess.run([omniattr, "train", str(tmp_path / "missing.yaml")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "missing.yaml" in bad.stderr

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.api.conftest import png
-from tests.api.test_cli import free_port
+from tests.api.conftest import png, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -24,27 +19,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture
 def server(tmp_path, tiny_encoder_dir, generator_dir):
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
     env.update(OMNIATTR_DATA_DIR=str(tmp_path / "data"), OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
-               OMNIATTR_DEVICE="cpu", OMNIATTR_API_PORT=str(port), OMNIATTR_GENERATOR_PATH=str(generator_dir),
+               OMNIATTR_DEVICE="cpu", OMNIATTR_GENERATOR_PATH=str(generator_dir),
                OMNIATTR_GENERATION_STEPS="2", OMNIATTR_GENERATION_SIZE="64")
-    process = subprocess.Popen([str(Path(sys.executable).with_name("omniattr")), "up"], cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("server did not start: " + process.stderr.read1().decode())
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with running_server(env, tmp_path) as url:
+        yield url
 
 
 def test_search_from_the_page(server, tmp_path):
