@@ -367,13 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     train.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a config value")
 
-    evaluate = command("eval", cmd_eval)
-    evaluate.add_argument("arguments", nargs=argparse.REMAINDER,
-                          help="passed to `python -m training.evaluate`; `omniattr eval -- --help` lists them")
+    # eval and bench pass every argument they do not know to the module they run.
+    command("eval", cmd_eval).set_defaults(passthrough=True)  # `omniattr eval --help-module` lists them
 
     bench = command("bench", cmd_bench)
     bench.add_argument("name", choices=sorted(BENCHES))
-    bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed to the benchmark script")
+    bench.set_defaults(passthrough=True)
 
     keys = command("keys", cmd_keys)
     keys.add_argument("action", choices=["create", "list", "revoke"])
@@ -384,7 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `omniattr` command; expected failures become a one-line message and exit code 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.arguments = ["--help" if item == "--help-module" else item for item in extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except (StoreError, CommandError, httpx.ConnectError) as error:
