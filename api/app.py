@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -19,6 +19,27 @@ from omniattr import __version__
 from omniattr.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
+
+
+class RequestSizeLimit:
+    """413 for a request whose declared body is over the limit (pure ASGI: no per-request task overhead)."""
+
+    def __init__(self, app, *, max_bytes: int):  # noqa: ANN001 - any ASGI app
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):  # noqa: ANN001 - the ASGI signature
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                response = JSONResponse(
+                    {"detail": f"request body is {int(length):,} bytes; the limit is {self.max_bytes:,}. "
+                               "Upload fewer or smaller files per request."},
+                    status_code=413,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
@@ -45,16 +66,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         app.state.services = services
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_request_size(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return JSONResponse(
-                {"detail": f"request body is {int(length):,} bytes; the limit is {settings.max_request_bytes:,}. "
-                           "Upload fewer or smaller files per request."},
-                status_code=413,
-            )
-        return await call_next(request)
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
 
     protected = [Depends(require_api_key)]
     for router in (collections.router, images.router, jobs.router, search.router, generations.router):

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, APIKeyQuery
 from sqlalchemy.orm import Session
 
@@ -16,7 +17,8 @@ _header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An A
 _query_key = APIKeyQuery(name="api_key", auto_error=False, description="The same key, for <img> URLs.")
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: a sync dependency costs a thread-pool hop on every request
     return request.app.state.services
 
 
@@ -41,12 +43,12 @@ def get_read_session(services: ServicesDep) -> Iterator[Session]:
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 
 
-def require_api_key(
+async def require_api_key(
     services: ServicesDep,
     header_key: Annotated[str | None, Security(_header_key)] = None,
     query_key: Annotated[str | None, Security(_query_key)] = None,
 ) -> None:
-    """401 unless a live key is given, when the profile requires keys."""
+    """401 unless a live key is given, when the profile requires keys (async: free when keys are off)."""
     if not services.api_keys_required:
         return
     plaintext = header_key or query_key
@@ -55,6 +57,10 @@ def require_api_key(
             status.HTTP_401_UNAUTHORIZED,
             "an API key is required: send it as the X-API-Key header (create one with `omniattr keys create NAME`)",
         )
+    if not await run_in_threadpool(_key_is_live, services, plaintext):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this API key is unknown or revoked")
+
+
+def _key_is_live(services: Services, plaintext: str) -> bool:
     with services.session_factory.begin() as session:
-        if metadata.verify_api_key(session, plaintext=plaintext) is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this API key is unknown or revoked")
+        return metadata.verify_api_key(session, plaintext=plaintext) is not None

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -98,6 +100,47 @@ async def phase(url: str, clients: int, seconds: float, make_request) -> tuple[l
     return latencies, errors, time.perf_counter() - started
 
 
+WRK_SCRIPT = """
+local bodies, paths = {}, {%(paths)s}
+for i, path in ipairs(paths) do local f = io.open(path, "rb"); bodies[i] = f:read("*all"); f:close() end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "%(content_type)s"
+request = function() return wrk.format(nil, "%(path)s", nil, bodies[math.random(#bodies)]) end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %%d %%d %%.6f %%.3f %%.3f %%.3f\\n", summary.requests,
+    e.status + e.connect + e.read + e.write + e.timeout, summary.duration / 1e6,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def wrk_phase(url: str, clients: int, seconds: float, path: str, content_type: str, bodies: list[bytes],
+              work: Path) -> str:
+    """One phase driven by wrk (C, event loop: far less client CPU than Python on the shared cores)."""
+    paths = []
+    for index, body in enumerate(bodies):
+        body_path = work / f"body-{path.strip('/').replace('/', '-')}-{index}.bin"
+        body_path.write_bytes(body)
+        paths.append(f'"{body_path}"')
+    script = work / "phase.lua"
+    script.write_text(WRK_SCRIPT % {"paths": ", ".join(paths), "content_type": content_type, "path": path})
+    result = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--timeout", "30s", "-s", str(script),
+                             url], capture_output=True, text=True, timeout=seconds + 120)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("WRK "))
+    requests, errors, elapsed, p50, p95, p99 = line.split()[1:]
+    ok = int(requests) - int(errors)
+    return f"{ok / float(elapsed):.1f} | {float(p50):.1f} | {float(p95):.1f} | {float(p99):.1f} | {ok} | {errors} |"
+
+
+def multipart(fields: dict[str, str], file_bytes: bytes, boundary: str = "omniattrbench") -> bytes:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
+                 "Content-Type: image/png\r\n\r\n".encode() + file_bytes + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
 def summary(name: str, latencies: list[float], errors: int, elapsed: float) -> str:
     ms = np.array(latencies) * 1000
     p50, p95, p99 = np.percentile(ms, [50, 95, 99]) if len(ms) else (float("nan"),) * 3
@@ -110,6 +153,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--encoder", type=Path, help="encoder checkpoint (default: a fresh compact encoder)")
+    parser.add_argument("--driver", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx",
+                        help="load generator: wrk (Debian package, default when installed) or Python httpx")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -138,14 +183,29 @@ def main() -> None:
             return await client.post("/api/search/upload", data=data, files=files)
 
         rows = []
-        for name, request in (("search by image id", by_id), ("search with uploaded image", by_upload)):
-            print(f"{name}: {args.clients} clients for {args.seconds:.0f} s ...", file=sys.stderr)
-            rows.append(summary(name, *asyncio.run(phase(url, args.clients, args.seconds, request))))
+        if args.driver == "wrk":
+            rng = np.random.default_rng(0)
+            by_id_bodies = [json.dumps({"collection_id": collection_id, "limit": 10, "terms": [
+                {"image_id": int(i), "attribute": "lighting"}]}).encode() for i in rng.choice(image_ids, 200)]
+            upload_bodies = [multipart({"collection_id": str(collection_id), "attribute": "lighting", "limit": "10"},
+                                       images[int(i)]) for i in rng.choice(len(images), 20)]
+            for name, path, content_type, bodies in (
+                ("search by image id", "/api/search", "application/json", by_id_bodies),
+                ("search with uploaded image", "/api/search/upload", "multipart/form-data; boundary=omniattrbench",
+                 upload_bodies),
+            ):
+                print(f"{name}: wrk, {args.clients} connections for {args.seconds:.0f} s ...", file=sys.stderr)
+                rows.append(f"| {name} | "
+                            + wrk_phase(url, args.clients, args.seconds, path, content_type, bodies, work))
+        else:
+            for name, request in (("search by image id", by_id), ("search with uploaded image", by_upload)):
+                print(f"{name}: {args.clients} clients for {args.seconds:.0f} s ...", file=sys.stderr)
+                rows.append(summary(name, *asyncio.run(phase(url, args.clients, args.seconds, request))))
     finally:
         server.terminate()
         server.wait(timeout=60)
 
-    header = (f"{args.images} images indexed under 1 attribute, {args.clients} concurrent clients, "
+    header = (f"{args.images} images indexed under 1 attribute, {args.clients} concurrent clients ({args.driver}), "
               f"{args.seconds:.0f} s per phase, embedded profile on {os.cpu_count()} CPUs (client on the same CPUs), "
               f"load average before {os.getloadavg()[0]:.1f}, {datetime.now(UTC):%Y-%m-%d}")
     table = "\n".join(["| request | req/s | p50 ms | p95 ms | p99 ms | ok | errors |", "|---|---|---|---|---|---|---|",
@@ -155,7 +215,8 @@ def main() -> None:
     if args.record:
         with open(ROOT / "bench" / "RESULTS.md", "a") as results:
             results.write(f"\n## API load (bench/api_load.py)\n\n`python bench/api_load.py --images {args.images} "
-                          f"--clients {args.clients} --seconds {args.seconds:.0f}`\n\n{header}\n\n{table}\n")
+                          f"--clients {args.clients} --seconds {args.seconds:.0f} --driver {args.driver}`"
+                          f"\n\n{header}\n\n{table}\n")
 
 
 if __name__ == "__main__":
