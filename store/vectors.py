@@ -546,24 +546,27 @@ class QdrantServerIndex(VectorIndex):
 # Embedded backend: qdrant-edge.
 
 EDGE_META_FILE = "omniattr_vectors.json"
-EDGE_SHARD_DIR = "shard"
+EDGE_PARTITION_PREFIX = "attribute-"
 
 
 class QdrantEdgeIndex(VectorIndex):
-    """The embedded vector index: one Qdrant Edge shard per encoder version under `data_dir`.
+    """The embedded vector index: Qdrant Edge shards under `data_dir`, one per (encoder version, attribute).
 
-    Layout: `data_dir/<safe version>/shard/` is the shard and `data_dir/<safe version>/omniattr_vectors.json`
-    records the encoder version and dimension; the meta file is written last, so a directory without it is
-    a creation that never finished. One process at a time may open a `data_dir`.
+    Layout: `data_dir/<safe version>/omniattr_vectors.json` records the encoder version and dimension (written
+    last, so a version directory without it never finished its creation), and `attribute-<id>/` beside it is
+    the shard of that attribute's points, created on its first upsert (built in a temporary directory and
+    renamed into place). One process at a time may open a `data_dir`.
+
+    Why a shard per attribute: every search is within one attribute, and a shard that holds only it needs no
+    attribute filter; at 100k points (10 attributes x 10k images, 256-d) search p95 fell from 5.7 ms (one
+    shard per version, attribute filter through the payload index) to 2.7 ms (bench/RESULTS.md). Fetch,
+    delete and count across attributes visit every shard of the version (a handful per collection).
 
     When HNSW is built: Qdrant Edge has no background optimiser, so new points sit in an unindexed
     (brute-force) segment until `optimize()` runs, which blocks while it builds the graph. Unindexed points
-    are still found exactly, and our searches always filter by attribute (a tenth or less of the points,
-    found through the payload index), so a small unindexed tail costs little. We therefore optimise
-    (1) automatically at the end of an `upsert` once `auto_optimize_points` or more points are unindexed,
-    which bounds the brute-force tail, and (2) when the caller asks, e.g. the indexer at the end of a job.
-    An upsert that crosses the threshold pays for the build, which is slow on 2 cores: 100k points of 256
-    floats took 83 s on a quiet machine and up to 17 min on a busy one (bench/RESULTS.md).
+    are still found exactly, so a small unindexed tail costs little. We therefore optimise (1) automatically
+    at the end of an `upsert` once a shard has `auto_optimize_points` or more unindexed points, which bounds
+    the brute-force tail, and (2) when the caller asks, e.g. the indexer at the end of a job.
     """
 
     def __init__(
@@ -583,15 +586,14 @@ class QdrantEdgeIndex(VectorIndex):
         self.hnsw_ef_construct = hnsw_ef_construct
         # Filtered searches whose matching vectors take less than this many KB are exact scans through
         # the payload index instead of filtered HNSW walks. Qdrant's default is 10 MB; we use 20 MB (20k
-        # vectors of 256 floats) because bench/vector_search.py at 100k points measured filtered HNSW at
-        # 2-10 % selectivity slower (p50 14-19 ms) and less accurate (recall 0.85-0.99) than the exact scan
-        # (p50 3-10 ms) on the same busy 2 cores. Larger filters still use HNSW and its payload-aware links.
+        # vectors of 256 floats) because bench/vector_search.py measured filtered HNSW at 2-10 % selectivity
+        # slower and less accurate than the exact scan on the same 2 cores.
         self.full_scan_threshold_kb = full_scan_threshold_kb
         # optimize() builds HNSW only for segments larger than this.
         self.indexing_threshold_kb = indexing_threshold_kb
         self.auto_optimize_points = auto_optimize_points
-        self._shards: dict[str, qe.EdgeShard] = {}
         self._dimensions: dict[str, int] = {}
+        self._shards: dict[tuple[str, int], qe.EdgeShard] = {}
         self._lock = threading.Lock()  # guards opening and creating shards
         self._closed = False
 
@@ -614,81 +616,104 @@ class QdrantEdgeIndex(VectorIndex):
         except FileNotFoundError:
             return None
 
-    def _open(self, encoder_version: str) -> tuple[qe.EdgeShard, int] | None:
-        """The open shard and dimension of an encoder version, or None if it has no finished shard."""
-        shard = self._shards.get(encoder_version)
-        if shard is not None:
-            return shard, self._dimensions[encoder_version]
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this QdrantEdgeIndex is closed; open a new one on the same data_dir")
-            shard = self._shards.get(encoder_version)
-            if shard is not None:
-                return shard, self._dimensions[encoder_version]
-            version_dir = self._version_dir(encoder_version)
-            meta = self._read_meta(version_dir)
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this QdrantEdgeIndex is closed; open a new one on the same data_dir")
+
+    def _dimension_or_none(self, encoder_version: str) -> int | None:
+        """The version's dimension, or None if it has no finished creation."""
+        self._check_open()
+        dimension = self._dimensions.get(encoder_version)
+        if dimension is None:
+            meta = self._read_meta(self._version_dir(encoder_version))
             if meta is None:
                 return None
-            dimension = int(meta["dimension"])
-            # Passing the config applies this index's HNSW and optimiser settings to an existing shard.
-            shard = qe.EdgeShard.load(str(version_dir / EDGE_SHARD_DIR), self._config(dimension))
-            self._dimensions[encoder_version] = dimension
-            self._shards[encoder_version] = shard
-            return shard, dimension
+            dimension = self._dimensions[encoder_version] = int(meta["dimension"])
+        return dimension
 
-    def _shard(self, encoder_version: str) -> tuple[qe.EdgeShard, int]:
-        opened = self._open(encoder_version)
-        if opened is None:
+    def _dimension(self, encoder_version: str) -> int:
+        dimension = self._dimension_or_none(encoder_version)
+        if dimension is None:
             raise _not_indexed(encoder_version)
-        return opened
+        return dimension
+
+    def _partition(self, encoder_version: str, attribute_id: int, *, create: bool = False) -> qe.EdgeShard | None:
+        """The open shard of one attribute (created if asked), or None if it has no points yet."""
+        key = (encoder_version, attribute_id)
+        shard = self._shards.get(key)
+        if shard is not None:
+            return shard
+        dimension = self._dimension(encoder_version)
+        with self._lock:
+            self._check_open()
+            shard = self._shards.get(key)
+            if shard is not None:
+                return shard
+            shard_dir = self._version_dir(encoder_version) / f"{EDGE_PARTITION_PREFIX}{attribute_id}"
+            if not shard_dir.is_dir():
+                if not create:
+                    return None
+                self._create_partition(shard_dir, dimension)
+            # Passing the config applies this index's HNSW and optimiser settings to an existing shard.
+            shard = self._shards[key] = qe.EdgeShard.load(str(shard_dir), self._config(dimension))
+            return shard
+
+    def _create_partition(self, shard_dir: Path, dimension: int) -> None:
+        temporary = shard_dir.with_name(shard_dir.name + ".creating")
+        shutil.rmtree(temporary, ignore_errors=True)  # left by a creation that stopped half way
+        shard = qe.EdgeShard.create(str(temporary), self._config(dimension))
+        for key in INDEXED_PAYLOAD_KEYS:
+            shard.update(qe.UpdateOperation.create_field_index(key, qe.PayloadSchemaType.Integer))
+        shard.flush()
+        shard.close()
+        os.replace(temporary, shard_dir)
+
+    def _partitions(self, encoder_version: str) -> list[qe.EdgeShard]:
+        """Every attribute shard of a version, opened."""
+        version_dir = self._version_dir(encoder_version)
+        attribute_ids = sorted(
+            int(path.name.removeprefix(EDGE_PARTITION_PREFIX))
+            for path in version_dir.glob(f"{EDGE_PARTITION_PREFIX}*")
+            if path.is_dir() and path.name.removeprefix(EDGE_PARTITION_PREFIX).isdigit()
+        )
+        return [self._partition(encoder_version, attribute_id) for attribute_id in attribute_ids]
 
     def ensure_collection(self, *, encoder_version: str, dimension: int) -> None:
-        """Create the shard and its payload indexes if needed; safe to call every time."""
+        """Record the version and its dimension if needed; safe to call every time."""
         dimension = _check_dimension(dimension)
-        opened = self._open(encoder_version)
-        if opened is None:
+        existing = self._dimension_or_none(encoder_version)
+        if existing is None:
             with self._lock:
                 version_dir = self._version_dir(encoder_version)
                 if self._read_meta(version_dir) is None:
-                    self._create_shard(encoder_version, version_dir, dimension)
-            opened = self._shard(encoder_version)
-        existing = opened[1]
+                    version_dir.mkdir(parents=True, exist_ok=True)
+                    meta = {"encoder_version": encoder_version, "dimension": dimension, "distance": "cosine",
+                            "layout": "shard per attribute"}
+                    temporary = version_dir / (EDGE_META_FILE + ".tmp")
+                    temporary.write_text(json.dumps(meta))
+                    os.replace(temporary, version_dir / EDGE_META_FILE)
+            existing = self._dimension(encoder_version)
         if existing != dimension:
             raise ConflictError(
                 f"encoder version {encoder_version!r} already has vectors of dimension {existing}, not "
                 f"{dimension}; an encoder version's dimension never changes, so give the new model a new version"
             )
 
-    def _create_shard(self, encoder_version: str, version_dir: Path, dimension: int) -> None:
-        shard_dir = version_dir / EDGE_SHARD_DIR
-        # A shard without the meta file is a creation that stopped half way; it holds no points.
-        shutil.rmtree(shard_dir, ignore_errors=True)
-        version_dir.mkdir(parents=True, exist_ok=True)
-        shard = qe.EdgeShard.create(str(shard_dir), self._config(dimension))
-        for key in INDEXED_PAYLOAD_KEYS:
-            shard.update(qe.UpdateOperation.create_field_index(key, qe.PayloadSchemaType.Integer))
-        shard.flush()
-        shard.close()
-        meta = {"encoder_version": encoder_version, "dimension": dimension, "distance": "cosine"}
-        temporary = version_dir / (EDGE_META_FILE + ".tmp")
-        temporary.write_text(json.dumps(meta))
-        os.replace(temporary, version_dir / EDGE_META_FILE)
-
     def upsert(self, *, encoder_version: str, points: Sequence[VectorPoint], batch_size: int = 512) -> int:
-        """Write points in batches; builds HNSW when `auto_optimize_points` or more are unindexed."""
+        """Write points in batches, each attribute's into its shard; builds HNSW past `auto_optimize_points`."""
         batch_size = _check_batch_size(batch_size)
-        shard, dimension = self._shard(encoder_version)
-        ids, vectors, payloads = _prepare_points(encoder_version, points, dimension)
-        for start in range(0, len(ids), batch_size):
-            stop = start + batch_size
-            # Python lists convert about twice as fast as numpy rows (which go element by element).
-            rows = vectors[start:stop].tolist()
-            batch = [
-                qe.Point(id_, row, payload)
-                for id_, row, payload in zip(ids[start:stop], rows, payloads[start:stop], strict=True)
-            ]
-            shard.update(qe.UpdateOperation.upsert_points(batch))
-        if ids:
+        ids, vectors, payloads = _prepare_points(encoder_version, points, self._dimension(encoder_version))
+        by_attribute: dict[int, list[int]] = {}
+        for index, payload in enumerate(payloads):
+            by_attribute.setdefault(payload["attribute_id"], []).append(index)
+        for attribute_id, indices in by_attribute.items():
+            shard = self._partition(encoder_version, attribute_id, create=True)
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                # Python lists convert about twice as fast as numpy rows (which go element by element).
+                rows = vectors[chunk].tolist()
+                batch = [qe.Point(ids[i], row, payloads[i]) for i, row in zip(chunk, rows, strict=True)]
+                shard.update(qe.UpdateOperation.upsert_points(batch))
             info = shard.info()
             if info.points_count - info.indexed_vectors_count >= self.auto_optimize_points:
                 self._optimize_shard(shard)
@@ -701,13 +726,14 @@ class QdrantEdgeIndex(VectorIndex):
 
     def optimize(self, *, encoder_version: str) -> None:
         """Build HNSW for every point written so far (blocking: tens of seconds per 10k points on 2 cores)."""
-        shard, _ = self._shard(encoder_version)
-        self._optimize_shard(shard)
+        self._dimension(encoder_version)
+        for shard in self._partitions(encoder_version):
+            self._optimize_shard(shard)
 
     def indexed_vectors_count(self, *, encoder_version: str) -> int:
         """How many vectors are in HNSW-indexed segments (the rest are searched by brute force)."""
-        shard, _ = self._shard(encoder_version)
-        return shard.info().indexed_vectors_count
+        self._dimension(encoder_version)
+        return sum(shard.info().indexed_vectors_count for shard in self._partitions(encoder_version))
 
     @staticmethod
     def _filter(terms: list, excluded_image_ids: list[int]) -> qe.Filter | None:
@@ -736,14 +762,16 @@ class QdrantEdgeIndex(VectorIndex):
     ) -> list[SearchHit]:
         """Top-k by cosine similarity among one attribute's points, filtered as asked."""
         limit = _check_limit(limit)
-        shard, dimension = self._shard(encoder_version)
-        query = _query_vector(vector, dimension)
+        query = _query_vector(vector, self._dimension(encoder_version))
+        # The shard holds one attribute only, so no attribute condition is needed (or wanted: it would cost a scan).
+        terms = _filter_terms(collection_id, None, payload_filter)
+        shard = self._partition(encoder_version, _as_int(attribute_id, "attribute_id"))
+        if shard is None:  # nothing indexed under this attribute yet
+            return []
         request = qe.QueryRequest(
             limit=limit,
             query=qe.Query.Nearest(query.tolist()),
-            filter=self._filter(
-                _filter_terms(collection_id, attribute_id, payload_filter), _image_ids(exclude_image_ids)
-            ),
+            filter=self._filter(terms, _image_ids(exclude_image_ids)),
             params=qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact),
             with_payload=True,
         )
@@ -751,32 +779,36 @@ class QdrantEdgeIndex(VectorIndex):
 
     def fetch(self, *, encoder_version: str, point_ids: Iterable[str | uuid.UUID]) -> dict[str, np.ndarray]:
         """Stored (unit-length) vectors of the points that exist."""
-        shard, _ = self._shard(encoder_version)
+        self._dimension(encoder_version)
         ids = [_as_uuid(id_) for id_ in point_ids]
-        if not ids:
-            return {}
-        records = shard.retrieve(ids, with_payload=False, with_vector=True)
-        return {str(record.id): np.asarray(record.vector, dtype=np.float32) for record in records}
+        found: dict[str, np.ndarray] = {}
+        for shard in self._partitions(encoder_version) if ids else []:
+            missing = [id_ for id_ in ids if str(id_) not in found]
+            if not missing:
+                break
+            for record in shard.retrieve(missing, with_payload=False, with_vector=True):
+                found[str(record.id)] = np.asarray(record.vector, dtype=np.float32)
+        return found
 
     def delete_images(self, *, encoder_version: str, image_ids: Iterable[int]) -> None:
         """Delete every point of these images."""
         image_ids = _image_ids(image_ids)
-        if not image_ids:
+        if not image_ids or self._dimension_or_none(encoder_version) is None:
             return
-        opened = self._open(encoder_version)
-        if opened is None:
-            return
-        opened[0].update(qe.UpdateOperation.delete_points_by_filter(self._filter([("image_id", image_ids)], [])))
+        for shard in self._partitions(encoder_version):
+            shard.update(qe.UpdateOperation.delete_points_by_filter(self._filter([("image_id", image_ids)], [])))
 
     def count(self, *, encoder_version: str, collection_id: int | None = None, attribute_id: int | None = None) -> int:
         """Exact point count."""
-        shard, _ = self._shard(encoder_version)
-        return shard.count(
-            qe.CountRequest(exact=True, filter=self._filter(_filter_terms(collection_id, attribute_id, None), []))
-        )
+        self._dimension(encoder_version)
+        request = qe.CountRequest(exact=True, filter=self._filter(_filter_terms(collection_id, None, None), []))
+        if attribute_id is not None:
+            shard = self._partition(encoder_version, _as_int(attribute_id, "attribute_id"))
+            return shard.count(request) if shard is not None else 0
+        return sum(shard.count(request) for shard in self._partitions(encoder_version))
 
     def list_encoder_versions(self) -> list[str]:
-        """Versions with a finished shard under `data_dir`."""
+        """Versions with a finished creation under `data_dir`."""
         if not self.data_dir.is_dir():
             return []
         versions = []

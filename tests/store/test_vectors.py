@@ -386,8 +386,9 @@ def test_edge_hnsw_recall_at_10_with_filters(tmp_path):
     rng = np.random.default_rng(11)
     points = make_points(rng, images=images, attributes=attributes, collections=2, dimension=dimension)
     # Full-scan threshold 50 KB = 200 vectors of 64 floats: every filter below matches more, so uses HNSW.
+    # The automatic build triggers per attribute shard (2000 points each once all are written).
     index = QdrantEdgeIndex(
-        tmp_path / "vectors", full_scan_threshold_kb=50, indexing_threshold_kb=100, auto_optimize_points=4000
+        tmp_path / "vectors", full_scan_threshold_kb=50, indexing_threshold_kb=100, auto_optimize_points=2000
     )
     with index:
         index.ensure_collection(encoder_version=VERSION, dimension=dimension)
