@@ -255,6 +255,13 @@ def _run_module(module: str, arguments: Sequence[str]) -> int:
     return subprocess.run([sys.executable, "-P", "-m", module, *arguments], check=False).returncode
 
 
+def cmd_init_encoder(args: argparse.Namespace) -> int:
+    """Write an untrained compact encoder to DATA_DIR/encoder (the default when OMNIATTR_ENCODER_PATH is unset)."""
+    settings = _load_settings()
+    directory = Path(args.directory) if args.directory else settings.default_encoder_path
+    return _run_module("encoder", ["init", str(directory)])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train an attribute encoder (and adapter) from a config; resumable (see configs/)."""
     arguments = ["--config", args.config, *[item for pair in args.set for item in ("--set", pair)]]
@@ -361,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = command("jobs", cmd_jobs, remote=True)
     jobs.add_argument("job_id", nargs="?", type=int)
     jobs.add_argument("--resume", type=int, metavar="JOB_ID", help="dispatch a job's unfinished shards again")
+
+    init_encoder = command("init-encoder", cmd_init_encoder)
+    init_encoder.add_argument("directory", nargs="?", help="default: DATA_DIR/encoder")
 
     train = command("train", cmd_train)
     train.add_argument("config", help="training config (.yaml / .json), e.g. configs/compact-starter.yaml")

@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 
 def build_worker_context(settings: Settings) -> WorkerContext:
     """Open the database, vector index and media store and describe the encoder named by `settings`."""
-    if settings.encoder_path is None:
+    encoder_path = settings.resolved_encoder_path
+    if encoder_path is None:
         raise InvalidInputError(
-            "no encoder checkpoint is configured; set OMNIATTR_ENCODER_PATH to a directory written by "
-            "AttributeEncoder.save_pretrained"
+            "no encoder checkpoint: set OMNIATTR_ENCODER_PATH to a directory written by "
+            f"AttributeEncoder.save_pretrained, or run `omniattr init-encoder` to write an untrained one to "
+            f"{settings.default_encoder_path}"
         )
     engine = make_engine(settings.resolved_database_url)
     check_schema_current(engine)
@@ -37,8 +39,8 @@ def build_worker_context(settings: Settings) -> WorkerContext:
         session_factory=make_session_factory(engine),
         vectors=vectors,
         media=MediaStore(settings.media_dir),
-        encoder=EncoderProvider(settings.encoder_path, device=settings.device),
-        encoder_info=describe_encoder(settings.encoder_path),
+        encoder=EncoderProvider(encoder_path, device=settings.device),
+        encoder_info=describe_encoder(encoder_path),
         allowed_roots=list(settings.allowed_roots),
         index_batch_size=settings.index_batch_size,
         generator=(

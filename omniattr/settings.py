@@ -33,7 +33,9 @@ class Settings(BaseSettings):
 
     # shared
     allowed_roots: list[Path] = Field(default_factory=list, description="Directories ingest-from-path may read.")
-    encoder_path: Path | None = Field(default=None, description="Encoder checkpoint dir; default: shipped model.")
+    encoder_path: Path | None = Field(
+        default=None, description="Encoder checkpoint dir; default: DATA_DIR/encoder (see `omniattr init-encoder`)."
+    )
     device: str = "auto"
     generator_path: Path | None = Field(
         default=None, description="Generator weights in diffusers format; generations are off without one."
@@ -75,6 +77,18 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'omniattr.sqlite3').resolve()}"
+
+    @property
+    def default_encoder_path(self) -> Path:
+        """Where `omniattr init-encoder` writes, and where an unset encoder_path looks."""
+        return self.data_dir / "encoder"
+
+    @property
+    def resolved_encoder_path(self) -> Path | None:
+        """The configured checkpoint, else DATA_DIR/encoder when it exists."""
+        if self.encoder_path is not None:
+            return self.encoder_path
+        return self.default_encoder_path if self.default_encoder_path.is_dir() else None
 
     @property
     def vectors_dir(self) -> Path:

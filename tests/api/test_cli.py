@@ -127,3 +127,27 @@ def test_train_and_eval_from_the_cli(tmp_path):
     bad = subprocess.run([omniattr, "train", str(tmp_path / "missing.yaml")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "missing.yaml" in bad.stderr
+
+
+def test_readme_main_job_with_an_initialised_encoder(tmp_path, monkeypatch, capsys):
+    """The README's main job on the embedded default: no OMNIATTR_ENCODER_PATH, `init-encoder` first."""
+    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMNIATTR_DATA_DIR", str(tmp_path / "data"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        (photos / f"{i}.png").write_bytes(png(i, size=96))
+    assert main(["ingest", str(photos), "--collection", "holiday"]) == 2
+    assert "omniattr init-encoder" in capsys.readouterr().err
+
+    omniattr = str(Path(sys.executable).with_name("omniattr"))
+    made = subprocess.run([omniattr, "init-encoder"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert (tmp_path / "data" / "encoder" / "encoder_config.json").is_file()
+    run_json(capsys, "ingest", str(photos), "--collection", "holiday")
+    assert run_json(capsys, "index", "--collection", "holiday", "lighting")["job"]["done"] == 4
+    results = run_json(capsys, "search", "--collection", "holiday", "--term", "1:lighting")
+    assert len(results["results"]) == 3
