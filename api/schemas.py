@@ -16,10 +16,6 @@ PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
 QueryId = Annotated[int, Query(ge=1, le=MAX_ID)]
 
 
-class Message(BaseModel):
-    detail: str
-
-
 class CollectionCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200, examples=["holiday photos"])
     description: str = Field(default="", max_length=2000)
@@ -181,7 +177,3 @@ class HealthPublic(BaseModel):
     generator: str | None = Field(description="The generator plugin in use, or null when generation is off.")
     version: str
 
-
-def to_dict(model: BaseModel) -> dict[str, Any]:
-    """Plain dict of a schema instance (for the CLI's --json output)."""
-    return model.model_dump(mode="json")

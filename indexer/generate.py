@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from indexer.models import resolve_device
-from indexer.work import PlannedJob, WorkerContext, _errors_text
+from indexer.work import PlannedJob, WorkerContext, errors_text
 from store import metadata
 from store.errors import ConflictError, InvalidInputError
 
@@ -134,7 +134,7 @@ def run_generate_shard(context: WorkerContext, shard_id: int) -> str:
     with context.session_factory.begin() as session:
         metadata.finish_generation(session, generation_id=generation_id, output_path=str(path),
                                    transfer_scores=scores)
-        metadata.finish_shard(session, shard_id=shard_id, done=1, failed=0, error=_errors_text([]))
+        metadata.finish_shard(session, shard_id=shard_id, done=1, failed=0, error=errors_text([]))
     return "done"
 
 

@@ -160,17 +160,21 @@ def _mark_attributes(session: Session, job: metadata.Job, status: str) -> None:
         )
 
 
+# Which shard body runs a job kind's shards.
+SHARD_KIND_BY_JOB_KIND = {"ingest": "ingest", "index": "index", "index_new_images": "index", "generate": "generate"}
+
+
 def resume_job(session: Session, *, job_id: int) -> PlannedJob:
     """The unfinished shards of a job, to dispatch again (after a crash or a lost broker)."""
     job = metadata.get_job(session, job_id=job_id)
-    kind = "ingest" if job.kind == "ingest" else "index"
+    kind = SHARD_KIND_BY_JOB_KIND[job.kind]
     return PlannedJob(job.id, kind, [shard.id for shard in metadata.unfinished_shards(session, job_id=job_id)])
 
 
 # --- shard bodies (run by a worker) ------------------------------------------------------------------
 
 
-def _errors_text(errors: Sequence[str]) -> str | None:
+def errors_text(errors: Sequence[str]) -> str | None:
     if not errors:
         return None
     kept = list(errors[:MAX_ERRORS_KEPT])
@@ -210,7 +214,7 @@ def run_ingest_shard(context: WorkerContext, shard_id: int, dispatcher: Dispatch
     # ingest and this point still indexes what the first attempt ingested.
     missing = _images_missing_vectors(context, ready_ids, collection_id)
     with context.session_factory.begin() as session:
-        metadata.finish_shard(session, shard_id=shard_id, done=done, failed=failed, error=_errors_text(errors))
+        metadata.finish_shard(session, shard_id=shard_id, done=done, failed=failed, error=errors_text(errors))
         follow_up = None
         if missing:
             follow_up = plan_index_new_images(
@@ -278,12 +282,14 @@ def run_index_shard(context: WorkerContext, shard_id: int) -> str:
         skipped = len(image_ids) * len(attributes) - result.done - result.failed
         finished = metadata.finish_shard(
             session, shard_id=shard_id, done=result.done + skipped, failed=result.failed,
-            error=_errors_text(result.errors),
+            error=errors_text(result.errors),
         )
         if finished.status in ("done", "failed"):
             _mark_attributes(session, finished, "ready" if finished.status == "done" else "failed")
-            if finished.status == "done":
-                context.vectors.optimize(encoder_version=encoder_version)
+    if finished.status == "done":
+        # After the commit: building HNSW takes tens of seconds, and on SQLite an open write transaction
+        # would block every other writer meanwhile. Searches stay exact on unindexed points until it is built.
+        context.vectors.optimize(encoder_version=encoder_version)
     t = result.times
     log.info("index shard %s: %s encodings (read %.2fs, encode %.2fs, write %.2fs)",
              shard_id, result.done, t.read, t.encode, t.write)

@@ -20,7 +20,7 @@ from store.vectors import point_id
 from tests.indexer.conftest import write_images
 
 
-def run_planned(context, dispatcher, plan):
+def run_planned(dispatcher, plan):
     """Commit the plan (done by the caller's `with`), then dispatch and wait, as the API does."""
     dispatcher.submit(plan.kind, plan.shard_ids)
     dispatcher.join()
@@ -49,7 +49,7 @@ def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatc
     with context.session_factory.begin() as session:
         ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
                                        allowed_roots=context.allowed_roots, shard_size=4)
-    run_planned(context, dispatcher, ingest)
+    run_planned(dispatcher, ingest)
     with context.session_factory() as session:
         progress = metadata.job_progress(session, job_id=ingest.job_id)
         assert (progress.status, progress.done, progress.total, progress.shards_total) == ("done", 10, 10, 3)
@@ -57,7 +57,7 @@ def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatc
     with context.session_factory.begin() as session:
         index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["Lighting", "art style"],
                                       encoder_model_id=encoder_model_id, shard_size=4)
-    run_planned(context, dispatcher, index)
+    run_planned(dispatcher, index)
     assert context.vectors.count(encoder_version=version, collection_id=collection_id) == 20
     with context.session_factory() as session:
         progress = metadata.job_progress(session, job_id=index.job_id)
@@ -74,7 +74,7 @@ def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatc
                                          attribute_texts=["lighting", "background"],
                                          encoder_model_id=encoder_model_id)
         assert metadata.get_job(session, job_id=backfill.job_id).total == 10  # 10 images x 1 new attribute
-    run_planned(context, dispatcher, backfill)
+    run_planned(dispatcher, backfill)
     assert context.vectors.count(encoder_version=version, collection_id=collection_id) == 30
 
     # New images are indexed under every attribute already indexed, without being asked.
@@ -82,7 +82,7 @@ def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatc
     with context.session_factory.begin() as session:
         more = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
                                      allowed_roots=context.allowed_roots)
-    run_planned(context, dispatcher, more)
+    run_planned(dispatcher, more)
     assert context.vectors.count(encoder_version=version, collection_id=collection_id) == 13 * 3
     with context.session_factory() as session:
         assert metadata.count_images(session, collection_id=collection_id) == 13  # the 10 old ones deduplicated
@@ -94,11 +94,11 @@ def test_indexed_vectors_match_the_encoder_and_queries(worker_context, dispatche
     with context.session_factory.begin() as session:
         ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
                                        allowed_roots=context.allowed_roots)
-    run_planned(context, dispatcher, ingest)
+    run_planned(dispatcher, ingest)
     with context.session_factory.begin() as session:
         index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["lighting"],
                                       encoder_model_id=encoder_model_id)
-    run_planned(context, dispatcher, index)
+    run_planned(dispatcher, index)
     version = context.encoder_info.version
     with context.session_factory() as session:
         image = metadata.list_images(session, collection_id=collection_id, limit=1)[0]
@@ -125,7 +125,7 @@ def test_deleted_images_are_skipped_and_bad_files_fail_alone(worker_context, dis
     with context.session_factory.begin() as session:
         ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
                                        allowed_roots=context.allowed_roots)
-    run_planned(context, dispatcher, ingest)
+    run_planned(dispatcher, ingest)
     with context.session_factory.begin() as session:
         job = metadata.get_job(session, job_id=ingest.job_id)
         assert (job.done, job.failed) == (5, 1)
@@ -135,7 +135,7 @@ def test_deleted_images_are_skipped_and_bad_files_fail_alone(worker_context, dis
         doomed = metadata.list_images(session, collection_id=collection_id, status="ready", limit=1)[0].id
     with context.session_factory.begin() as session:  # deleted after planning, before the worker runs
         metadata.delete_image(session, image_id=doomed)
-    run_planned(context, dispatcher, index)
+    run_planned(dispatcher, index)
     with context.session_factory() as session:
         progress = metadata.job_progress(session, job_id=index.job_id)
     assert (progress.status, progress.done, progress.total) == ("done", 5, 5)
@@ -213,3 +213,27 @@ def test_concurrent_queries_are_batched_and_a_bad_one_fails_alone(worker_context
     for got, want in zip(results, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert sum(calls) == 6 and max(calls) <= 4
+
+
+def test_resume_dispatches_each_job_kind_to_its_own_shard_body(worker_context, tmp_path):
+    from indexer.generate import Reference, plan_generation
+
+    context = worker_context
+    collection_id, encoder_model_id = setup_collection(context, tmp_path, count=2)
+    with context.session_factory.begin() as session:
+        ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
+                                       allowed_roots=context.allowed_roots)
+    from indexer.work import run_ingest_shard
+
+    for shard_id in ingest.shard_ids:
+        run_ingest_shard(context, shard_id)
+    with context.session_factory.begin() as session:
+        index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["pose"],
+                                      encoder_model_id=encoder_model_id)
+        image_id = metadata.list_image_ids(session, collection_id=collection_id)[0]
+        generation, _ = plan_generation(session, references=[Reference(image_id, "pose")], prompt="a cup")
+    with context.session_factory() as session:
+        resumed = {plan.job_id: resume_job(session, job_id=plan.job_id) for plan in (index, generation)}
+    assert resumed[index.job_id].kind == "index" and resumed[index.job_id].shard_ids == index.shard_ids
+    assert resumed[generation.job_id].kind == "generate"
+    assert resumed[generation.job_id].shard_ids == generation.shard_ids
