@@ -27,6 +27,7 @@ STAGES = (
     (3, 1, 6, 192, 320, 1),
 )
 HEAD_CHANNELS = 1280
+IMAGE_SIZE = 224
 # The TensorFlow EfficientNet-Lite checkpoints take pixels scaled as (x - 127) / 128, not ImageNet mean/std
 # (see the Lite README of tensorflow/tpu); on the classifier test both work, but this one is the trained one.
 PIXEL_MEAN = (127.0 / 255.0,) * 3
