@@ -24,8 +24,8 @@ def build_worker_context(settings: Settings) -> WorkerContext:
     if encoder_path is None:
         raise InvalidInputError(
             "no encoder checkpoint: set OMNIATTR_ENCODER_PATH to a directory written by "
-            f"AttributeEncoder.save_pretrained, or run `omniattr init-encoder` to write an untrained one to "
-            f"{settings.default_encoder_path}"
+            "AttributeEncoder.save_pretrained (a source checkout ships one in models/starter/encoder), or run "
+            f"`omniattr init-encoder` to write an untrained one to {settings.default_encoder_path}"
         )
     engine = make_engine(settings.resolved_database_url)
     check_schema_current(engine)

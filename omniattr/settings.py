@@ -8,6 +8,10 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The starter encoder shipped in a source checkout (models/starter/encoder, trained by configs/train-starter.sh).
+# An installed wheel has no models/ folder: there OMNIATTR_ENCODER_PATH or `omniattr init-encoder` is needed.
+SHIPPED_ENCODER_PATH = Path(__file__).resolve().parent.parent / "models" / "starter" / "encoder"
+
 
 class Profile(StrEnum):
     """How omniattr is deployed."""
@@ -34,7 +38,10 @@ class Settings(BaseSettings):
     # shared
     allowed_roots: list[Path] = Field(default_factory=list, description="Directories ingest-from-path may read.")
     encoder_path: Path | None = Field(
-        default=None, description="Encoder checkpoint dir; default: DATA_DIR/encoder (see `omniattr init-encoder`)."
+        default=None, description=(
+            "Encoder checkpoint dir; default: DATA_DIR/encoder if it exists, else the starter model shipped in "
+            "a source checkout (models/starter/encoder)."
+        ),
     )
     device: str = "auto"
     generator_path: Path | None = Field(
@@ -85,10 +92,12 @@ class Settings(BaseSettings):
 
     @property
     def resolved_encoder_path(self) -> Path | None:
-        """The configured checkpoint, else DATA_DIR/encoder when it exists."""
+        """The configured checkpoint, else DATA_DIR/encoder when it exists, else the shipped starter encoder."""
         if self.encoder_path is not None:
             return self.encoder_path
-        return self.default_encoder_path if self.default_encoder_path.is_dir() else None
+        if self.default_encoder_path.is_dir():
+            return self.default_encoder_path
+        return SHIPPED_ENCODER_PATH if (SHIPPED_ENCODER_PATH / "encoder_config.json").is_file() else None
 
     @property
     def vectors_dir(self) -> Path:

@@ -46,6 +46,9 @@ class TrainConfig:
     lambda_gen: float = 1.0
     lambda_con: float = 0.01
     tau: float = 0.1
+    # Not in the paper: supervised contrastive loss over the factor values that procedural pairs record
+    # (training.losses.factor_contrastive_loss); 0 trains with the paper's two losses only.
+    lambda_factor: float = 0.0
     # Optimisation
     steps: int = 1000  # optimizer steps
     batch_size: int = 16  # pairs per micro-batch per process
@@ -63,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     max_pairs: int | None = None  # use only the first max_pairs valid pairs
     num_workers: int = 0  # DataLoader workers (image decoding)
+    max_seconds: float | None = None  # stop (with a checkpoint) after this much training time; None: no limit
     # Checkpoints and logging
     checkpoint_every: int = 500
     keep_checkpoints: int | None = 2  # the newest N are kept; None keeps all
@@ -71,10 +75,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.lambda_gen < 0 or self.lambda_con < 0:
-            raise ValueError("lambda_gen and lambda_con must be >= 0")
-        if self.lambda_gen == 0 and self.lambda_con == 0:
-            raise ValueError("lambda_gen and lambda_con are both 0: there is nothing to train; set one above 0")
+        if self.lambda_gen < 0 or self.lambda_con < 0 or self.lambda_factor < 0:
+            raise ValueError("lambda_gen, lambda_con and lambda_factor must be >= 0")
+        if self.lambda_gen == 0 and self.lambda_con == 0 and self.lambda_factor == 0:
+            raise ValueError(
+                "lambda_gen, lambda_con and lambda_factor are all 0: there is nothing to train; set one above 0"
+            )
         if self.lambda_gen > 0 and not self.generator:
             raise ValueError(
                 "lambda_gen > 0 needs a generator: a diffusers FLUX directory or 'tiny'; "

@@ -152,8 +152,11 @@ class EncoderEmbedder:
 class HolisticTrunkEmbedder:
     """The holistic baseline: EfficientNet-Lite0 head features (1280-d), globally average-pooled, no attribute."""
 
-    def __init__(self, image_size: int = 224, weights: str | None = None, batch_size: int = 64) -> None:
-        self.trunk = load_efficientnet_lite0(weights)
+    def __init__(
+        self, image_size: int = 224, weights: str | None = None, batch_size: int = 64, device: str = "cpu"
+    ) -> None:
+        self.trunk = load_efficientnet_lite0(weights).to(device)
+        self.device = device
         self.image_size = image_size
         self.batch_size = batch_size
 
@@ -161,9 +164,10 @@ class HolisticTrunkEmbedder:
         chunks = []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
-                pixels = to_pixels(images[start : start + self.batch_size], self.image_size, PIXEL_MEAN, PIXEL_STD)
+                batch = images[start : start + self.batch_size]
+                pixels = to_pixels(batch, self.image_size, PIXEL_MEAN, PIXEL_STD, device=self.device)
                 features = self.trunk.features(pixels).mean(dim=(2, 3))  # (b, 1280)
-                chunks.append(torch.nn.functional.normalize(features, dim=-1))
+                chunks.append(torch.nn.functional.normalize(features, dim=-1).cpu())
         pooled = torch.cat(chunks)  # (B, 1280)
         return pooled[:, None, :].expand(-1, len(attributes), -1)  # the same vector under every attribute
 
@@ -290,15 +294,17 @@ def write_markdown(results: EvaluationResults, path: str | Path) -> Path:
     return path
 
 
-def as_embedder(model: Embedder | AttributeEncoder | str | Path, batch_size: int = 32) -> Embedder:
+def as_embedder(
+    model: Embedder | AttributeEncoder | str | Path, batch_size: int = 32, device: str = "cpu"
+) -> Embedder:
     """An Embedder from itself, an AttributeEncoder, an encoder directory or a training checkpoint directory."""
     if isinstance(model, AttributeEncoder):
-        return EncoderEmbedder(model, batch_size)
+        return EncoderEmbedder(model.to(device), batch_size)
     if isinstance(model, str | Path):
         path = Path(model)
         if (path / "encoder").is_dir():  # a training checkpoint: its encoder/ subfolder
             path = path / "encoder"
-        return EncoderEmbedder(AttributeEncoder.from_pretrained(path), batch_size)
+        return EncoderEmbedder(AttributeEncoder.from_pretrained(path, device=device), batch_size)
     return model
 
 
@@ -332,6 +338,7 @@ def evaluate(
     holistic: bool = True,
     holistic_image_size: int | None = None,
     batch_size: int = 32,
+    device: str = "cpu",
 ) -> EvaluationResults:
     """Delta on held-out pairs (when `pairs_dir` is given) and per-factor retrieval for each model.
 
@@ -348,8 +355,8 @@ def evaluate(
         )
     rows: dict[str, Embedder] = {}
     if holistic:
-        rows["holistic (trunk)"] = HolisticTrunkEmbedder(holistic_image_size or image_size)
-    rows.update({name: as_embedder(model, batch_size) for name, model in models.items()})
+        rows["holistic (trunk)"] = HolisticTrunkEmbedder(holistic_image_size or image_size, device=device)
+    rows.update({name: as_embedder(model, batch_size, device) for name, model in models.items()})
 
     records: list[PairRecord] = []
     pair_images: list[tuple[Any, Any]] = []
@@ -408,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--paraphrase", type=int, default=0, help="which paraphrase names each factor")
     parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", default="cpu", help="torch device for the models, e.g. cuda")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     args = parser.parse_args(argv)
     if args.threads:
@@ -433,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paraphrase=args.paraphrase,
         k=args.k,
         max_pairs=args.max_pairs,
+        device=args.device,
     )
     write_markdown(results, args.out)
     print(results.to_markdown())

@@ -71,3 +71,36 @@ def sample_sigmas(
     if scheme == "uniform":
         return torch.rand(batch_size, generator=generator).to(device)
     raise ValueError(f"unknown timestep_sampling {scheme!r}; use 'logit_normal' or 'uniform'")
+
+
+def factor_contrastive_loss(pooled: torch.Tensor, labels: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss per factor over a batch of images with known factor values.
+
+    pooled (N, F, d): image n under factor f's attribute text; labels (N, F) integer value ids (-1: unknown).
+    For each factor and each anchor image, every other image with the same value is a positive, every image
+    with another value a negative (Khosla et al. 2020, "SupCon", the mean over positives outside the log):
+
+        L = mean over (f, anchor n with >= 1 positive) of
+            -1/|P(n)| * sum_{p in P(n)} log [ exp(s_np / tau) / sum_{m != n, label known} exp(s_nm / tau) ]
+
+    with s the cosine. Not in the paper: an extra term for data whose factors are known (procedural pairs).
+    """
+    if tau <= 0:
+        raise ValueError(f"the contrastive temperature tau must be positive, got {tau}")
+    num_images = pooled.shape[0]
+    z = F.normalize(pooled.float(), dim=-1).transpose(0, 1)  # (F, N, d)
+    logits = z @ z.transpose(1, 2) / tau  # (F, N, N)
+    labels = labels.t().to(logits.device)  # (F, N)
+    known = labels >= 0  # (F, N)
+    self_mask = torch.eye(num_images, dtype=torch.bool, device=logits.device)  # (N, N)
+    candidate = known[:, None, :] & known[:, :, None] & ~self_mask  # (F, N, N): anchor row, candidate column
+    logits = logits.masked_fill(~candidate, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # (F, N, N)
+    positive = candidate & (labels[:, :, None] == labels[:, None, :])  # (F, N, N)
+    count = positive.sum(dim=-1)  # (F, N)
+    has_positive = count > 0
+    if not bool(has_positive.any()):
+        return pooled.sum() * 0.0  # no anchor has a positive in this batch: a zero that keeps the graph
+    summed = log_prob.masked_fill(~positive, 0.0).sum(dim=-1)  # (F, N)
+    per_anchor = -summed[has_positive] / count[has_positive]
+    return per_anchor.mean()

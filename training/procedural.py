@@ -20,6 +20,7 @@ import argparse
 import functools
 import io
 import json
+import multiprocessing
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -766,6 +767,38 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def render_pair(out: Path, seed: int, index: int, config: ProceduralConfig) -> PairRecord:
+    """Draw pair `index` of run `seed`, write its two PNGs under `out`, and return its record."""
+    spec = sample_pair(pair_rng(seed, index), config)
+    paths = []
+    for side, factors, jitter in (("x", spec.factors_x, spec.jitter_x), ("y", spec.factors_y, spec.jitter_y)):
+        relative = f"images/{index // 1000:04d}/{index:07d}_{side}.png"
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(encode_png(render_image(factors, size=config.size, jitter_seed=jitter)))
+        paths.append(relative)
+    return PairRecord(
+        image_x=paths[0],
+        image_y=paths[1],
+        caption_x=caption_for(spec.factors_x, spec.caption_template_x),
+        caption_y=caption_for(spec.factors_y, spec.caption_template_y),
+        positive=tuple(phrase for phrase, _ in spec.positive),
+        negative=tuple(phrase for phrase, _ in spec.negative),
+        id=f"proc-{seed}-{index}",
+        source=SOURCE,
+        factors_x=spec.factors_x,
+        factors_y=spec.factors_y,
+        positive_factors=tuple(name for _, name in spec.positive),
+        negative_factors=tuple(name for _, name in spec.negative),
+        meta={
+            "generator_version": GENERATOR_VERSION,
+            "size": config.size,
+            "jitter_x": spec.jitter_x,
+            "jitter_y": spec.jitter_y,
+        },
+    )
+
+
 def generate_dataset(
     out: str | Path,
     num_pairs: int,
@@ -773,51 +806,35 @@ def generate_dataset(
     config: ProceduralConfig = ProceduralConfig(),
     *,
     flush_every: int = 500,
+    workers: int = 1,
 ) -> int:
-    """Write num_pairs procedural pairs (images + pairs.jsonl) into a new or empty directory; returns the count."""
+    """Write num_pairs procedural pairs (images + pairs.jsonl) into a new or empty directory; returns the count.
+
+    `workers` > 1 renders in that many processes; the bytes written are the same for any number of workers.
+    """
     out = Path(out)
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be at least 1, got {num_pairs}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if (out / PAIRS_FILENAME).exists():
         raise FileExistsError(f"{out / PAIRS_FILENAME} exists; pass a new --out directory (pairs are never mixed)")
-    pending: list[PairRecord] = []
-    written = 0
-    for index in range(num_pairs):
-        spec = sample_pair(pair_rng(seed, index), config)
-        paths = []
-        for side, factors, jitter in (("x", spec.factors_x, spec.jitter_x), ("y", spec.factors_y, spec.jitter_y)):
-            relative = f"images/{index // 1000:04d}/{index:07d}_{side}.png"
-            target = out / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(encode_png(render_image(factors, size=config.size, jitter_seed=jitter)))
-            paths.append(relative)
-        pending.append(
-            PairRecord(
-                image_x=paths[0],
-                image_y=paths[1],
-                caption_x=caption_for(spec.factors_x, spec.caption_template_x),
-                caption_y=caption_for(spec.factors_y, spec.caption_template_y),
-                positive=tuple(phrase for phrase, _ in spec.positive),
-                negative=tuple(phrase for phrase, _ in spec.negative),
-                id=f"proc-{seed}-{index}",
-                source=SOURCE,
-                factors_x=spec.factors_x,
-                factors_y=spec.factors_y,
-                positive_factors=tuple(name for _, name in spec.positive),
-                negative_factors=tuple(name for _, name in spec.negative),
-                meta={
-                    "generator_version": GENERATOR_VERSION,
-                    "size": config.size,
-                    "jitter_x": spec.jitter_x,
-                    "jitter_y": spec.jitter_y,
-                },
-            )
-        )
-        if len(pending) >= flush_every:
+    render = functools.partial(render_pair, out, seed, config=config)
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        records = pool.imap(render, range(num_pairs), chunksize=16) if pool else map(render, range(num_pairs))
+        pending: list[PairRecord] = []
+        written = 0
+        for record in records:  # in index order either way
+            pending.append(record)
+            if len(pending) >= flush_every:
+                written += write_pairs(out, pending)
+                pending = []
+        if pending:
             written += write_pairs(out, pending)
-            pending = []
-    if pending:
-        written += write_pairs(out, pending)
+    finally:
+        if pool is not None:
+            pool.terminate()
     return written
 
 
@@ -858,6 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"only these factors may differ within a pair (default all: {' '.join(FACTORS)})",
     )
     parser.add_argument("--max-changed", type=int, default=None, help="most factors re-drawn for image y")
+    parser.add_argument("--workers", type=int, default=1, help="render in this many processes (same output)")
     args = parser.parse_args(argv)
     try:
         config = ProceduralConfig(
@@ -867,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_changed=args.max_changed,
         )
         started = time.perf_counter()
-        count = generate_dataset(args.out, args.pairs, args.seed, config)
+        count = generate_dataset(args.out, args.pairs, args.seed, config, workers=args.workers)
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -42,8 +42,15 @@ from encoder import AttributeEncoder
 from encoder.attributes import attribute_phrases
 from encoder.config import EncoderConfig
 from training.config import TrainConfig, load_train_config
-from training.losses import contrastive_loss, flow_matching_inputs, flow_matching_loss, sample_sigmas
+from training.losses import (
+    contrastive_loss,
+    factor_contrastive_loss,
+    flow_matching_inputs,
+    flow_matching_loss,
+    sample_sigmas,
+)
 from training.pairs import PairDataset, PairSample, load_pairs, records_with_both
+from training.procedural import FACTORS
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.pt"
@@ -122,12 +129,44 @@ class AttributeTrainingModule(nn.Module):
             )
             losses["l_con"] = contrastive_loss(*embeddings, tau=self.config.tau)
             total = self.config.lambda_con * losses["l_con"]
+        if self.config.lambda_factor > 0:
+            losses["l_factor"] = self.factor_loss(batch, rng)
+            term = self.config.lambda_factor * losses["l_factor"]
+            total = term if total is None else total + term
         if self.config.lambda_gen > 0:
             losses["l_gen"] = self.generative_loss(batch, rng)
             term = self.config.lambda_gen * losses["l_gen"]
             total = term if total is None else total + term
         losses["loss"] = total
         return losses
+
+    def factor_loss(self, batch: Sequence[PairSample], rng: random.Random) -> torch.Tensor:
+        """Supervised contrastive loss over the 2P images of the batch, per factor their records name.
+
+        Each factor is read under one of its paraphrases drawn per step (open-vocabulary text), the same
+        phrase for every image of the batch; images without a value for a factor are left out of its term.
+        """
+        images: list[Any] = []
+        assignments: list[Mapping[str, str]] = []
+        for sample in batch:
+            images += [sample.image_x, sample.image_y]
+            assignments += [sample.record.factors_x or {}, sample.record.factors_y or {}]
+        names = sorted({name for values in assignments for name in values})
+        if not names:
+            raise ValueError(
+                "lambda_factor > 0 needs pairs that record factors_x / factors_y (procedural pairs); "
+                "set lambda_factor: 0 for annotated pairs"
+            )
+        phrases = [rng.choice(FACTORS[name].paraphrases) if name in FACTORS else name for name in names]
+        pooled = self.encoder.encode_grid(images, phrases).pooled  # (2P, F, d)
+        value_ids: dict[tuple[str, str], int] = {}
+        labels = torch.tensor(
+            [
+                [value_ids.setdefault((name, values[name]), len(value_ids)) if name in values else -1 for name in names]
+                for values in assignments
+            ]
+        )  # (2P, F)
+        return factor_contrastive_loss(pooled, labels, tau=self.config.tau)
 
     def generative_loss(self, batch: Sequence[PairSample], rng: random.Random) -> torch.Tensor:
         """L_gen: the target's velocity under its caption, conditioned on E(reference, all its positives)."""
@@ -521,27 +560,35 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         totals["lr"] = scheduler.get_last_lr()[0]
+        out_of_time = False
+        if config.max_seconds is not None:  # every process takes part, so all stop at the same step
+            late = torch.tensor(float(time.perf_counter() - started > config.max_seconds), device=accelerator.device)
+            out_of_time = bool(accelerator.reduce(late, "max"))
         for name, value in totals.items():
             window.setdefault(name, []).append(value)
         if accelerator.is_main_process:
             if on_step is not None:
                 on_step(done, totals)
             if progress is not None:
-                progress.set_postfix({k: f"{v:.4g}" for k, v in totals.items() if k in ("loss", "l_con", "l_gen")})
+                progress.set_postfix(
+                    {k: f"{v:.4g}" for k, v in totals.items() if k in ("loss", "l_con", "l_gen", "l_factor")}
+                )
                 progress.update()
-            if done % config.log_every == 0 or done == end_step:
+            if done % config.log_every == 0 or done == end_step or out_of_time:
                 line = {"step": done, "seconds": round(time.perf_counter() - started, 2)}
                 line.update({name: sum(values) / len(values) for name, values in window.items()})
                 with (output_dir / TRAIN_LOG_NAME).open("a") as handle:
                     handle.write(json.dumps(line) + "\n")
                 window = {}
-        if done % config.checkpoint_every == 0 or done == end_step:
+        if done % config.checkpoint_every == 0 or done == end_step or out_of_time:
             last_checkpoint = output_dir / f"{CHECKPOINT_PREFIX}{done:07d}"
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(prepared)
                 save_checkpoint(last_checkpoint, unwrapped, optimizer, scheduler, done, config)
                 _prune_checkpoints(output_dir, config.keep_checkpoints)
             accelerator.wait_for_everyone()
+        if out_of_time:
+            break
     if progress is not None:
         progress.close()
     if last_checkpoint is None:
@@ -555,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="training config (.yaml / .json)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a config value")
+    parser.add_argument(
+        "--stop-at-step", type=int, help="end early with a checkpoint at this step (the LR schedule still spans steps)"
+    )
     args = parser.parse_args(argv)
     values = load_train_config(args.config).to_dict()
     for item in args.set:
@@ -565,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             values[key] = raw
     if args.resume:
         values["resume_from"] = "latest"
-    checkpoint = train(TrainConfig.from_dict(values, source=f"{args.config} with --set overrides"))
+    config = TrainConfig.from_dict(values, source=f"{args.config} with --set overrides")
+    checkpoint = train(config, stop_at_step=args.stop_at_step)
     print(json.dumps({"checkpoint": str(checkpoint)}))
     return 0
 

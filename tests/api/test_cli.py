@@ -139,6 +139,8 @@ def test_readme_main_job_with_an_initialised_encoder(tmp_path, monkeypatch, caps
     photos.mkdir()
     for i in range(4):
         (photos / f"{i}.png").write_bytes(png(i, size=96))
+    # An installed wheel has no shipped starter model: then the error says what to do.
+    monkeypatch.setattr("omniattr.settings.SHIPPED_ENCODER_PATH", tmp_path / "no-models")
     assert main(["ingest", str(photos), "--collection", "holiday"]) == 2
     assert "omniattr init-encoder" in capsys.readouterr().err
 
@@ -150,4 +152,23 @@ def test_readme_main_job_with_an_initialised_encoder(tmp_path, monkeypatch, caps
     run_json(capsys, "ingest", str(photos), "--collection", "holiday")
     assert run_json(capsys, "index", "--collection", "holiday", "lighting")["job"]["done"] == 4
     results = run_json(capsys, "search", "--collection", "holiday", "--term", "1:lighting")
+    assert len(results["results"]) == 3
+
+
+def test_readme_main_job_uses_the_shipped_starter_encoder(tmp_path, monkeypatch, capsys):
+    """A source checkout needs no init-encoder: the trained starter model in models/starter/encoder is the default."""
+    from omniattr.settings import SHIPPED_ENCODER_PATH, Settings
+
+    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMNIATTR_DATA_DIR", str(tmp_path / "data"))
+    assert Settings().resolved_encoder_path == SHIPPED_ENCODER_PATH
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        (photos / f"{i}.png").write_bytes(png(i, size=96))
+    run_json(capsys, "ingest", str(photos), "--collection", "holiday")
+    assert run_json(capsys, "index", "--collection", "holiday", "art style")["job"]["done"] == 4
+    results = run_json(capsys, "search", "--collection", "holiday", "--term", "1:art style")
     assert len(results["results"]) == 3

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from training.losses import contrastive_loss, flow_matching_inputs, flow_matching_loss, sample_sigmas
+from training.losses import (
+    contrastive_loss,
+    factor_contrastive_loss,
+    flow_matching_inputs,
+    flow_matching_loss,
+    sample_sigmas,
+)
 
 
 def test_contrastive_loss_matches_hand_computed_values():
@@ -76,3 +82,43 @@ def test_sample_sigmas_in_unit_interval():
         assert sigmas.shape == (64,) and (sigmas > 0).all() and (sigmas < 1).all()
     with pytest.raises(ValueError, match="timestep_sampling"):
         sample_sigmas(2, "cosine")
+
+
+def test_factor_contrastive_loss_matches_hand_computed_values():
+    # One factor, three images on the unit circle: 0 and 1 share a value, 2 differs; tau = 0.5.
+    angles = torch.tensor([0.0, 0.5, 2.0])
+    pooled = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)[:, None, :]  # (3, 1, 2)
+    labels = torch.tensor([[0], [0], [1]])
+    tau = 0.5
+
+    def term(anchor: int, positive: int) -> float:
+        others = [m for m in range(3) if m != anchor]
+        cos = {m: math.cos(float(angles[anchor] - angles[m])) for m in others}
+        return -(cos[positive] / tau - math.log(sum(math.exp(cos[m] / tau) for m in others)))
+
+    expected = (term(0, 1) + term(1, 0)) / 2  # image 2 has no positive: not an anchor
+    assert factor_contrastive_loss(pooled, labels, tau=tau).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_factor_contrastive_loss_ignores_unknown_labels_and_averages_factors():
+    torch.manual_seed(0)
+    pooled = torch.randn(4, 2, 8)
+    labels = torch.tensor([[0, 5], [0, -1], [1, 5], [1, 6]])
+    # Factor 1: image 1 is unknown, so it is neither an anchor nor a candidate; only images 0 and 2 pair up.
+    only_factor_0 = factor_contrastive_loss(pooled[:, :1], labels[:, :1])
+    only_factor_1 = factor_contrastive_loss(pooled[[0, 2, 3], 1:], labels[[0, 2, 3], 1:])
+    anchors_0, anchors_1 = 4, 2
+    combined = (only_factor_0 * anchors_0 + only_factor_1 * anchors_1) / (anchors_0 + anchors_1)
+    assert factor_contrastive_loss(pooled, labels).item() == pytest.approx(combined.item(), rel=1e-5)
+
+
+def test_factor_contrastive_loss_is_lower_when_same_values_cluster():
+    clustered = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])[:, None, :]
+    mixed = clustered[[0, 2, 1, 3]]
+    labels = torch.tensor([[0], [0], [1], [1]])
+    assert factor_contrastive_loss(clustered, labels) < factor_contrastive_loss(mixed, labels)
+    # No anchor with a positive: zero, and still differentiable.
+    pooled = torch.randn(3, 1, 4, requires_grad=True)
+    loss = factor_contrastive_loss(pooled, torch.tensor([[0], [1], [2]]))
+    loss.backward()
+    assert loss.item() == 0.0

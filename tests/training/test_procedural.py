@@ -204,7 +204,7 @@ def read_tree(directory: Path) -> dict[str, bytes]:
 def test_same_seed_writes_the_same_bytes_and_the_dataset_loads_clean(tmp_path: Path):
     config = ProceduralConfig(size=SIZE)
     assert generate_dataset(tmp_path / "a", 6, seed=3, config=config, flush_every=4) == 6
-    generate_dataset(tmp_path / "b", 6, seed=3, config=config)
+    generate_dataset(tmp_path / "b", 6, seed=3, config=config, workers=2)  # parallel rendering, same bytes
     generate_dataset(tmp_path / "c", 6, seed=4, config=config)
 
     first, again, other = read_tree(tmp_path / "a"), read_tree(tmp_path / "b"), read_tree(tmp_path / "c")

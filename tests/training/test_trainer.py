@@ -3,6 +3,7 @@ random FLUX-style generator built in code, on a few procedural pairs at 64 px.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -166,3 +167,34 @@ def test_contrastive_embeddings_fast_path_equals_encode(pairs_dir):
         fast = contrastive_embeddings(encoder, xs, ys, pos, neg)
         for got, images, attributes in zip(fast, (xs, xs, ys, ys), (pos, neg, pos, neg), strict=True):
             torch.testing.assert_close(got, encoder.encode(images, attributes).pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_factor_loss_trains_on_recorded_factors_and_max_seconds_stops_with_a_checkpoint(tmp_path, pairs_dir):
+    seen: list[dict] = []
+    checkpoint = train(
+        _config(
+            pairs_dir, tmp_path / "factor", lambda_gen=0.0, generator=None, lambda_factor=0.5, max_seconds=0.0
+        ),
+        on_step=lambda step, losses: seen.append(losses),
+    )
+    # max_seconds 0: the first step is over time, so the run ends there with a checkpoint (of 4 steps planned).
+    assert checkpoint.name == "checkpoint-0000001" and (checkpoint / ENCODER_DIR).is_dir()
+    assert len(seen) == 1 and seen[0]["l_factor"] > 0
+    assert seen[0]["loss"] == pytest.approx(0.01 * seen[0]["l_con"] + 0.5 * seen[0]["l_factor"])
+    log = [json.loads(line) for line in (tmp_path / "factor" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 1 and "l_factor" in log[-1]
+
+
+def test_factor_loss_on_pairs_without_factors_says_what_to_do(tmp_path, pairs_dir):
+    from training.pairs import load_pairs, write_pairs
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    records = load_pairs(pairs_dir).records
+    for record in records:
+        for name in (record.image_x, record.image_y):
+            (plain / name).parent.mkdir(parents=True, exist_ok=True)
+            (plain / name).write_bytes((pairs_dir / name).read_bytes())
+    write_pairs(plain, [dataclasses.replace(r, factors_x=None, factors_y=None) for r in records])
+    with pytest.raises(ValueError, match="set lambda_factor: 0"):
+        train(_config(plain, tmp_path / "run", lambda_gen=0.0, generator=None, lambda_con=0.0, lambda_factor=1.0))
