@@ -265,12 +265,19 @@ def cmd_init_encoder(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train an attribute encoder (and adapter) from a config; resumable (see configs/)."""
     arguments = ["--config", args.config, *[item for pair in args.set for item in ("--set", pair)]]
+    if args.stop_at_step is not None:
+        arguments += ["--stop-at-step", str(args.stop_at_step)]
     return _run_module("training.trainer", [*arguments, *(["--resume"] if args.resume else [])])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate encoders: Delta(pos, neg), retrieval mAP@10 / P@10 per attribute, holistic baseline."""
     return _run_module("training.evaluate", args.arguments)
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """Pair annotation by a VLM: label (stage 1/2), export-sft, finetune, mine; `annotate --help` lists them."""
+    return _run_module("training.annotate", args.arguments)
 
 
 BENCHES = {
@@ -375,10 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", cmd_train)
     train.add_argument("config", help="training config (.yaml / .json), e.g. configs/compact-starter.yaml")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--stop-at-step", type=int, help="end early with a checkpoint at this step")
     train.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a config value")
 
     # eval and bench pass every argument they do not know to the module they run.
     command("eval", cmd_eval).set_defaults(passthrough=True)  # `omniattr eval --help-module` lists them
+
+    # annotate forwards everything, --help included, to training.annotate (its subcommands have their own help).
+    annotate = commands.add_parser("annotate", add_help=False, help=cmd_annotate.__doc__)
+    annotate.set_defaults(run=cmd_annotate, passthrough=True)
 
     bench = command("bench", cmd_bench)
     bench.add_argument("name", choices=sorted(BENCHES))
