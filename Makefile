@@ -1,9 +1,9 @@
-# The README's commands. `make setup` once, then `make test`.
+# The README's commands. `make setup` once, then `make test`; `make demo` sets up and runs the demo.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint bench-vectors
+.PHONY: setup test lint bench-vectors demo lock
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,16 @@ test: lint
 
 bench-vectors:
 	$(BIN)/python bench/vector_search.py
+
+# Sample collection (~300 images), three attributes indexed, API + page on 127.0.0.1:$(DEMO_PORT) (Ctrl-C stops).
+# DEMO_ARGS=--check stops after printing the example queries (a smoke run).
+DEMO_PORT ?= 8000
+demo: $(BIN)/omniattr
+	DEMO_PORT=$(DEMO_PORT) $(BIN)/python scripts/demo.py $(DEMO_ARGS)
+
+$(BIN)/omniattr:
+	$(MAKE) setup
+
+# Re-pin docker/requirements.txt (the images' dependency lock) from this venv after changing dependencies.
+lock:
+	$(BIN)/python scripts/lock_requirements.py
