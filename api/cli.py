@@ -228,6 +228,39 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Copy a collection's ready images (the originals) into a folder, e.g. as the input of `annotate mine`."""
+    settings = _load_settings()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written, present = 0, 0
+    with api_client(settings, args.url, args.api_key) as client:
+        collection_id = _collection_id(client, args.collection)
+        after = 0
+        while True:
+            page = _call(client, "GET", f"/api/collections/{collection_id}/images",
+                         params={"status": "ready", "after_id": after, "limit": 500})
+            for image in page["data"]:
+                suffix = Path(image["source"]).suffix.lower() or f".{(image['format'] or 'img').lower()}"
+                target = out / f"{image['id']:07d}{suffix}"  # the image id names the file: reruns skip it
+                if target.exists():
+                    present += 1
+                    continue
+                response = client.get(f"/api/images/{image['id']}/original")
+                if response.status_code >= 400:
+                    raise CommandError(f"image {image['id']}: HTTP {response.status_code} reading its original")
+                partial = target.with_name(target.name + ".partial")
+                partial.write_bytes(response.content)
+                partial.rename(target)
+                written += 1
+            if page["next_after_id"] is None:
+                break
+            after = page["next_after_id"]
+    report = {"collection_id": collection_id, "written": written, "already_there": present, "out": str(out)}
+    _print(args, report, f"{written} images written to {out} ({present} already there)")
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     """List jobs, show one, or resume one whose workers were lost."""
     settings = _load_settings()
@@ -363,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--image", help="an image file to use as the query (with --attribute)")
     search.add_argument("--attribute")
     search.add_argument("--limit", type=int, default=10)
+
+    export = command("export", cmd_export, remote=True)
+    export.add_argument("--collection", required=True)
+    export.add_argument("--out", required=True, help="folder to copy the images into (created if missing)")
 
     personalize = command("personalize", cmd_personalize, remote=True)
     personalize.add_argument("--ref", action="append", default=[], help="IMAGE_ID:ATTRIBUTE[:WEIGHT], repeatable")

@@ -172,3 +172,22 @@ def test_readme_main_job_uses_the_shipped_starter_encoder(tmp_path, monkeypatch,
     assert run_json(capsys, "index", "--collection", "holiday", "art style")["job"]["done"] == 4
     results = run_json(capsys, "search", "--collection", "holiday", "--term", "1:art style")
     assert len(results["results"]) == 3
+
+
+def test_export_copies_a_collection_for_pair_mining(embedded_env, tmp_path, capsys):
+    run_json(capsys, "ingest", str(embedded_env), "--collection", "demo")
+    out = tmp_path / "exported"
+    report = run_json(capsys, "export", "--collection", "demo", "--out", str(out))
+    assert (report["written"], report["already_there"]) == (6, 0)
+    originals = sorted(p.read_bytes() for p in embedded_env.iterdir())
+    assert sorted(p.read_bytes() for p in out.iterdir()) == originals
+    assert run_json(capsys, "export", "--collection", "demo", "--out", str(out))["already_there"] == 6
+    # The exported folder is what `omniattr annotate mine` reads (a band wide enough to keep some pairs).
+    omniattr = str(Path(sys.executable).with_name("omniattr"))
+    mined = subprocess.run([omniattr, "annotate", "mine", str(out), "--out", str(tmp_path / "pairs.jsonl"),
+                            "--low", "-1", "--high", "0.9999", "--image-size", "64", "--no-progress"],
+                           capture_output=True, text=True, timeout=300)
+    assert mined.returncode == 0, mined.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert lines and all(Path(line["image_x"]).parent == out for line in lines)
+    assert main(["export", "--collection", "nope", "--out", str(out)]) == 2
