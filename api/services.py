@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sqlalchemy import Row
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.generate import Reference, plan_generation
@@ -246,11 +247,17 @@ def _require_indexed(session: Session, services: Services, collection_id: int, a
     return attribute_id, text
 
 
-def _term(session: Session, services: Services, collection_id: int, request: TermRequest) -> SearchTerm:
+def _term(
+    session: Session, services: Services, collection_id: int, request: TermRequest, images: dict[int, Row]
+) -> SearchTerm:
+    """The term's query vector; `images` are the term images read up front (a missing one is re-read: 404)."""
     attribute_id, attribute_text = _require_indexed(session, services, collection_id, request.attribute)
     version = services.encoder_info.version
     if request.image_id is not None:
-        image = metadata.get_image(session, image_id=request.image_id)
+        if request.image_id in images:
+            image = images[request.image_id]
+        else:
+            image = metadata.get_image(session, image_id=request.image_id)  # raises NotFoundError
         if image.collection_id != collection_id:
             _require_indexed(session, services, image.collection_id, request.attribute)
         key = str(point_id(image_id=image.id, attribute_id=attribute_id, encoder_version=version))
@@ -285,21 +292,27 @@ def search(
     limit: int = 20,
     filters: dict[str, Any] | None = None,
     include_query_images: bool = False,
-) -> list[tuple[RankedImage, metadata.Image]]:
-    """Ranked images of a collection for weighted positive and negative (image, attribute) terms."""
+) -> list[tuple[RankedImage, Row]]:
+    """Ranked images of a collection for weighted positive and negative (image, attribute) terms, with their
+    image rows (`metadata.get_image_rows`)."""
     # Uploads are encoded first, so no database connection is held while a worker encodes.
     terms, negatives = ([_encoded(services, t) for t in group] for group in (terms, negatives))
     with services.read_session_factory() as session:  # one snapshot for the whole search
-        metadata.get_collection(session, collection_id=collection_id)
-        positive = [_term(session, services, collection_id, t) for t in terms]
-        negative = [_term(session, services, collection_id, t) for t in negatives]
+        term_image_ids = [t.image_id for t in (*terms, *negatives) if t.image_id is not None]
+        images = metadata.get_image_rows(session, image_ids=term_image_ids)  # one query for every term's image
+        # A term image of this collection proves that the collection exists (foreign key, same snapshot),
+        # which saves a query on the common path; otherwise read it, so a missing collection is a 404 first.
+        if not any(image.collection_id == collection_id for image in images.values()):
+            metadata.get_collection(session, collection_id=collection_id)
+        positive = [_term(session, services, collection_id, t, images) for t in terms]
+        negative = [_term(session, services, collection_id, t, images) for t in negatives]
         if include_query_images:
             positive = [SearchTerm(t.vector, t.attribute_id, t.attribute, t.weight) for t in positive]
         ranked = search_images(
             services.vectors, encoder_version=services.encoder_info.version, collection_id=collection_id,
             terms=positive, negatives=negative, limit=limit, payload_filter=filters or None,
         )
-        images = metadata.get_images(session, image_ids=[r.image_id for r in ranked])
+        images = metadata.get_image_rows(session, image_ids=[r.image_id for r in ranked])
     return [(r, images[r.image_id]) for r in ranked if r.image_id in images]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -144,12 +144,28 @@ def get_image(session: Session, *, image_id: int) -> Image:
     return _get(session, Image, image_id, "image")
 
 
+# Built once: constructing `Image.id.in_([...])` and its cache key on every call cost about 30 % of a
+# search's database time (an "expanding" parameter takes the list at execution instead).
+_IMAGES_BY_ID = select(Image).where(Image.id.in_(bindparam("image_ids", expanding=True)))
+_IMAGE_ROWS_BY_ID = select(Image.__table__).where(Image.__table__.c.id.in_(bindparam("image_ids", expanding=True)))
+
+
 def get_images(session: Session, *, image_ids: Sequence[int]) -> dict[int, Image]:
     """The images that still exist among `image_ids`, by id (deleted ones are simply absent)."""
     if not image_ids:
         return {}
-    rows = session.scalars(select(Image).where(Image.id.in_(list(image_ids))))
+    rows = session.scalars(_IMAGES_BY_ID, {"image_ids": list(image_ids)})
     return {row.id: row for row in rows}
+
+
+def get_image_rows(session: Session, *, image_ids: Sequence[int]) -> dict[int, Row]:
+    """Like `get_images`, as read-only rows (columns by name, `metadata` for `metadata_`) for display.
+
+    No ORM objects are built: search reads images twice per request, and rows cost about a quarter less.
+    """
+    if not image_ids:
+        return {}
+    return {row.id: row for row in session.execute(_IMAGE_ROWS_BY_ID, {"image_ids": list(image_ids)})}
 
 
 def list_images(

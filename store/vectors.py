@@ -594,6 +594,10 @@ class QdrantEdgeIndex(VectorIndex):
         self.auto_optimize_points = auto_optimize_points
         self._dimensions: dict[str, int] = {}
         self._shards: dict[tuple[str, int], qe.EdgeShard] = {}
+        # Per version, the attribute ids that have a shard directory: listed from disk once, then kept up to
+        # date by `_partition(create=True)` (this process owns `data_dir`, and shards are never removed), so
+        # a fetch does not list the directory on every call.
+        self._attribute_ids: dict[str, list[int]] = {}
         self._lock = threading.Lock()  # guards opening and creating shards
         self._closed = False
 
@@ -654,6 +658,8 @@ class QdrantEdgeIndex(VectorIndex):
                 if not create:
                     return None
                 self._create_partition(shard_dir, dimension)
+                if encoder_version in self._attribute_ids:
+                    self._attribute_ids[encoder_version] = sorted({*self._attribute_ids[encoder_version], attribute_id})
             # Passing the config applies this index's HNSW and optimiser settings to an existing shard.
             shard = self._shards[key] = qe.EdgeShard.load(str(shard_dir), self._config(dimension))
             return shard
@@ -670,12 +676,15 @@ class QdrantEdgeIndex(VectorIndex):
 
     def _partitions(self, encoder_version: str) -> list[qe.EdgeShard]:
         """Every attribute shard of a version, opened."""
-        version_dir = self._version_dir(encoder_version)
-        attribute_ids = sorted(
-            int(path.name.removeprefix(EDGE_PARTITION_PREFIX))
-            for path in version_dir.glob(f"{EDGE_PARTITION_PREFIX}*")
-            if path.is_dir() and path.name.removeprefix(EDGE_PARTITION_PREFIX).isdigit()
-        )
+        attribute_ids = self._attribute_ids.get(encoder_version)
+        if attribute_ids is None:
+            with self._lock:
+                version_dir = self._version_dir(encoder_version)
+                attribute_ids = self._attribute_ids[encoder_version] = sorted(
+                    int(path.name.removeprefix(EDGE_PARTITION_PREFIX))
+                    for path in version_dir.glob(f"{EDGE_PARTITION_PREFIX}*")
+                    if path.is_dir() and path.name.removeprefix(EDGE_PARTITION_PREFIX).isdigit()
+                )
         return [self._partition(encoder_version, attribute_id) for attribute_id in attribute_ids]
 
     def ensure_collection(self, *, encoder_version: str, dimension: int) -> None:
@@ -825,6 +834,7 @@ class QdrantEdgeIndex(VectorIndex):
                 shard.flush()
                 shard.close()
             self._shards.clear()
+            self._attribute_ids.clear()
             self._dimensions.clear()
             self._closed = True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from api import schemas
@@ -9,7 +10,8 @@ from store import metadata
 from store.tables import Collection, Image, Job
 
 
-def image_public(image: Image) -> schemas.ImagePublic:
+def image_public(image: Image | Row) -> schemas.ImagePublic:
+    """An image's public form, from its table row or a `metadata.get_image_rows` row."""
     return schemas.ImagePublic(
         id=image.id, collection_id=image.collection_id, source=image.source, sha256=image.sha256,
         width=image.width, height=image.height, format=image.format, bytes=image.bytes, status=image.status,
