@@ -1,0 +1,185 @@
+"""The starter generator's pretraining stages and the transfer-score check, on tiny sizes and a few pairs."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from generator_plugin.plugins import load_generator
+from training import generator_pretrain as gp
+from training.procedural import generate_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_bench(name: str):
+    """bench/ holds scripts, not a package: load one as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pairs")
+    generate_dataset(out, num_pairs=8, seed=5, config=_procedural_config())
+    return out
+
+
+def _procedural_config():
+    from training.procedural import ProceduralConfig
+
+    return ProceduralConfig(size=64)
+
+
+def test_vocabulary_covers_captions_and_ends_with_eos(pair_dir):
+    _, captions = gp.load_examples(pair_dir, 32)
+    vocabulary = gp.caption_vocabulary(captions)
+    parts = gp.caption_text_encoders(vocabulary, max_length=64)
+    ids = parts["tokenizer"](captions[0]).input_ids
+    assert vocabulary[-1] == gp.EOS_TOKEN and ids[-1] == len(vocabulary) - 1
+    assert vocabulary.index("<unk>") not in ids  # every caption word is known
+
+
+def test_vae_loss_decreases_on_a_fixed_batch(pair_dir):
+    images, _ = gp.load_examples(pair_dir, 32)
+    vae = gp.build_vae(seed=0, channels=(8, 16))
+    batch = images[:4].repeat(4, 1, 1, 1)  # one fixed set of images, sampled with replacement
+    losses = gp.train_vae(vae, batch, steps=30, batch_size=8, lr=3e-3)
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    gp.set_latent_statistics(vae, images)
+    latents = gp.encode_latents(vae, images)  # (N, S, 4 C)
+    assert latents.shape == (len(images), 16 * 16 // 4, 16)
+    assert abs(float(latents.std()) - 1.0) < 1e-3 and abs(float(latents.mean())) < 1e-3
+
+
+def test_transformer_loss_decreases_on_a_fixed_batch():
+    transformer = gp.build_transformer(seed=0, num_layers=1, num_single_layers=1, heads=2, head_dim=16)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 16, 16, generator=generator)
+    text = torch.randn(4, 8, 32, generator=generator)
+    pooled = torch.randn(4, 32, generator=generator)
+    _, losses = gp.train_transformer(
+        transformer, latents, text, pooled, steps=60, batch_size=4, lr=3e-3, text_dropout=0.0
+    )
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+@pytest.fixture(scope="module")
+def generator_dir(pair_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("generator")
+    gp.pretrain_base(
+        pair_dir,
+        out,
+        vae_channels=(8, 16, 16),
+        vae_steps=3,
+        vae_seconds=None,
+        vae_batch_size=4,
+        transformer_layers=(1, 1),
+        transformer_heads=2,
+        transformer_head_dim=16,
+        transformer_steps=3,
+        transformer_seconds=None,
+        transformer_batch_size=4,
+    )
+    return out
+
+
+def test_saved_generator_loads_and_generates_the_requested_size(generator_dir):
+    record = gp.PRETRAIN_CONFIG_NAME
+    assert (generator_dir / record).is_file()
+    pipeline = load_generator("flux", generator_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(
+        prompt="A photo of a red matte star on a plain white background.",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        max_sequence_length=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize("target", ["pair", "self"])
+def test_adapter_stage_trains_and_loads_with_the_generator(pair_dir, generator_dir, tmp_path, target):
+    from encoder import AttributeEncoder
+    from encoder.config import EncoderConfig
+
+    encoder_dir = tmp_path / "encoder"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AttributeEncoder(
+            EncoderConfig(
+                backend="compact",
+                context_dim=32,
+                num_queries=4,
+                connector_depth=1,
+                connector_width=32,
+                connector_heads=2,
+                image_size=64,
+            )
+        ).save_pretrained(encoder_dir)
+    adapter_dir = tmp_path / "adapter"
+    record = gp.pretrain_adapter(
+        pair_dir, generator_dir, encoder_dir, out=adapter_dir, steps=5, max_seconds=None, batch_size=4, target=target
+    )
+    assert record["steps"] == 5 and np.isfinite(record["loss_first_last"]).all()
+    pipeline = load_generator("flux", generator_dir, adapter_dir=adapter_dir)
+    weights = [p.detach().abs().sum() for name, p in pipeline.attribute_adapter.named_parameters() if "to_v_ip" in name]
+    assert float(sum(weights)) > 0  # moved away from the zero initialisation
+
+
+def test_transfer_score_identical_reference_wins_and_scores_are_cosines():
+    from encoder import AttributeEncoder
+    from encoder.config import EncoderConfig
+
+    bench = _load_bench("transfer_score")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = AttributeEncoder(
+            EncoderConfig(
+                backend="compact",
+                context_dim=32,
+                num_queries=4,
+                connector_depth=1,
+                connector_width=32,
+                connector_heads=2,
+                image_size=64,
+            )
+        ).eval()
+    cases = bench.make_cases(count=3, seed=0, size=64)
+    assert [case.factor for case in cases] == list(bench.ATTRIBUTE_FACTORS)
+    for case in cases:
+        true_score, random_score = bench.score_against(
+            encoder, case.reference, case.attribute, case.reference, case.other
+        )
+        assert true_score == pytest.approx(1.0, abs=1e-4)
+        assert -1.0 <= random_score <= 1.0 and true_score > random_score
+    summary = bench.summarise(
+        [{"factor": "color", "true": 0.9, "random": 0.1}, {"factor": "color", "true": 0.2, "random": 0.3}]
+    )
+    assert summary["true_wins"] == 0.5 and summary["per_factor"]["color"]["mean_true"] == pytest.approx(0.55)
+
+
+def test_prompt_without_drops_the_attribute_phrase():
+    from training.procedural import FACTORS, caption_for
+
+    bench = _load_bench("transfer_score")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        factors = bench.sample_factors(rng)
+        for factor in bench.ATTRIBUTE_FACTORS:
+            phrase = FACTORS[factor].describe(factors[factor])
+            prompt = bench.prompt_without(factors, factor)
+            caption = caption_for(factors, template=2).lower()
+            assert prompt.lower().count(phrase.lower()) == caption.count(phrase.lower()) - 1

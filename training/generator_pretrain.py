@@ -1,0 +1,745 @@
+"""Pretrain the small starter generator on the procedural corpus, then its attribute adapter against it.
+
+Three stages, each seeded and bounded by a time budget, all on a CPU:
+
+    python -m training.generator_pretrain base --data DIR --out GEN_DIR [--vae-seconds S --transformer-seconds S]
+    python -m training.generator_pretrain adapter --data DIR --generator GEN_DIR --encoder ENC_DIR
+    python -m training.generator_pretrain samples --data DIR --generator GEN_DIR --out GRID.png
+
+`base`: (1) an AutoencoderKL, 64 x 64 RGB -> 8 x 8 x 8 latents, MSE + a small KL term; its latent mean and
+std become `shift_factor` / `scaling_factor`; (2) a FluxTransformer2DModel with flow matching on (image,
+caption) examples, both sides of every pair. Text features come from frozen, randomly initialised CLIP / T5
+text encoders over a word-level vocabulary of the corpus' captions: a fixed deterministic function of the
+caption, which the transformer learns to read. The result is a diffusers-layout directory that
+`generator_plugin.plugins.load_generator("flux", GEN_DIR)` loads.
+
+`adapter`: the attribute adapter with L_gen (the trainer's objective: the target's flow-matching velocity under
+its caption, conditioned on E(reference, all its positives), condition dropout as the pipeline drops
+conditions) with the encoder frozen, so its tokens, the target latents and the caption features are computed
+once and every step runs only the transformer. `training.trainer` trains the same objective with the encoder
+unfrozen (L_gen + L_con), at the cost of an encoder forward and backward per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+from generator_plugin.adapter import AttributeAdapter
+from generator_plugin.pipeline import AttributePipeline
+from training.losses import flow_matching_inputs, flow_matching_loss, sample_sigmas
+from training.pairs import load_pairs
+from training.procedural import FACTORS
+from training.trainer import pack_latents
+
+PRETRAIN_CONFIG_NAME = "pretrain_config.json"
+SPECIAL_TOKENS = ("<pad>", "<unk>")
+EOS_TOKEN = "<eos>"
+WORD_PATTERN = re.compile(r"\w+")  # the words the tokenizer keeps: punctuation is dropped (shorter sequences)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parts
+
+
+def caption_vocabulary(captions: Sequence[str]) -> list[str]:
+    """Word-level vocabulary: special tokens, every lower-cased word of the captions and factor phrases, <eos> last.
+
+    <eos> is the highest id so CLIP's pooled output (taken at the eos position; the legacy argmax rule picks the
+    highest id) is the caption's end whatever the rule.
+    """
+    texts = list(captions)
+    for factor in FACTORS.values():
+        texts += [factor.describe(value) for value in factor.values()]
+    words = sorted({word for text in texts for word in WORD_PATTERN.findall(text.lower())})
+    return [*SPECIAL_TOKENS, *words, EOS_TOKEN]
+
+
+def caption_text_encoders(vocabulary: Sequence[str], seed: int = 0, max_length: int = 64, width: int = 32) -> dict:
+    """Frozen random CLIP (pooled `width`) and T5 (sequence `width`) text encoders over `vocabulary`.
+
+    The sizes of generator_plugin.testing.tiny_text_encoders, with a vocabulary that covers the captions and an
+    <eos> appended to every text. Returns the pipeline's text_encoder, tokenizer, text_encoder_2, tokenizer_2.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {word: index for index, word in enumerate(vocabulary)}
+    eos_id = vocab[EOS_TOKEN]
+
+    def tokenizer() -> PreTrainedTokenizerFast:
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")]
+        )
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS_TOKEN}", special_tokens=[(EOS_TOKEN, eos_id)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            pad_token="<pad>",
+            unk_token="<unk>",
+            eos_token=EOS_TOKEN,
+            model_max_length=max_length,
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=max_length,
+                pad_token_id=0,
+                eos_token_id=eos_id,
+                bos_token_id=eos_id,
+            )
+        ).eval()
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(vocab),
+                d_model=width,
+                d_kv=16,
+                d_ff=2 * width,
+                num_layers=1,
+                num_heads=2,
+                pad_token_id=0,
+                eos_token_id=eos_id,
+            )
+        ).eval()
+    return {"text_encoder": clip, "tokenizer": tokenizer(), "text_encoder_2": t5, "tokenizer_2": tokenizer()}
+
+
+def build_vae(seed: int = 0, channels: Sequence[int] = (32, 64, 64), latent_channels: int = 4) -> AutoencoderKL:
+    """AutoencoderKL with 2^(len(channels) - 1) downsampling: (32, 64, 64) maps 64 x 64 RGB to 4 x 16 x 16."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=latent_channels,
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * len(channels),
+            up_block_types=("UpDecoderBlock2D",) * len(channels),
+            block_out_channels=tuple(channels),
+            sample_size=64,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+
+
+def build_transformer(
+    seed: int = 0,
+    latent_channels: int = 4,
+    num_layers: int = 4,
+    num_single_layers: int = 4,
+    heads: int = 4,
+    head_dim: int = 32,
+    text_width: int = 32,
+) -> FluxTransformer2DModel:
+    """A small FluxTransformer2DModel: hidden heads x head_dim, 2x2-packed latents, no guidance embedding."""
+    rope_rows = 3 * head_dim // 8 // 2 * 2  # RoPE axes (text index, row, column): even, summing to head_dim
+    rope = (head_dim - 2 * rope_rows, rope_rows, rope_rows)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=text_width,
+            pooled_projection_dim=text_width,
+            guidance_embeds=False,
+            axes_dims_rope=rope,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """One RGB image as uint8 (3, size, size), resized with Lanczos as the pipeline's image processor does."""
+    image = PIL.Image.open(path).convert("RGB").resize((size, size), PIL.Image.LANCZOS)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def load_examples(data_dir: str | Path, size: int, max_pairs: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Both sides of every pair as (image, caption) examples: uint8 (2P, 3, size, size) and 2P captions."""
+    root = Path(data_dir)
+    records = load_pairs(root, verify_images=False).records[:max_pairs]
+    images, captions = [], []
+    for record in records:
+        for image, caption in ((record.image_x, record.caption_x), (record.image_y, record.caption_y)):
+            images.append(load_image(root / image, size))
+            captions.append(caption)
+    return torch.stack(images), captions
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], the VAE's input range."""
+    return images.float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Normalised, packed latent means: uint8 (N, 3, H, W) -> (N, S, 4 C) with the VAE's shift and scale."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        mean = vae.encode(to_unit_range(images[start : start + batch_size])).latent_dist.mean  # (b, C, h, w)
+        chunks.append(pack_latents((mean - vae.config.shift_factor) * vae.config.scaling_factor))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def embed_captions(
+    pipeline: AttributePipeline, captions: Sequence[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen text features of each distinct caption: (N, T, J) T5 sequence and (N, P) CLIP vector."""
+    sequences, vectors = [], []
+    for caption in captions:
+        sequence, vector = pipeline.encode_prompt(caption, max_sequence_length=max_length)
+        sequences.append(sequence)
+        vectors.append(vector)
+    return torch.cat(sequences), torch.cat(vectors)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training loops
+
+
+def train_vae(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-4,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    log_every: int = 50,
+) -> list[float]:
+    """MSE reconstruction + kl_weight * mean KL; returns the per-step reconstruction MSE."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        batch = to_unit_range(images[torch.randint(len(images), (batch_size,), generator=generator)])
+        posterior = vae.encode(batch).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(latents).sample  # (B, 3, H, W)
+        mse = torch.nn.functional.mse_loss(reconstruction, batch)
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+        optimizer.zero_grad(set_to_none=True)
+        (mse + kl_weight * kl).backward()
+        optimizer.step()
+        losses.append(mse.item())
+        if (step + 1) % log_every == 0:
+            _log("vae", step + 1, started, mse=np.mean(losses[-log_every:]), kl=kl.item())
+        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+            _log("vae", step + 1, started, mse=np.mean(losses[-log_every:]), stopped="max_seconds")
+            break
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def set_latent_statistics(vae: AutoencoderKL, images: torch.Tensor) -> None:
+    """shift_factor = mean and scaling_factor = 1 / std of the latent means, so the flow sees unit variance."""
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    latents = encode_latents(vae, images)
+    vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
+
+
+def flow_step_loss(
+    transformer: FluxTransformer2DModel,
+    clean: torch.Tensor,  # (B, S, 4 C)
+    prompt_embeds: torch.Tensor,  # (B, T, J)
+    pooled: torch.Tensor,  # (B, P)
+    image_ids: torch.Tensor,  # (S, 3)
+    generator: torch.Generator,
+    attention_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """The flow-matching velocity MSE of one batch (the trainer's L_gen with the conditions given)."""
+    noise = torch.randn(clean.shape, generator=generator)
+    sigmas = sample_sigmas(len(clean), "logit_normal", generator=generator)  # (B,)
+    noisy, target = flow_matching_inputs(clean, noise, sigmas)
+    predicted = transformer(
+        hidden_states=noisy,
+        timestep=sigmas,
+        pooled_projections=pooled,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=torch.zeros(prompt_embeds.shape[1], 3),
+        img_ids=image_ids,
+        joint_attention_kwargs=attention_kwargs,
+        return_dict=False,
+    )[0]  # (B, S, 4 C)
+    return flow_matching_loss(predicted, target)
+
+
+def latent_image_ids(num_tokens: int) -> torch.Tensor:
+    """RoPE positions (S, 3) of a square grid of packed latent tokens, as AttributePipeline builds them."""
+    side = math.isqrt(num_tokens)
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).float()
+
+
+def _drop(keep_probability: float, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    return (torch.rand(batch_size, generator=generator) < keep_probability).float()  # (B,) 1 = keep
+
+
+def train_transformer(
+    transformer: FluxTransformer2DModel,
+    latents: torch.Tensor,  # (N, S, 4 C)
+    prompt_embeds: torch.Tensor,  # (N, T, J)
+    pooled: torch.Tensor,  # (N, P)
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    text_dropout: float = 0.15,
+    ema_decay: float = 0.995,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    log_every: int = 50,
+) -> tuple[FluxTransformer2DModel, list[float]]:
+    """Flow matching on (latent, caption) examples; the caption is zeroed with p = text_dropout (the null text).
+
+    Returns the EMA copy of the weights (what is shipped) and the per-step losses.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    params, ema_params = list(transformer.parameters()), list(ema.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    image_ids = latent_image_ids(latents.shape[1])
+    transformer.train()
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        index = torch.randint(len(latents), (batch_size,), generator=generator)
+        keep = _drop(1.0 - text_dropout, batch_size, generator)
+        loss = flow_step_loss(
+            transformer,
+            latents[index],
+            prompt_embeds[index] * keep.view(-1, 1, 1),
+            pooled[index] * keep.view(-1, 1),
+            image_ids,
+            generator,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 100)  # 100-step linear warm-up
+        optimizer.step()
+        decay = min(ema_decay, (step + 1) / (step + 10))  # short EMA memory early on
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0:
+            _log("transformer", step + 1, started, loss=np.mean(losses[-log_every:]))
+        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+            _log("transformer", step + 1, started, loss=np.mean(losses[-log_every:]), stopped="max_seconds")
+            break
+    transformer.eval()
+    return ema, losses
+
+
+def train_adapter(
+    pipeline: AttributePipeline,
+    reference_tokens: torch.Tensor,  # (N, l, d_ctx) E(reference_n, its positives)
+    target_latents: torch.Tensor,  # (N, S, 4 C)
+    prompt_embeds: torch.Tensor,  # (N, T, J) the target's caption
+    pooled: torch.Tensor,  # (N, P)
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    text_dropout: float = 0.5,
+    attribute_dropout: float = 0.1,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    log_every: int = 50,
+) -> list[float]:
+    """L_gen for the pipeline's adapter with everything else frozen; returns the per-step losses.
+
+    text_dropout is higher than the trainer's default so the adapter learns D(A, 0), the row that personalize
+    and compose add to the text's flow field.
+    """
+    transformer, adapter = pipeline.transformer, pipeline.attribute_adapter
+    transformer.requires_grad_(False)
+    adapter.requires_grad_(True)
+    generator = torch.Generator().manual_seed(seed)
+    params = list(adapter.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    image_ids = latent_image_ids(target_latents.shape[1])
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        index = torch.randint(len(target_latents), (batch_size,), generator=generator)
+        keep_text = _drop(1.0 - text_dropout, batch_size, generator)
+        keep_attribute = _drop(1.0 - attribute_dropout, batch_size, generator)
+        loss = flow_step_loss(
+            transformer,
+            target_latents[index],
+            prompt_embeds[index] * keep_text.view(-1, 1, 1),
+            pooled[index] * keep_text.view(-1, 1),
+            image_ids,
+            generator,
+            attention_kwargs=adapter.attention_kwargs(reference_tokens[index].float(), keep_attribute),
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0:
+            _log("adapter", step + 1, started, loss=np.mean(losses[-log_every:]))
+        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+            _log("adapter", step + 1, started, loss=np.mean(losses[-log_every:]), stopped="max_seconds")
+            break
+    adapter.requires_grad_(False)
+    return losses
+
+
+def _log(stage: str, step: int, started: float, **values) -> None:
+    line = {"stage": stage, "step": step, "seconds": round(time.perf_counter() - started, 1)}
+    line.update({k: round(float(v), 5) if isinstance(v, (float, np.floating)) else v for k, v in values.items()})
+    print(json.dumps(line), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def pretrain_base(
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    size: int = 64,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    vae_channels: Sequence[int] = (16, 32, 64, 64),
+    vae_steps: int = 100_000,
+    vae_seconds: float | None = 240,
+    vae_batch_size: int = 16,
+    transformer_layers: tuple[int, int] = (3, 3),
+    transformer_heads: int = 4,
+    transformer_head_dim: int = 32,
+    transformer_steps: int = 100_000,
+    transformer_seconds: float | None = 600,
+    transformer_batch_size: int = 32,
+    transformer_lr: float = 1e-3,
+    text_dropout: float = 0.15,
+    max_text_tokens: int = 48,
+    latent_channels: int = 8,
+) -> dict:
+    """VAE then transformer on the pair corpus; saves a loadable generator directory; returns the run's record."""
+    settings = {key: value for key, value in locals().items() if key not in ("data_dir", "out")}
+    settings = {key: list(v) if isinstance(v, tuple) else v for key, v in settings.items()}
+    images, captions = load_examples(data_dir, size, max_pairs)
+    print(json.dumps({"examples": len(images), "size": size}), flush=True)
+
+    vae = build_vae(seed, vae_channels, latent_channels)
+    vae_losses = train_vae(vae, images, steps=vae_steps, batch_size=vae_batch_size, seed=seed, max_seconds=vae_seconds)
+    set_latent_statistics(vae, images)
+    vae.requires_grad_(False)
+
+    text_parts = caption_text_encoders(caption_vocabulary(captions), seed=seed, max_length=max_text_tokens)
+    transformer = build_transformer(
+        seed, vae.config.latent_channels, *transformer_layers, transformer_heads, transformer_head_dim
+    )
+    pipeline = AttributePipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), **text_parts
+    )
+    latents = encode_latents(vae, images)  # (N, S, 4 C)
+    distinct = list(dict.fromkeys(captions))
+    sequences, vectors = embed_captions(pipeline, distinct, max_text_tokens)
+    position = {caption: index for index, caption in enumerate(distinct)}
+    rows = torch.tensor([position[caption] for caption in captions])
+    ema, transformer_losses = train_transformer(
+        transformer,
+        latents,
+        sequences[rows],
+        vectors[rows],
+        steps=transformer_steps,
+        batch_size=transformer_batch_size,
+        lr=transformer_lr,
+        text_dropout=text_dropout,
+        seed=seed,
+        max_seconds=transformer_seconds,
+    )
+    pipeline = AttributePipeline(
+        transformer=ema, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), **text_parts
+    )
+    pipeline.save_pretrained(out)
+    record = {
+        "stage": "base",
+        "data_dir": str(data_dir),
+        "examples": len(images),
+        "settings": settings,
+        "vae_steps": len(vae_losses),
+        "vae_mse_first_last": [_mean_head(vae_losses), _mean_tail(vae_losses)],
+        "transformer_steps": len(transformer_losses),
+        "transformer_loss_first_last": [_mean_head(transformer_losses), _mean_tail(transformer_losses)],
+    }
+    _write_record(Path(out), record)
+    return record
+
+
+def pretrain_adapter(
+    data_dir: str | Path,
+    generator_dir: str | Path,
+    encoder_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    size: int = 64,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    steps: int = 100_000,
+    max_seconds: float | None = 600,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    text_dropout: float = 0.5,
+    attribute_dropout: float = 0.1,
+    max_text_tokens: int = 48,
+    encode_batch_size: int = 32,
+    target: str = "pair",
+) -> dict:
+    """Train an attribute adapter for `encoder_dir`'s tokens; write it to out (default GEN_DIR/attribute_adapter)."""
+    from encoder import AttributeEncoder
+    from generator_plugin.plugins import load_generator
+
+    settings = {key: value for key, value in locals().items() if key not in ("AttributeEncoder", "load_generator")}
+    settings = {key: str(v) if isinstance(v, Path) else v for key, v in settings.items()}
+    root = Path(data_dir)
+    pipeline = load_generator("flux", generator_dir)
+    if pipeline.attribute_adapter is not None:
+        pipeline.unload_attribute_adapter()
+    encoder = AttributeEncoder.from_pretrained(encoder_dir).eval()
+    records = [r for r in load_pairs(root, verify_images=False).records if r.positive][:max_pairs]
+    # Both directions of every pair: reference x -> target y, and y -> x.
+    references = [path for r in records for path in (r.image_x, r.image_y)]
+    if target == "pair":
+        targets = [path for r in records for path in (r.image_y, r.image_x)]
+        captions = [caption for r in records for caption in (r.caption_y, r.caption_x)]
+    elif target == "self":  # reconstruct the reference itself: a stronger signal, at the risk of copying it
+        targets = list(references)
+        captions = [caption for r in records for caption in (r.caption_x, r.caption_y)]
+    else:
+        raise ValueError(f"target must be 'pair' or 'self', got {target!r}")
+    positives = [list(r.positive) for r in records for _ in range(2)]
+    started = time.perf_counter()
+    token_chunks = []
+    with torch.no_grad():
+        for start in range(0, len(references), encode_batch_size):
+            images = [PIL.Image.open(root / p).convert("RGB") for p in references[start : start + encode_batch_size]]
+            token_chunks.append(encoder.encode(images, positives[start : start + encode_batch_size]).tokens.half())
+    tokens = torch.cat(token_chunks)  # (N, l, d_ctx)
+    latents = encode_latents(pipeline.vae, torch.stack([load_image(root / p, size) for p in targets]))
+    sequences, vectors = embed_captions(pipeline, captions, max_text_tokens)
+    print(json.dumps({"examples": len(tokens), "precompute_seconds": round(time.perf_counter() - started, 1)}))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        adapter = AttributeAdapter.for_transformer(pipeline.transformer, encoder.dimension)
+    pipeline.load_attribute_adapter(adapter)
+    losses = train_adapter(
+        pipeline,
+        tokens,
+        latents,
+        sequences,
+        vectors,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        text_dropout=text_dropout,
+        attribute_dropout=attribute_dropout,
+        seed=seed,
+        max_seconds=max_seconds,
+    )
+    adapter_dir = Path(out) if out is not None else Path(generator_dir) / "attribute_adapter"
+    adapter.save_pretrained(adapter_dir)
+    record = {
+        "stage": "adapter",
+        "examples": len(tokens),
+        "settings": settings,
+        "steps": len(losses),
+        "loss_first_last": [_mean_head(losses), _mean_tail(losses)],
+    }
+    (adapter_dir / "adapter_train_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def sample_grid(
+    data_dir: str | Path,
+    generator_dir: str | Path,
+    out: str | Path,
+    *,
+    count: int = 16,
+    size: int = 64,
+    steps: int = 20,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    max_text_tokens: int = 48,
+) -> Path:
+    """Two rows per caption block: corpus images, then samples for their captions; a PNG at `out`."""
+    from generator_plugin.plugins import load_generator
+
+    root = Path(data_dir)
+    pipeline = load_generator("flux", generator_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    records = load_pairs(root, verify_images=False).records[:count]
+    real, fake = [], []
+    for index, record in enumerate(records):
+        real.append(PIL.Image.open(root / record.image_x).convert("RGB").resize((size, size)))
+        fake.append(
+            pipeline(
+                prompt=record.caption_x,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                max_sequence_length=max_text_tokens,
+                generator=torch.Generator().manual_seed(seed + index),
+            ).images[0]
+        )
+    columns = 8
+    rows = [real[i : i + columns] for i in range(0, len(real), columns)]
+    rows = [row for i, row in enumerate(rows) for row in (row, fake[i * columns : (i + 1) * columns])]
+    grid = PIL.Image.new("RGB", (columns * size, len(rows) * size))
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * size, r * size))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return Path(out)
+
+
+def _mean_head(values: Sequence[float], count: int = 50) -> float:
+    return float(np.mean(values[:count]))
+
+
+def _mean_tail(values: Sequence[float], count: int = 50) -> float:
+    return float(np.mean(values[-count:]))
+
+
+def _write_record(directory: Path, record: dict) -> None:
+    (directory / PRETRAIN_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: `base`, `adapter` and `samples` (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m training.generator_pretrain", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    base = commands.add_parser("base", help="train the VAE and the transformer; write a generator directory")
+    base.add_argument("--data", required=True, type=Path)
+    base.add_argument("--out", required=True, type=Path)
+    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--size", type=int, default=64)
+    base.add_argument("--max-pairs", type=int)
+    base.add_argument("--vae-seconds", type=float, default=240)
+    base.add_argument("--vae-steps", type=int, default=100_000)
+    base.add_argument("--transformer-seconds", type=float, default=600)
+    base.add_argument("--transformer-steps", type=int, default=100_000)
+    base.add_argument("--transformer-layers", type=int, nargs=2, default=(3, 3), metavar=("DOUBLE", "SINGLE"))
+    base.add_argument("--transformer-heads", type=int, default=4)
+    base.add_argument("--transformer-batch-size", type=int, default=32)
+    base.add_argument("--transformer-lr", type=float, default=1e-3)
+    base.add_argument("--vae-channels", type=int, nargs="+", default=(16, 32, 64, 64))
+    base.add_argument("--latent-channels", type=int, default=8)
+    base.add_argument("--threads", type=int)
+    adapter = commands.add_parser("adapter", help="train the attribute adapter with L_gen, encoder frozen")
+    adapter.add_argument("--data", required=True, type=Path)
+    adapter.add_argument("--generator", required=True, type=Path)
+    adapter.add_argument("--encoder", required=True, type=Path)
+    adapter.add_argument("--out", type=Path, help="default: GENERATOR/attribute_adapter")
+    adapter.add_argument("--seed", type=int, default=0)
+    adapter.add_argument("--max-pairs", type=int)
+    adapter.add_argument("--seconds", type=float, default=600)
+    adapter.add_argument("--steps", type=int, default=100_000)
+    adapter.add_argument("--batch-size", type=int, default=32)
+    adapter.add_argument("--lr", type=float, default=1e-3)
+    adapter.add_argument("--text-dropout", type=float, default=0.5)
+    adapter.add_argument("--target", choices=("pair", "self"), default="pair", help="the other image, or itself")
+    adapter.add_argument("--threads", type=int)
+    samples = commands.add_parser("samples", help="a grid of corpus images and samples for their captions")
+    samples.add_argument("--data", required=True, type=Path)
+    samples.add_argument("--generator", required=True, type=Path)
+    samples.add_argument("--out", required=True, type=Path)
+    samples.add_argument("--count", type=int, default=16)
+    samples.add_argument("--steps", type=int, default=20)
+    samples.add_argument("--guidance-scale", type=float, default=1.0)
+    samples.add_argument("--seed", type=int, default=0)
+    samples.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "base":
+        record = pretrain_base(
+            args.data,
+            args.out,
+            size=args.size,
+            max_pairs=args.max_pairs,
+            seed=args.seed,
+            vae_steps=args.vae_steps,
+            vae_seconds=args.vae_seconds,
+            transformer_layers=tuple(args.transformer_layers),
+            transformer_heads=args.transformer_heads,
+            transformer_steps=args.transformer_steps,
+            transformer_seconds=args.transformer_seconds,
+            transformer_batch_size=args.transformer_batch_size,
+            transformer_lr=args.transformer_lr,
+            vae_channels=tuple(args.vae_channels),
+            latent_channels=args.latent_channels,
+        )
+    elif args.command == "adapter":
+        record = pretrain_adapter(
+            args.data,
+            args.generator,
+            args.encoder,
+            out=args.out,
+            max_pairs=args.max_pairs,
+            seed=args.seed,
+            steps=args.steps,
+            max_seconds=args.seconds,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            text_dropout=args.text_dropout,
+            target=args.target,
+        )
+    else:
+        path = sample_grid(
+            args.data,
+            args.generator,
+            args.out,
+            count=args.count,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+        )
+        record = {"grid": str(path)}
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
