@@ -299,13 +299,13 @@ def search(
     terms, negatives = ([_encoded(services, t) for t in group] for group in (terms, negatives))
     with services.read_session_factory() as session:  # one snapshot for the whole search
         term_image_ids = [t.image_id for t in (*terms, *negatives) if t.image_id is not None]
-        images = metadata.get_image_rows(session, image_ids=term_image_ids)  # one query for every term's image
+        term_images = metadata.get_image_rows(session, image_ids=term_image_ids)  # one query for every term's image
         # A term image of this collection proves that the collection exists (foreign key, same snapshot),
         # which saves a query on the common path; otherwise read it, so a missing collection is a 404 first.
-        if not any(image.collection_id == collection_id for image in images.values()):
+        if not any(image.collection_id == collection_id for image in term_images.values()):
             metadata.get_collection(session, collection_id=collection_id)
-        positive = [_term(session, services, collection_id, t, images) for t in terms]
-        negative = [_term(session, services, collection_id, t, images) for t in negatives]
+        positive = [_term(session, services, collection_id, t, term_images) for t in terms]
+        negative = [_term(session, services, collection_id, t, term_images) for t in negatives]
         if include_query_images:
             positive = [SearchTerm(t.vector, t.attribute_id, t.attribute, t.weight) for t in positive]
         ranked = search_images(

@@ -145,10 +145,14 @@ class CompactBackbone(nn.Module):
         return self.read_pairs(image_tokens, text_states, text_mask, image_index, text_index)
 
     def encode_grid(
-        self, images: Sequence[ImageInput], phrases: Sequence[str]
+        self, images: Sequence[ImageInput], phrases: Sequence[str], image_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every image under every phrase -> tokens (B, K, l, d_ctx), pooled (B, K, d_ctx)."""
-        image_tokens = self.image_tokens(images)  # (B, cells, d_text): trunk once per image
+        """Every image under every phrase -> tokens (B, K, l, d_ctx), pooled (B, K, d_ctx).
+
+        `image_tokens` (B, cells, d_text), when given, are `self.image_tokens(images)` computed earlier.
+        """
+        if image_tokens is None:
+            image_tokens = self.image_tokens(images)  # (B, cells, d_text): trunk once per image
         text_states, text_mask = self.text_tokens(phrases)  # (K, T, d_text): MiniLM once per attribute
         num_images, num_phrases = image_tokens.shape[0], len(phrases)
         device = image_tokens.device

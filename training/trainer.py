@@ -70,8 +70,12 @@ def contrastive_embeddings(
     images_y: Sequence[Any],
     positive: Sequence[str],
     negative: Sequence[str],
+    image_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The four single-attribute encodings of P pairs, pooled: E(x,a+), E(x,a-), E(y,a+), E(y,a-), (P, d) each."""
+    """The four single-attribute encodings of P pairs, pooled: E(x,a+), E(x,a-), E(y,a+), E(y,a-), (P, d) each.
+
+    `image_tokens`: the compact backbone's tokens of [*images_x, *images_y], when already computed.
+    """
     num_pairs = len(images_x)
     backbone = encoder.backbone
     if hasattr(backbone, "read_pairs"):
@@ -79,7 +83,8 @@ def contrastive_embeddings(
         # connector over the 4P (image, phrase) combinations; `encode` would run the trunk 4P times.
         phrases = attribute_phrases([*positive, *negative])
         distinct = list(dict.fromkeys(phrases))
-        image_tokens = backbone.image_tokens([*images_x, *images_y])  # (2P, cells, d_text)
+        if image_tokens is None:
+            image_tokens = backbone.image_tokens([*images_x, *images_y])  # (2P, cells, d_text)
         text_states, text_mask = backbone.text_tokens(distinct)  # (A, T, d_text)
         x_index, y_index = list(range(num_pairs)), list(range(num_pairs, 2 * num_pairs))
         pos_index = [distinct.index(p) for p in phrases[:num_pairs]]
@@ -119,18 +124,24 @@ class AttributeTrainingModule(nn.Module):
         """Weighted total `loss` and its terms `l_con` / `l_gen` (present when their lambda is > 0)."""
         losses: dict[str, torch.Tensor] = {}
         total = None
+        images = [s.image_x for s in batch] + [s.image_y for s in batch]  # (2P,): every x, then every y
+        image_tokens = None
+        both = self.config.lambda_con > 0 and self.config.lambda_factor > 0
+        if both and hasattr(self.encoder.backbone, "read_pairs"):
+            image_tokens = self.encoder.backbone.image_tokens(images)  # the frozen trunk once for both losses
         if self.config.lambda_con > 0:
             embeddings = contrastive_embeddings(
                 self.encoder,
-                [s.image_x for s in batch],
-                [s.image_y for s in batch],
+                images[: len(batch)],
+                images[len(batch) :],
                 [s.positive_attribute for s in batch],
                 [s.negative_attribute for s in batch],
+                image_tokens,
             )
             losses["l_con"] = contrastive_loss(*embeddings, tau=self.config.tau)
             total = self.config.lambda_con * losses["l_con"]
         if self.config.lambda_factor > 0:
-            losses["l_factor"] = self.factor_loss(batch, rng)
+            losses["l_factor"] = self.factor_loss(batch, rng, image_tokens)
             term = self.config.lambda_factor * losses["l_factor"]
             total = term if total is None else total + term
         if self.config.lambda_gen > 0:
@@ -140,17 +151,17 @@ class AttributeTrainingModule(nn.Module):
         losses["loss"] = total
         return losses
 
-    def factor_loss(self, batch: Sequence[PairSample], rng: random.Random) -> torch.Tensor:
+    def factor_loss(
+        self, batch: Sequence[PairSample], rng: random.Random, image_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Supervised contrastive loss over the 2P images of the batch, per factor their records name.
 
         Each factor is read under one of its paraphrases drawn per step (open-vocabulary text), the same
         phrase for every image of the batch; images without a value for a factor are left out of its term.
+        `image_tokens`: the compact backbone's tokens of every x, then every y, when already computed.
         """
-        images: list[Any] = []
-        assignments: list[Mapping[str, str]] = []
-        for sample in batch:
-            images += [sample.image_x, sample.image_y]
-            assignments += [sample.record.factors_x or {}, sample.record.factors_y or {}]
+        images = [s.image_x for s in batch] + [s.image_y for s in batch]
+        assignments = [s.record.factors_x or {} for s in batch] + [s.record.factors_y or {} for s in batch]
         names = sorted({name for values in assignments for name in values})
         if not names:
             raise ValueError(
@@ -158,7 +169,10 @@ class AttributeTrainingModule(nn.Module):
                 "set lambda_factor: 0 for annotated pairs"
             )
         phrases = [rng.choice(FACTORS[name].paraphrases) if name in FACTORS else name for name in names]
-        pooled = self.encoder.encode_grid(images, phrases).pooled  # (2P, F, d)
+        if image_tokens is not None:
+            _, pooled = self.encoder.backbone.encode_grid(images, phrases, image_tokens)  # (2P, F, d)
+        else:
+            pooled = self.encoder.encode_grid(images, phrases).pooled  # (2P, F, d)
         value_ids: dict[tuple[str, str], int] = {}
         labels = torch.tensor(
             [

@@ -198,3 +198,25 @@ def test_factor_loss_on_pairs_without_factors_says_what_to_do(tmp_path, pairs_di
     write_pairs(plain, [dataclasses.replace(r, factors_x=None, factors_y=None) for r in records])
     with pytest.raises(ValueError, match="set lambda_factor: 0"):
         train(_config(plain, tmp_path / "run", lambda_gen=0.0, generator=None, lambda_con=0.0, lambda_factor=1.0))
+
+
+def test_factor_loss_with_the_shared_trunk_pass_equals_its_own(tmp_path, pairs_dir):
+    """forward runs the frozen trunk once for L_con and the factor loss; the loss must not change."""
+    import random
+
+    from training.pairs import PairDataset
+
+    config = TrainConfig.from_dict(
+        _config(pairs_dir, tmp_path, lambda_gen=0.0, generator=None, lambda_factor=1.0)
+    )
+    torch.manual_seed(0)
+    module = AttributeTrainingModule(config, AttributeEncoder(tiny_compact_config(image_size=64))).eval()
+    dataset = PairDataset.from_directory(pairs_dir)
+    batch = [dataset[i] for i in range(4)]
+    with torch.no_grad():
+        alone = module.factor_loss(batch, random.Random(5))
+        tokens = module.encoder.backbone.image_tokens([s.image_x for s in batch] + [s.image_y for s in batch])
+        shared = module.factor_loss(batch, random.Random(5), tokens)
+        losses = module(batch, random.Random(5))
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-6)
+    assert losses["l_factor"].item() == pytest.approx(alone.item(), rel=1e-5)
