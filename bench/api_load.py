@@ -204,7 +204,7 @@ def main() -> None:
 
     load_average = os.getloadavg()[0]  # before this bench adds its own load
     work = Path(tempfile.mkdtemp(prefix="omniattr-load-"))
-    encoder_dir = args.encoder
+    encoder_dir = args.encoder.resolve() if args.encoder else None  # the server runs in another directory
     if encoder_dir is None:
         from encoder import AttributeEncoder, EncoderConfig
 

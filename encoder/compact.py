@@ -9,10 +9,13 @@ B trunk passes + K text passes + B*K connector passes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
@@ -23,6 +26,7 @@ from .efficientnet_lite import HEAD_CHANNELS, PIXEL_MEAN, PIXEL_STD, load_effici
 from .images import ImageInput, to_pixels
 
 TRUNK_STRIDE = 32
+CPU_TRUNK_CHUNK = 8  # images per trunk forward on a CPU (see image_tokens)
 
 
 def packaged_text_model_path() -> Path:
@@ -50,6 +54,51 @@ class ImageProjector(nn.Module):
         return self.proj(self.norm(cells)) + self.cell_position  # (N, h*w, d)
 
 
+class TextStateCache:
+    """LRU cache of per-phrase text states, valid while the weights' stamp is unchanged; thread-safe."""
+
+    def __init__(self, max_phrases: int = 1024) -> None:
+        self.max_phrases = max_phrases
+        self._entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._stamp: object = None
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(
+        self,
+        phrases: Sequence[str],
+        compute: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]],
+        stamp: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """States (A, T, d) and mask (A, T) of `phrases`, computing the missing ones in one batch."""
+        with self._lock:
+            if stamp != self._stamp:
+                self._entries.clear()
+                self._stamp = stamp
+            found = {p: self._entries[p] for p in phrases if p in self._entries}
+            for phrase in found:
+                self._entries.move_to_end(phrase)  # recently used: evicted last
+        missing = [p for p in dict.fromkeys(phrases) if p not in found]
+        if missing:
+            states, mask = compute(missing)
+            for phrase, row_states, row_mask in zip(missing, states, mask, strict=True):
+                length = int(row_mask.sum())  # real tokens come first; padding is dropped
+                found[phrase] = (row_states[:length].clone(), row_mask[:length].clone())
+            with self._lock:
+                for phrase in missing if stamp == self._stamp else ():  # weights changed meanwhile: don't keep
+                    self._entries[phrase] = found[phrase]
+                while len(self._entries) > self.max_phrases:
+                    self._entries.popitem(last=False)
+        rows = [found[p] for p in phrases]
+        length = max(len(m) for _, m in rows)
+        states = torch.stack([F.pad(s, (0, 0, 0, length - len(s))) for s, _ in rows])  # (A, T, d)
+        mask = torch.stack([F.pad(m, (0, length - len(m))) for _, m in rows])  # (A, T), False = padding
+        return states, mask
+
+
 class CompactBackbone(nn.Module):
     """Trunk (frozen) -> projector -> image tokens; MiniLM + LoRA -> text tokens; connector reads both."""
 
@@ -60,7 +109,8 @@ class CompactBackbone(nn.Module):
                 f"compact image_size must be a multiple of {TRUNK_STRIDE}, got {config.image_size}"
             )
         self.config = config
-        self.trunk = load_efficientnet_lite0(config.trunk_weights).requires_grad_(False)
+        # Frozen, so its batch norms fold into the convolutions (~15 % faster on CPU, same features).
+        self.trunk = load_efficientnet_lite0(config.trunk_weights).fold_batch_norm().requires_grad_(False)
         self.trunk.to(memory_format=torch.channels_last)  # ~25% faster depthwise convolutions on CPU
         text_path = config.text_model or packaged_text_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(text_path, local_files_only=True)
@@ -88,10 +138,12 @@ class CompactBackbone(nn.Module):
             num_queries=config.num_queries,
             context_dim=config.context_dim,
         )
+        self._text_cache = TextStateCache()
 
     def train(self, mode: bool = True) -> CompactBackbone:
         super().train(mode)
         self.trunk.eval()  # frozen ImageNet batch-norm statistics, also while the rest trains
+        self._text_cache.clear()
         return self
 
     def image_tokens(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -100,11 +152,29 @@ class CompactBackbone(nn.Module):
         pixels = to_pixels(images, self.config.image_size, PIXEL_MEAN, PIXEL_STD, device=param.device)
         with torch.no_grad():
             pixels = pixels.to(param.dtype).contiguous(memory_format=torch.channels_last)
-            feature_map = self.trunk.features(pixels)  # (B, 1280, S/32, S/32)
+            # On a CPU the trunk is fastest per image in chunks of a few images (12.5 ms/img at 4-8 images,
+            # 16 at 16, 19 at 32 on 2 cores: the early 112x112 activations of a big batch leave the cache).
+            chunk = CPU_TRUNK_CHUNK if pixels.device.type == "cpu" else len(pixels)
+            feature_map = torch.cat(
+                [self.trunk.features(part) for part in pixels.split(chunk)]
+            )  # (B, 1280, S/32, S/32)
         return self.projector(feature_map)  # (B, cells, d_text)
 
     def text_tokens(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A attribute phrases -> MiniLM last states (A, T, d_text) and mask (A, T)."""
+        """A attribute phrases -> MiniLM last states (A, T, d_text) and mask (A, T).
+
+        In inference (eval mode, no gradients) each phrase's states are cached: a search service sees the
+        same few attributes over and over, and MiniLM costs about a third of a one-image query on CPU.
+        """
+        if self.training or torch.is_grad_enabled():
+            return self._run_text(phrases)
+        return self._text_cache.get(phrases, self._run_text, self._text_stamp())
+
+    def _text_stamp(self) -> tuple[tuple[int, int], ...]:
+        """Changes whenever a text weight is replaced or modified in place (an optimizer step, a load)."""
+        return tuple((p.data_ptr(), p._version) for p in self.text.parameters())
+
+    def _run_text(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.projector.proj.weight.device
         batch = self.tokenizer(
             list(phrases),

@@ -6,6 +6,7 @@ import fcntl
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from encoder.runtime import reuse_freed_memory
 from indexer.generate import GeneratorProvider
 from indexer.ingest import MediaStore
 from indexer.models import EncoderProvider, describe_encoder
@@ -19,7 +20,12 @@ if TYPE_CHECKING:
 
 
 def build_worker_context(settings: Settings) -> WorkerContext:
-    """Open the database, vector index and media store and describe the encoder named by `settings`."""
+    """Open the database, vector index and media store and describe the encoder named by `settings`.
+
+    First tunes malloc for CPU encoding (`encoder.runtime.reuse_freed_memory`), before the vector index or
+    the dispatcher start threads of their own.
+    """
+    reuse_freed_memory()
     encoder_path = settings.resolved_encoder_path
     if encoder_path is None:
         raise InvalidInputError(

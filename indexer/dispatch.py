@@ -20,18 +20,29 @@ from indexer.work import (
 log = logging.getLogger(__name__)
 
 
-MAX_QUERY_BATCH = 16
+# Queries waiting together are encoded together, up to this many: per image the compact encoder costs
+# ~20 ms alone and ~13 ms in a batch of 4-8 on 2 CPU cores (bench/RESULTS.md, "Query encoding on CPU").
+MAX_QUERY_BATCH = 8
+# Threads that encode queries. Two batches in flight at once keep both cores busy through the serial parts
+# of a forward (Python between ops, small ops that run on one core): 78 images/s against 48 with one
+# thread on 2 cores, same batches (bench/RESULTS.md).
+QUERY_WORKERS = 2
 
 
 class QueryBatcher:
-    """Encodes query images on one thread, batching the queries that arrive while it is busy."""
+    """Encodes query images on `workers` threads, each batching the queries that queued while it was busy."""
 
-    def __init__(self, context: WorkerContext, *, max_batch: int = MAX_QUERY_BATCH):
+    def __init__(self, context: WorkerContext, *, max_batch: int = MAX_QUERY_BATCH, workers: int = QUERY_WORKERS):
+        if workers < 1:
+            raise ValueError(f"QueryBatcher needs at least one worker thread, got {workers}")
         self.context = context
         self.max_batch = max_batch
         self._queue: queue.Queue[tuple[bytes, str, Future] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="omniattr-query", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"omniattr-query-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, image_bytes: bytes, attribute: str) -> Future:
         future: Future = Future()
@@ -39,8 +50,11 @@ class QueryBatcher:
         return future
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        """Stop every worker after the queries already queued."""
+        for _ in self._threads:
+            self._queue.put(None)  # one stop marker per worker
+        for thread in self._threads:
+            thread.join()
 
     def _work(self) -> None:
         while (first := self._queue.get()) is not None:

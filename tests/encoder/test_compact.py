@@ -60,6 +60,7 @@ def test_grid_equals_encode_pair_by_pair(encoder, images):
 
 
 def test_grid_runs_trunk_per_image_and_text_per_attribute(encoder, images):
+    encoder.eval()  # (re)entering eval mode empties the text cache that earlier tests filled
     rows = {"trunk": [], "text": []}
     hooks = [
         encoder.backbone.trunk._conv_stem.register_forward_hook(
@@ -76,6 +77,54 @@ def test_grid_runs_trunk_per_image_and_text_per_attribute(encoder, images):
         for hook in hooks:
             hook.remove()
     assert rows == {"trunk": [3], "text": [4]}
+    with torch.no_grad():  # the attributes' text states are cached now: only the new phrase runs MiniLM
+        encoder.encode_grid(images[:1], ["colour", "material"])
+    assert rows == {"trunk": [3], "text": [4]}
+
+
+def test_cached_text_states_equal_fresh_ones_and_follow_weight_changes(encoder, images):
+    backbone = encoder.backbone
+    encoder.eval()
+    phrases = ["image lighting", "a much longer attribute phrase with many words", "pose"]
+    with torch.no_grad():
+        fresh = encoder.encode(images, phrases).pooled
+        cached = encoder.encode(images, phrases).pooled  # served from the cache, padded differently
+        assert len(backbone._text_cache._entries) == 3
+        torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=1e-5)
+        lora_b = next(p for n, p in backbone.text.named_parameters() if "lora_B" in n)
+        saved = lora_b.clone()
+        try:
+            lora_b.add_(0.5)  # an in-place change, as an optimizer step or load_state_dict makes
+            changed = encoder.encode(images, phrases).pooled
+            backbone._text_cache.clear()
+            recomputed = encoder.encode(images, phrases).pooled
+        finally:
+            lora_b.copy_(saved)
+    assert (changed - fresh).abs().max() > 1e-3  # the stale cache was not used
+    torch.testing.assert_close(changed, recomputed, atol=1e-5, rtol=1e-5)
+
+
+def test_text_cache_is_bounded_and_skipped_when_training(encoder):
+    from encoder.compact import TextStateCache
+
+    cache = TextStateCache(max_phrases=2)
+    runs = []
+
+    def compute(phrases):
+        runs.append(list(phrases))
+        return encoder.backbone._run_text(phrases)
+
+    with torch.no_grad():
+        for phrases in (["a"], ["b"], ["a", "c"], ["b"]):
+            cache.get(phrases, compute, stamp=1)
+    assert runs == [["a"], ["b"], ["c"], ["b"]]  # "b" was evicted (least recently used) when "c" came
+    assert list(cache._entries) == ["c", "b"]
+    encoder.train()
+    try:
+        states, _ = encoder.backbone.text_tokens(["image lighting"])
+        assert states.requires_grad  # training reads MiniLM every time, with gradients to LoRA
+    finally:
+        encoder.eval()
 
 
 def test_gradients_reach_lora_projector_connector_only(encoder, images):

@@ -53,3 +53,32 @@ def test_top5_contains_the_right_class(classifier, photo, expected, top1):
 def test_feature_map_shape(classifier):
     with torch.no_grad():
         assert classifier.features(torch.zeros(2, 3, 224, 224)).shape == (2, 1280, 7, 7)
+
+
+def test_folding_batch_norm_keeps_features_and_logits():
+    photo = to_pixels([center_crop(data.chelsea())], IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD)
+    plain = load_efficientnet_lite0()
+    folded = load_efficientnet_lite0().fold_batch_norm()
+    with torch.no_grad():
+        torch.testing.assert_close(folded.features(photo), plain.features(photo), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(folded(photo), plain(photo), atol=1e-3, rtol=1e-4)
+    assert not [k for k in folded.state_dict() if "_bn" in k]  # every batch norm went into a convolution
+    before = {k: v.clone() for k, v in folded.state_dict().items()}
+    folded.fold_batch_norm()  # a second fold finds nothing left to fold
+    assert all(torch.equal(before[k], v) for k, v in folded.state_dict().items())
+
+
+@pytest.mark.parametrize(("kernel", "stride", "size"), [(3, 1, 7), (5, 1, 8), (3, 2, 8), (5, 2, 7)])
+def test_same_padding_matches_tensorflow(kernel, stride, size):
+    from encoder.efficientnet_lite import SameConv2d
+
+    torch.manual_seed(0)
+    conv = SameConv2d(4, 4, kernel, stride=stride, groups=4, bias=False)
+    x = torch.randn(2, 4, size, size)
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)  # TensorFlow's 'same': extra at the end
+    padded = torch.nn.functional.pad(x, [total // 2, total - total // 2] * 2)
+    expected = torch.nn.functional.conv2d(padded, conv.weight, None, stride, 0, 1, 4)
+    with torch.no_grad():
+        got = conv(x)
+    assert got.shape[-1] == -(-size // stride)
+    torch.testing.assert_close(got, expected)

@@ -196,7 +196,7 @@ def test_concurrent_queries_are_batched_and_a_bad_one_fails_alone(worker_context
     context = worker_context
     paths = write_images(tmp_path / "q", 6)
     expected = [encode_query(context, image_bytes=p.read_bytes(), attribute="lighting") for p in paths]
-    batcher = QueryBatcher(context, max_batch=4)
+    batcher = QueryBatcher(context, max_batch=4, workers=2)  # two batches can be in flight at once
     calls = []
     original = context.encoder.get().encode
     context.encoder.get().encode = lambda images, texts: calls.append(len(images)) or original(images, texts)
@@ -213,6 +213,9 @@ def test_concurrent_queries_are_batched_and_a_bad_one_fails_alone(worker_context
     for got, want in zip(results, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert sum(calls) == 6 and max(calls) <= 4
+    assert not any(thread.is_alive() for thread in batcher._threads)  # close stopped both workers
+    with pytest.raises(ValueError, match="at least one worker"):
+        QueryBatcher(context, workers=0)
 
 
 def test_resume_dispatches_each_job_kind_to_its_own_shard_body(worker_context, tmp_path):
