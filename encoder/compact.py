@@ -171,8 +171,11 @@ class CompactBackbone(nn.Module):
         return self._text_cache.get(phrases, self._run_text, self._text_stamp())
 
     def _text_stamp(self) -> tuple[tuple[int, int], ...]:
-        """Changes whenever a text weight is replaced or modified in place (an optimizer step, a load)."""
-        return tuple((p.data_ptr(), p._version) for p in self.text.parameters())
+        """Changes whenever a text weight is replaced or modified in place (an optimizer step, a load).
+
+        Weights created under `torch.inference_mode` have no version counter; only their storage counts.
+        """
+        return tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.text.parameters())
 
     def _run_text(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.projector.proj.weight.device

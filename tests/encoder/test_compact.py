@@ -104,6 +104,14 @@ def test_cached_text_states_equal_fresh_ones_and_follow_weight_changes(encoder, 
     torch.testing.assert_close(changed, recomputed, atol=1e-5, rtol=1e-5)
 
 
+def test_an_encoder_built_in_inference_mode_encodes_twice(images):
+    with torch.inference_mode():  # its weights are inference tensors, without version counters
+        model = AttributeEncoder(tiny_compact_config()).eval()
+        first = model.encode(images[:1], ["image lighting"]).pooled
+        second = model.encode(images[:1], ["image lighting"]).pooled  # from the cache
+    torch.testing.assert_close(first, second)
+
+
 def test_text_cache_is_bounded_and_skipped_when_training(encoder):
     from encoder.compact import TextStateCache
 
