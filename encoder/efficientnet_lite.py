@@ -119,7 +119,7 @@ class EfficientNetLite0(nn.Module):
         """Fold every eval-mode batch norm into the convolution before it (in place); returns self.
 
         conv -> BN(mean, var, gamma, beta) is conv' with weight * gamma / sqrt(var + eps) per output
-        channel and bias beta - mean * gamma / sqrt(var + eps): the same function (to float rounding, ~1e-6
+        channel and bias beta - mean * gamma / sqrt(var + eps): the same function (to float rounding, ~1e-5
         relative) with one memory pass less per layer. Only for a frozen trunk: the statistics stop updating
         and the BN parameters are gone from the state dict.
         """
