@@ -126,6 +126,9 @@ class CompactBackbone(nn.Module):
             self.text = get_peft_model(text_model, lora)  # base frozen, only lora_A / lora_B train
         else:
             self.text = PeftModel.from_pretrained(text_model, str(lora_path), is_trainable=True)
+            # The adapter names the base it was trained on (a path on the training machine); record the
+            # base this process loaded, so that a re-save describes it and peft finds its config.
+            self.text.peft_config["default"].base_model_name_or_path = str(text_path)
         text_dim = text_model.config.hidden_size
         num_cells = (config.image_size // TRUNK_STRIDE) ** 2
         self.projector = ImageProjector(HEAD_CHANNELS, text_dim, num_cells)

@@ -7,9 +7,9 @@ activations of several MB per layer, so every call faulted fresh zeroed pages in
 spent ~40 % of its time in the kernel (15.1 ms/image at 8 images per call, 1.8 s of system time in 20
 calls), and the API server under upload searches took 150,000 page faults a second from its query threads.
 With the thresholds raised and one arena for all threads, freed blocks are reused: 8.0 ms/image, no page
-faults (bench/RESULTS.md, "Upload search after the CPU encoding work"). The cost is that the process keeps its peak activation
-memory (tens of MB for the compact encoder) instead of returning it, and threads share one malloc lock
-(Python's own allocator serves the small objects, so the lock is rarely contended).
+faults (bench/RESULTS.md, "Upload search after the CPU encoding work"). The cost is that the process keeps
+its peak activation memory (tens of MB for the compact encoder) instead of returning it, and threads share
+one malloc lock (Python's own allocator serves the small objects, so the lock is rarely contended).
 
 Call `reuse_freed_memory()` before starting the threads that encode: a thread that already has its own
 arena keeps it. `AttributeEncoder` calls it when built, the in-process dispatcher before it starts its

