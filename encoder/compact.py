@@ -158,9 +158,8 @@ class CompactBackbone(nn.Module):
             # On a CPU the trunk is fastest per image in chunks of a few images (12.5 ms/img at 4-8 images,
             # 16 at 16, 19 at 32 on 2 cores: the early 112x112 activations of a big batch leave the cache).
             chunk = CPU_TRUNK_CHUNK if pixels.device.type == "cpu" else len(pixels)
-            feature_map = torch.cat(
-                [self.trunk.features(part) for part in pixels.split(chunk)]
-            )  # (B, 1280, S/32, S/32)
+            parts = [self.trunk.features(part) for part in pixels.split(chunk)]
+            feature_map = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, 1280, S/32, S/32)
         return self.projector(feature_map)  # (B, cells, d_text)
 
     def text_tokens(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,12 +128,19 @@ def test_text_cache_is_bounded_and_skipped_when_training(encoder):
             cache.get(phrases, compute, stamp=1)
     assert runs == [["a"], ["b"], ["c"], ["b"]]  # "b" was evicted (least recently used) when "c" came
     assert list(cache._entries) == ["c", "b"]
+    runs.clear()
+    hook = encoder.backbone.text.get_base_model().embeddings.register_forward_hook(
+        lambda m, i, o: runs.append(o.shape[0])
+    )
     encoder.train()
     try:
-        states, _ = encoder.backbone.text_tokens(["image lighting"])
-        assert states.requires_grad  # training reads MiniLM every time, with gradients to LoRA
+        for _ in range(2):
+            states, _ = encoder.backbone.text_tokens(["image lighting"])
+            assert states.requires_grad
     finally:
+        hook.remove()
         encoder.eval()
+    assert runs == [1, 1]  # training reads MiniLM every time (its LoRA weights change), never the cache
 
 
 def test_gradients_reach_lora_projector_connector_only(encoder, images):
@@ -220,3 +227,13 @@ def test_config_validation():
         EncoderConfig(backend="mllm")
     with pytest.raises(ValueError, match="must contain"):
         EncoderConfig.compact(prompt="describe:")
+
+
+def test_trunk_chunks_on_cpu_give_the_same_tokens(encoder, images):
+    from encoder.compact import CPU_TRUNK_CHUNK
+
+    many = [images[i % 3][:: 1 + i // 3] for i in range(CPU_TRUNK_CHUNK + 2)]  # 10 distinct images
+    with torch.no_grad():
+        together = encoder.backbone.image_tokens(many)  # two trunk chunks: 8 + 2
+        alone = torch.cat([encoder.backbone.image_tokens([image]) for image in many])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
