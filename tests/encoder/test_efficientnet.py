@@ -82,3 +82,30 @@ def test_same_padding_matches_tensorflow(kernel, stride, size):
         got = conv(x)
     assert got.shape[-1] == -(-size // stride)
     torch.testing.assert_close(got, expected)
+
+
+def test_feature_levels_are_the_trunk_maps_at_their_strides(classifier):
+    from encoder.config import TRUNK_LEVELS
+    from encoder.efficientnet_lite import LEVELS
+
+    assert tuple(LEVELS) == TRUNK_LEVELS  # the torch-free config validates names against this list
+    pixels = to_pixels([center_crop(data.chelsea())], IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD)
+    with torch.no_grad():
+        maps = classifier.feature_levels(pixels, ["stage4", "head", "pixels", "stage2", "stage6"])
+        torch.testing.assert_close(maps[1], classifier.features(pixels))
+        x = torch.nn.functional.relu6(classifier._bn0(classifier._conv_stem(pixels)))
+        by_block = []
+        for block in classifier._blocks:
+            x = block(x)
+            by_block.append(x)
+    assert torch.equal(maps[2], pixels)
+    for level, got in zip(["stage4", "stage2", "stage6"], [maps[0], maps[3], maps[4]], strict=True):
+        channels, index = LEVELS[level]
+        assert got.shape[1] == channels
+        torch.testing.assert_close(got, by_block[index])
+    assert [m.shape[-1] for m in maps] == [14, 7, 224, 28, 7]
+    with torch.no_grad():
+        (early,) = classifier.feature_levels(pixels, ["stage2"])  # stops after block 4; same values
+    torch.testing.assert_close(early, maps[3])
+    with pytest.raises(ValueError, match="unknown trunk levels \\['stage9'\\]"):
+        classifier.feature_levels(pixels, ["stage9"])
