@@ -152,6 +152,26 @@ class CompactBackbone(nn.Module):
         )
         self._text_cache = TextStateCache()
 
+    def add_image_levels(self, levels: Sequence[str]) -> None:
+        """Read `levels` (trunk level names) too, through a new zero-initialised projection (in place).
+
+        The grown encoder computes exactly what it did before until training moves the new weights; its
+        config's version is cleared, since the model is no longer the checkpoint it was loaded from.
+        """
+        wanted = list(dict.fromkeys([*self.config.image_levels, *levels]))
+        if wanted == self.config.image_levels:
+            return
+        if self.projector.extra is not None:
+            raise ValueError("add_image_levels grows a head-only encoder; this one already reads extra levels")
+        EncoderConfig(**{**self.config.to_dict(), "image_levels": wanted})  # validates the names
+        self.config.image_levels = wanted
+        self.config.version = None
+        self.extra_levels = [name for name in wanted if name != "head"]
+        weight = self.projector.proj.weight
+        extra = nn.Linear(sum(LEVELS[name][0] for name in self.extra_levels), weight.shape[0], bias=False)
+        nn.init.zeros_(extra.weight)
+        self.projector.extra = extra.to(device=weight.device, dtype=weight.dtype)
+
     def train(self, mode: bool = True) -> CompactBackbone:
         super().train(mode)
         self.trunk.eval()  # frozen ImageNet batch-norm statistics, also while the rest trains

@@ -28,6 +28,9 @@ class TrainConfig:
     # Encoder: EncoderConfig values for a fresh encoder, or init_encoder = a saved encoder to start from.
     encoder: dict[str, Any] = field(default_factory=lambda: {"backend": "compact"})
     init_encoder: str | None = None
+    # Trunk levels to add to init_encoder's image tokens (encoder image_levels names), through a zero-initialised
+    # projection: training starts from exactly init_encoder's function. Compact encoders only.
+    grow_image_levels: list[str] = field(default_factory=list)
     # Generator for L_gen: a diffusers FLUX-layout directory (loaded by the `generator_plugin` plugin), or
     # "tiny" for the tiny random generator built in code (tests, smoke runs). Unused when lambda_gen = 0.
     generator: str | None = None
@@ -88,6 +91,11 @@ class TrainConfig:
             )
         if self.tau <= 0:
             raise ValueError(f"tau must be positive, got {self.tau}")
+        if self.grow_image_levels and not self.init_encoder:
+            raise ValueError(
+                "grow_image_levels adds levels to init_encoder: set init_encoder, or put the levels in "
+                "encoder.image_levels for a fresh encoder"
+            )
         for name in (
             "steps",
             "batch_size",

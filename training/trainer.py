@@ -269,7 +269,12 @@ def build_encoder(config: TrainConfig, checkpoint: Path | None) -> AttributeEnco
     if checkpoint is not None:
         return AttributeEncoder.from_pretrained(checkpoint / ENCODER_DIR)
     if config.init_encoder:
-        return AttributeEncoder.from_pretrained(config.init_encoder)
+        encoder = AttributeEncoder.from_pretrained(config.init_encoder)
+        if config.grow_image_levels:
+            if not hasattr(encoder.backbone, "add_image_levels"):
+                raise ValueError(f"grow_image_levels needs a compact init_encoder, not {encoder.config.backend!r}")
+            encoder.backbone.add_image_levels(config.grow_image_levels)
+        return encoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return AttributeEncoder(EncoderConfig(**config.encoder))

@@ -172,9 +172,7 @@ def test_contrastive_embeddings_fast_path_equals_encode(pairs_dir):
 def test_factor_loss_trains_on_recorded_factors_and_max_seconds_stops_with_a_checkpoint(tmp_path, pairs_dir):
     seen: list[dict] = []
     checkpoint = train(
-        _config(
-            pairs_dir, tmp_path / "factor", lambda_gen=0.0, generator=None, lambda_factor=0.5, max_seconds=0.0
-        ),
+        _config(pairs_dir, tmp_path / "factor", lambda_gen=0.0, generator=None, lambda_factor=0.5, max_seconds=0.0),
         on_step=lambda step, losses: seen.append(losses),
     )
     # max_seconds 0: the first step is over time, so the run ends there with a checkpoint (of 4 steps planned).
@@ -206,9 +204,7 @@ def test_factor_loss_with_the_shared_trunk_pass_equals_its_own(tmp_path, pairs_d
 
     from training.pairs import PairDataset
 
-    config = TrainConfig.from_dict(
-        _config(pairs_dir, tmp_path, lambda_gen=0.0, generator=None, lambda_factor=1.0)
-    )
+    config = TrainConfig.from_dict(_config(pairs_dir, tmp_path, lambda_gen=0.0, generator=None, lambda_factor=1.0))
     torch.manual_seed(0)
     module = AttributeTrainingModule(config, AttributeEncoder(tiny_compact_config(image_size=64))).eval()
     dataset = PairDataset.from_directory(pairs_dir)
@@ -220,3 +216,35 @@ def test_factor_loss_with_the_shared_trunk_pass_equals_its_own(tmp_path, pairs_d
         losses = module(batch, random.Random(5))
     torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-6)
     assert losses["l_factor"].item() == pytest.approx(alone.item(), rel=1e-5)
+
+
+def test_grow_image_levels_starts_from_the_same_function_and_trains_the_new_projection(tmp_path, pairs_dir):
+    from training.pairs import PairDataset
+
+    torch.manual_seed(0)
+    base = AttributeEncoder(tiny_compact_config(image_size=64)).eval()
+    base.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="set init_encoder"):
+        TrainConfig.from_dict(_config(pairs_dir, tmp_path, grow_image_levels=["pixels"]))
+    overrides = dict(lambda_gen=0.0, generator=None, init_encoder=str(tmp_path / "base"), steps=2)
+    with pytest.raises(ValueError, match="unknown: \\['edges'\\]"):
+        build_encoder(
+            TrainConfig.from_dict(_config(pairs_dir, tmp_path, grow_image_levels=["edges"], **overrides)), None
+        )
+    config = TrainConfig.from_dict(
+        _config(pairs_dir, tmp_path / "run", grow_image_levels=["pixels", "stage2"], **overrides)
+    )
+    grown = build_encoder(config, None).eval()
+    assert grown.config.image_levels == ["head", "pixels", "stage2"] and grown.config.version is None
+    samples = [PairDataset.from_directory(pairs_dir)[i] for i in range(3)]
+    images = [s.image_x for s in samples]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            grown.encode(images, ["lighting"] * 3).pooled, base.encode(images, ["lighting"] * 3).pooled
+        )
+    assert "backbone.projector.extra.weight" in dict(trainable_parameters(grown))
+    checkpoint = train(dataclasses.asdict(config))
+    trained = AttributeEncoder.from_pretrained(checkpoint / ENCODER_DIR)
+    assert trained.config.image_levels == ["head", "pixels", "stage2"]
+    assert trained.version != base.version
+    assert trained.backbone.projector.extra.weight.abs().sum() > 0  # the new projection moved off zero
