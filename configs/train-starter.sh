@@ -4,6 +4,8 @@
 #
 #   PYTHON=.venv/bin/python bash configs/train-starter.sh            # a CUDA machine: ~10 minutes on one H100
 #   TRAIN_SECONDS=300 bash configs/train-starter.sh                  # stop each run after 300 s of training
+#   CONFIG=configs/starter-levels.yaml STOP_AT_STEP=2000 STAGE2_STOP_AT_STEP=900 bash configs/train-starter.sh
+#                                      # the next starter: earlier trunk levels in the image tokens, full schedules
 #
 # The shipped models/starter/encoder is stage 2 of this recipe. Both stages were cut short by the GPU session's
 # time limit (max_seconds), and the defaults below reproduce where they stopped: stage 1 (the starter run) at
@@ -15,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+CONFIG=${CONFIG:-configs/starter.yaml}
 WORK=${WORK:-runs/starter}
 PAIRS=${PAIRS:-16000}
 VAL_PAIRS=${VAL_PAIRS:-300}
@@ -36,10 +39,10 @@ stamp "data: $PAIRS training pairs (seed 1), 300 validation pairs (seed 2), 224 
   --seed 2 --size 224 --workers "$WORKERS"
 
 stamp "train: starter (L_con + factor loss) and paper-only (L_con) side by side"
-$PY -m training.trainer --config configs/starter.yaml --set "data_dir=$WORK/data-train" \
+$PY -m training.trainer --config "$CONFIG" --set "data_dir=$WORK/data-train" \
   --set "output_dir=$WORK/full" --stop-at-step "$STOP_AT_STEP" "${LIMIT[@]}" > "$WORK/full.log" 2>&1 &
 full=$!
-$PY -m training.trainer --config configs/starter.yaml --set "data_dir=$WORK/data-train" \
+$PY -m training.trainer --config "$CONFIG" --set "data_dir=$WORK/data-train" \
   --set "output_dir=$WORK/paper-only" --set lambda_factor=0 "${LIMIT[@]}" > "$WORK/paper-only.log" 2>&1 &
 paper=$!
 status=0
@@ -53,7 +56,7 @@ FULL=$(latest "$WORK/full")
 PAPER=$(latest "$WORK/paper-only")
 
 stamp "train: stage 2, a warm start from $FULL"
-$PY -m training.trainer --config configs/starter.yaml --set "data_dir=$WORK/data-train" \
+$PY -m training.trainer --config "$CONFIG" --set "data_dir=$WORK/data-train" \
   --set "output_dir=$WORK/stage2" --set "init_encoder=$FULL/encoder" --set steps=900 --set lr=0.0002 \
   --set warmup_steps=20 --set seed=1 --set num_workers=12 --stop-at-step "$STAGE2_STOP_AT_STEP" "${LIMIT[@]}" \
   > "$WORK/stage2.log" 2>&1 || status=$?
@@ -63,7 +66,7 @@ for paraphrase in 0 5; do
   stamp "eval: paraphrase $paraphrase"
   $PY -m training.evaluate --device "$DEVICE" --pairs "$WORK/data-val" --gallery-size "$GALLERY" --gallery-seed 3 \
     --image-size 224 --hold-out "$HOLD_OUT" --unseen-count $((GALLERY / 10)) --paraphrase "$paraphrase" \
-    --untrained "untrained=configs/starter.yaml" --model "starter (stage 2)=$STAGE2" --model "stage 1=$FULL" \
+    --untrained "untrained=$CONFIG" --model "starter (stage 2)=$STAGE2" --model "stage 1=$FULL" \
     --model "paper L_con only=$PAPER" --out "$WORK/eval-paraphrase-$paraphrase.md" > "$WORK/eval-$paraphrase.log" 2>&1 &
 done
 wait

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,11 @@ def test_grow_image_levels_starts_from_the_same_function_and_trains_the_new_proj
     assert trained.config.image_levels == ["head", "pixels", "stage2"]
     assert trained.version != base.version
     assert trained.backbone.projector.extra.weight.abs().sum() > 0  # the new projection moved off zero
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml")))
+def test_every_shipped_training_config_loads(path):
+    from encoder import EncoderConfig
+
+    config = load_train_config(path)  # unknown keys, bad values and bad levels fail here, naming the key
+    EncoderConfig(**config.encoder)
