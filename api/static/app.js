@@ -11,6 +11,7 @@ const state = {
   selected: new Set(),   // image ids chosen for Personalize
   lastAttribute: "",
   jobs: new Map(),       // job id -> last seen job
+  gridLoad: 0,           // bumped by each selectCollection: an older, slower load must not fill the grid
 };
 
 // --- HTTP -------------------------------------------------------------------------------------------
@@ -65,11 +66,13 @@ async function loadCollections(selectId) {
 }
 
 async function selectCollection(id) {
+  const load = ++state.gridLoad;
   state.collectionId = id;
   state.afterId = 0;
   state.query = null;
   $("grid").replaceChildren();
   await refreshCollectionInfo();
+  if (load !== state.gridLoad) return;  // a newer selection (e.g. after an upload) owns the grid now
   await loadImages();
   updateButtons();
 }
@@ -86,8 +89,10 @@ async function refreshCollectionInfo() {
 }
 
 async function loadImages() {
+  const load = state.gridLoad;
   const page = await api("GET",
     `/api/collections/${state.collectionId}/images?status=ready&limit=60&after_id=${state.afterId}`);
+  if (load !== state.gridLoad) return;  // the grid was cleared for a newer selection while this page loaded
   for (const image of page.data) $("grid").append(tile(image, () => pickQuery(image.id)));
   state.afterId = page.next_after_id ?? state.afterId;
   $("more-images").hidden = page.next_after_id === null;
