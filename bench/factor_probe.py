@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from encoder.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0  # noqa: E402
 from encoder.images import to_pixels  # noqa: E402
 from training.evaluate import make_gallery  # noqa: E402
-from training.procedural import LIGHTINGS  # noqa: E402
+from training.procedural import factor_parts  # noqa: E402
 
-STAGE_ENDS = {"stage 2": 4, "stage 4": 10, "stage 6": 15}  # block index after which each level is read
+STAGES = {"stage 2": "stage2", "stage 4": "stage4", "stage 6": "stage6", "head": "head"}  # column -> trunk level
 GRID = 3
 SIZE = 224
 
@@ -46,32 +46,25 @@ SIZE = 224
 def feature_levels(images: list, batch_size: int = 16) -> dict[str, np.ndarray]:
     """Images -> {level: (N, D) float32} for every level in the module docstring."""
     trunk = load_efficientnet_lite0().eval()
-    levels: dict[str, list[np.ndarray]] = {name: [] for name in ("pixels 7x7", *STAGE_ENDS, "head")}
+    levels: dict[str, list[np.ndarray]] = {name: [] for name in ("pixels 7x7", *STAGES)}
     for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        raw = to_pixels(chunk, SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # (B, 3, S, S) in [0, 1]
-        levels["pixels 7x7"].append(F.adaptive_avg_pool2d(raw, 7).flatten(1).numpy())
-        x = to_pixels(chunk, SIZE, PIXEL_MEAN, PIXEL_STD)
-        x = F.relu6(trunk._bn0(trunk._conv_stem(x)))
-        for index, block in enumerate(trunk._blocks):
-            x = block(x)
-            for name, end in STAGE_ENDS.items():
-                if index == end:
-                    levels[name].append(F.adaptive_avg_pool2d(x, GRID).flatten(1).numpy())
-        head = F.relu6(trunk._bn1(trunk._conv_head(x)))
-        levels["head"].append(F.adaptive_avg_pool2d(head, GRID).flatten(1).numpy())
+        pixels = to_pixels(images[start : start + batch_size], SIZE, PIXEL_MEAN, PIXEL_STD)
+        levels["pixels 7x7"].append(F.adaptive_avg_pool2d(pixels, 7).flatten(1).numpy())
+        for column, level in zip(STAGES, trunk.feature_levels(pixels, list(STAGES.values())), strict=True):
+            levels[column].append(F.adaptive_avg_pool2d(level, GRID).flatten(1).numpy())
     out = {name: np.concatenate(parts).astype(np.float32) for name, parts in levels.items()}
     out["head + pixels"] = np.concatenate([out["head"], out["pixels 7x7"]], axis=1)
     return out
 
 
 def targets(factors: list[dict[str, str]]) -> dict[str, list[str]]:
-    """Factor name -> value per image; lighting also split into its three parts."""
+    """Factor name -> value per image, then "factor: part" rows for the parts of composite factors."""
     names = sorted({name for values in factors for name in values})
     out = {name: [values.get(name, "") for values in factors] for name in names}
-    if "lighting" in out:
-        for part, label in enumerate(("lighting: direction", "lighting: tint", "lighting: level")):
-            out[label] = [LIGHTINGS[v][part] if v else "" for v in out["lighting"]]
+    for name in names:
+        parts = [factor_parts(name, value) if value else {} for value in out[name]]
+        for part in next((p for p in parts if p), {}):
+            out[f"{name}: {part}"] = [p.get(part, "") for p in parts]
     return out
 
 

