@@ -16,6 +16,7 @@ setup:
 
 lint:
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/python -m pytest

@@ -33,8 +33,10 @@ class RequestSizeLimit:
             length = dict(scope["headers"]).get(b"content-length", b"")
             if length.isdigit() and int(length) > self.max_bytes:
                 response = JSONResponse(
-                    {"detail": f"request body is {int(length):,} bytes; the limit is {self.max_bytes:,}. "
-                               "Upload fewer or smaller files per request."},
+                    {
+                        "detail": f"request body is {int(length):,} bytes; the limit is {self.max_bytes:,}. "
+                        "Upload fewer or smaller files per request."
+                    },
                     status_code=413,
                 )
                 await response(scope, receive, send)
@@ -75,9 +77,13 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     @app.get("/api/health", response_model=schemas.HealthPublic, tags=["meta"])
     def health(services_: ServicesDep) -> schemas.HealthPublic:
         """Liveness and what is running (no key needed)."""
-        return schemas.HealthPublic(status="ok", profile=settings.profile.value,
-                                    encoder_version=services_.encoder_info.version,
-                                    generator=services_.generator_plugin, version=__version__)
+        return schemas.HealthPublic(
+            status="ok",
+            profile=settings.profile.value,
+            encoder_version=services_.encoder_info.version,
+            generator=services_.generator_plugin,
+            version=__version__,
+        )
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

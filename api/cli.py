@@ -86,8 +86,9 @@ def _follow(client: httpx.Client, job: dict[str, Any], *, quiet: bool) -> dict[s
     """Poll a job to its end, with a progress bar on stderr."""
     from tqdm import tqdm
 
-    with tqdm(total=job["total"], desc=f"job {job['id']} {job['kind']}", unit="it", disable=quiet,
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=job["total"], desc=f"job {job['id']} {job['kind']}", unit="it", disable=quiet, file=sys.stderr
+    ) as bar:
         while True:
             job = _call(client, "GET", f"/api/jobs/{job['id']}")
             bar.total = job["total"]
@@ -151,12 +152,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         collection_id = _collection_id(client, args.collection, create=True)
         job = _call(client, "POST", f"/api/collections/{collection_id}/ingest", json={"path": str(directory)})
         job = _follow(client, job, quiet=args.json)
-        follow_ups = [j for j in _call(client, "GET", "/api/jobs", params={"collection_id": collection_id})["data"]
-                      if j["kind"] == "index_new_images" and j["status"] in ("pending", "running")]
+        follow_ups = [
+            j
+            for j in _call(client, "GET", "/api/jobs", params={"collection_id": collection_id})["data"]
+            if j["kind"] == "index_new_images" and j["status"] in ("pending", "running")
+        ]
         for follow_up in follow_ups:  # new images are indexed under the collection's attributes
             _follow(client, follow_up, quiet=args.json)
-    _print(args, job, f"collection {collection_id}: {job['done']} images ingested, {job['failed']} failed"
-                      + (f"\n{job['error']}" if job["error"] else ""))
+    _print(
+        args,
+        job,
+        f"collection {collection_id}: {job['done']} images ingested, {job['failed']} failed"
+        + (f"\n{job['error']}" if job["error"] else ""),
+    )
     return 0 if job["status"] == "done" else 1
 
 
@@ -165,11 +173,15 @@ def cmd_index(args: argparse.Namespace) -> int:
     settings = _load_settings()
     with api_client(settings, args.url, args.api_key) as client:
         collection_id = _collection_id(client, args.collection)
-        response = _call(client, "POST", f"/api/collections/{collection_id}/attributes",
-                         json={"attributes": args.attributes})
+        response = _call(
+            client, "POST", f"/api/collections/{collection_id}/attributes", json={"attributes": args.attributes}
+        )
         job = _follow(client, response["job"], quiet=args.json) if response["job"] else None
-    _print(args, {"job": job, "detail": response["detail"]},
-           response["detail"] if job is None else f"job {job['id']}: {job['done']} encodings, {job['failed']} failed")
+    _print(
+        args,
+        {"job": job, "detail": response["detail"]},
+        response["detail"] if job is None else f"job {job['id']}: {job['done']} encodings, {job['failed']} failed",
+    )
     return 0 if job is None or job["status"] == "done" else 1
 
 
@@ -192,17 +204,28 @@ def cmd_search(args: argparse.Namespace) -> int:
             if not args.attribute:
                 raise CommandError("--image needs --attribute, e.g. --attribute lighting")
             data = Path(args.image).read_bytes()
-            results = _call(client, "POST", "/api/search/upload",
-                            data={"collection_id": collection_id, "attribute": args.attribute, "limit": args.limit},
-                            files={"image": (Path(args.image).name, data)})
+            results = _call(
+                client,
+                "POST",
+                "/api/search/upload",
+                data={"collection_id": collection_id, "attribute": args.attribute, "limit": args.limit},
+                files={"image": (Path(args.image).name, data)},
+            )
         else:
             if not args.term:
                 raise CommandError("give --term IMAGE_ID:ATTRIBUTE (repeatable) or --image FILE --attribute A")
-            body = {"collection_id": collection_id, "limit": args.limit,
-                    "terms": [_term(t) for t in args.term], "negatives": [_term(t) for t in args.negative]}
+            body = {
+                "collection_id": collection_id,
+                "limit": args.limit,
+                "terms": [_term(t) for t in args.term],
+                "negatives": [_term(t) for t in args.negative],
+            }
             results = _call(client, "POST", "/api/search", json=body)
-    lines = [f"{r['score']:+.4f}  image {r['image']['id']:>6}  {r['image']['source']}  "
-             + " ".join(f"{k}={v:.3f}" for k, v in r["attribute_scores"].items()) for r in results["results"]]
+    lines = [
+        f"{r['score']:+.4f}  image {r['image']['id']:>6}  {r['image']['source']}  "
+        + " ".join(f"{k}={v:.3f}" for k, v in r["attribute_scores"].items())
+        for r in results["results"]
+    ]
     _print(args, results, "\n".join(lines) or "no results")
     return 0
 
@@ -213,8 +236,13 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     refs = [_term(ref) for ref in args.ref]
     if not refs:
         raise CommandError("give at least one --ref IMAGE_ID:ATTRIBUTE[:WEIGHT]")
-    body = {"refs": refs, "prompt": args.prompt, "seed": args.seed, "steps": args.steps,
-            "guidance_scale": args.guidance}
+    body = {
+        "refs": refs,
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+    }
     with api_client(settings, args.url, args.api_key) as client:
         generation = _call(client, "POST", "/api/generations", json=body)
         _follow(client, _call(client, "GET", f"/api/jobs/{generation['job_id']}"), quiet=args.json)
@@ -238,8 +266,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         collection_id = _collection_id(client, args.collection)
         after = 0
         while True:
-            page = _call(client, "GET", f"/api/collections/{collection_id}/images",
-                         params={"status": "ready", "after_id": after, "limit": 500})
+            page = _call(
+                client,
+                "GET",
+                f"/api/collections/{collection_id}/images",
+                params={"status": "ready", "after_id": after, "limit": 500},
+            )
             for image in page["data"]:
                 suffix = Path(image["source"]).suffix.lower() or f".{(image['format'] or 'img').lower()}"
                 target = out / f"{image['id']:07d}{suffix}"  # the image id names the file: reruns skip it
@@ -274,8 +306,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             _print(args, job, json.dumps(job, indent=2))
             return 0
         jobs = _call(client, "GET", "/api/jobs")
-    lines = [f"{j['id']:>5}  {j['kind']:<17} {j['status']:<9} {j['done']}/{j['total']} failed {j['failed']}"
-             for j in jobs["data"]]
+    lines = [
+        f"{j['id']:>5}  {j['kind']:<17} {j['status']:<9} {j['done']}/{j['total']} failed {j['failed']}"
+        for j in jobs["data"]
+    ]
     _print(args, jobs, "\n".join(lines) or "no jobs")
     return 0
 
@@ -314,8 +348,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 BENCHES = {
-    "vectors": "vector_search.py", "encoder": "encoder_throughput.py", "generation": "generation.py",
-    "index": "index_throughput.py", "api": "api_load.py",
+    "vectors": "vector_search.py",
+    "encoder": "encoder_throughput.py",
+    "generation": "generation.py",
+    "index": "index_throughput.py",
+    "api": "api_load.py",
 }
 
 
@@ -342,13 +379,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 if not args.name:
                     raise CommandError("`omniattr keys create NAME`: name the key, e.g. after its user")
                 key, plaintext = metadata.create_api_key(session, name=args.name)
-                _print(args, {"id": key.id, "name": key.name, "key": plaintext},
-                       f"{plaintext}\n(key {key.id} '{key.name}': store it now, it is not shown again)")
+                _print(
+                    args,
+                    {"id": key.id, "name": key.name, "key": plaintext},
+                    f"{plaintext}\n(key {key.id} '{key.name}': store it now, it is not shown again)",
+                )
             elif args.action == "list":
-                keys = [{"id": k.id, "name": k.name, "prefix": k.prefix, "revoked": k.revoked_at is not None}
-                        for k in metadata.list_api_keys(session)]
-                _print(args, keys, "\n".join(f"{k['id']:>4}  {k['prefix']}...  {k['name']}"
-                                             + ("  (revoked)" if k["revoked"] else "") for k in keys) or "no keys")
+                keys = [
+                    {"id": k.id, "name": k.name, "prefix": k.prefix, "revoked": k.revoked_at is not None}
+                    for k in metadata.list_api_keys(session)
+                ]
+                _print(
+                    args,
+                    keys,
+                    "\n".join(
+                        f"{k['id']:>4}  {k['prefix']}...  {k['name']}" + ("  (revoked)" if k["revoked"] else "")
+                        for k in keys
+                    )
+                    or "no keys",
+                )
             else:
                 if not args.name or not args.name.isdigit():
                     raise CommandError("`omniattr keys revoke ID`: give the key's id from `omniattr keys list`")

@@ -32,9 +32,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": str(error)}, status_code=_status_for(error))
 
     async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}" for e in error.errors()
-        ]
+        problems = [f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}" for e in error.errors()]
         body = {"detail": "; ".join(problems), "errors": jsonable_encoder(error.errors())}
         return JSONResponse(body, status_code=422)
 

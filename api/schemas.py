@@ -128,7 +128,7 @@ class SearchRequest(BaseModel):
     negatives: list[SearchTermIn] = Field(default=[], max_length=7)
     limit: int = Field(default=20, ge=1, le=200)
     filters: dict[str, str | int | float | bool | list[str | int]] = Field(
-        default={}, description="Exact-match filters on the vector payload, e.g. {\"format\": \"PNG\"}."
+        default={}, description='Exact-match filters on the vector payload, e.g. {"format": "PNG"}.'
     )
     include_query_images: bool = Field(default=False, description="Keep the query images in the results.")
 
@@ -176,4 +176,3 @@ class HealthPublic(BaseModel):
     encoder_version: str
     generator: str | None = Field(description="The generator plugin in use, or null when generation is off.")
     version: str
-

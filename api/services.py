@@ -170,7 +170,9 @@ def upload_images(
     new_ids = [o.image_id for o in outcomes if o.created and o.status == "ready"]
     with services.session_factory.begin() as session:
         plan = plan_index_new_images(
-            session, collection_id=collection_id, image_ids=new_ids,
+            session,
+            collection_id=collection_id,
+            image_ids=new_ids,
             encoder_model_id=_encoder_model_id(session, services),
         )
     dispatch(services, plan)
@@ -191,7 +193,9 @@ def index_attributes(services: Services, *, collection_id: int, attributes: Sequ
     """Start indexing (or backfilling) attributes for a collection; None when all are indexed already."""
     with services.session_factory.begin() as session:
         plan = plan_index_attributes(
-            session, collection_id=collection_id, attribute_texts=attributes,
+            session,
+            collection_id=collection_id,
+            attribute_texts=attributes,
             encoder_model_id=_encoder_model_id(session, services),
         )
     dispatch(services, plan)
@@ -238,7 +242,8 @@ def _require_indexed(session: Session, services: Services, collection_id: int, a
         )
     if status == "indexing":
         jobs = [
-            job for job in metadata.list_jobs(session, collection_id=collection_id, status="running")
+            job
+            for job in metadata.list_jobs(session, collection_id=collection_id, status="running")
             + metadata.list_jobs(session, collection_id=collection_id, status="pending")
             if attribute_id in job.params.get("attribute_ids", [])
         ]
@@ -277,7 +282,8 @@ def _encoded(services: Services, term: TermRequest) -> TermRequest:
     if term.image_bytes is None:
         return term
     vector = services.dispatcher.encode_query(
-        image_bytes=term.image_bytes, attribute=metadata.normalize_attribute(term.attribute),
+        image_bytes=term.image_bytes,
+        attribute=metadata.normalize_attribute(term.attribute),
         timeout=services.query_timeout_s,
     )
     return dataclasses.replace(term, image_bytes=None, vector=np.asarray(vector, dtype=np.float32))
@@ -309,26 +315,39 @@ def search(
         if include_query_images:
             positive = [SearchTerm(t.vector, t.attribute_id, t.attribute, t.weight) for t in positive]
         ranked = search_images(
-            services.vectors, encoder_version=services.encoder_info.version, collection_id=collection_id,
-            terms=positive, negatives=negative, limit=limit, payload_filter=filters or None,
+            services.vectors,
+            encoder_version=services.encoder_info.version,
+            collection_id=collection_id,
+            terms=positive,
+            negatives=negative,
+            limit=limit,
+            payload_filter=filters or None,
         )
         images = metadata.get_image_rows(session, image_ids=[r.image_id for r in ranked])
     return [(r, images[r.image_id]) for r in ranked if r.image_id in images]
-
-
 
 
 # --- generations -------------------------------------------------------------------------------------
 
 
 def create_generation(
-    services: Services, *, references: list[Reference], prompt: str, seed: int | None = None,
-    steps: int | None = None, guidance_scale: float = 1.0,
+    services: Services,
+    *,
+    references: list[Reference],
+    prompt: str,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float = 1.0,
 ) -> int:
     """Record a personalize (one reference) or compose request and start its job; returns its id."""
     with services.session_factory.begin() as session:
         plan, generation_id = plan_generation(
-            session, references=references, prompt=prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
+            session,
+            references=references,
+            prompt=prompt,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
             generator_available=services.generator_plugin is not None,
         )
     dispatch(services, plan)

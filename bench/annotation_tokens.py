@@ -42,16 +42,20 @@ def main() -> None:
             for name, pixels in BUDGETS.items()
         }
     first = next(iter(reports.values()))
-    print(f"{first.examples} requests from {args.sft or f'{args.pairs} procedural pairs at {args.size} px'}; "
-          f"text tokens by {first.tokenizer}\n")
+    print(
+        f"{first.examples} requests from {args.sft or f'{args.pairs} procedural pairs at {args.size} px'}; "
+        f"text tokens by {first.tokenizer}\n"
+    )
     print("| image budget | stage 1 input | stage 2 input | reduction |")
     print("|---|---:|---:|---:|")
     print(f"| text only (chat + instruction) | {first.detailed_text} | {first.short_text} | {first.text_ratio:.1f}x |")
     for name, report in reports.items():
         stage1 = report.detailed_text + report.image_tokens_mean
         stage2 = report.short_text + report.image_tokens_mean
-        print(f"| {name}: {report.image_tokens_mean:.0f} image tokens | {stage1:.0f} | {stage2:.0f} | "
-              f"{report.total_ratio:.2f}x |")
+        print(
+            f"| {name}: {report.image_tokens_mean:.0f} image tokens | {stage1:.0f} | {stage2:.0f} | "
+            f"{report.total_ratio:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -44,12 +44,22 @@ def free_port() -> int:
 
 def start_server(data_dir: Path, encoder_dir: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
-    env.update(OMNIATTR_DATA_DIR=str(data_dir), OMNIATTR_ENCODER_PATH=str(encoder_dir), OMNIATTR_DEVICE="cpu",
-               OMNIATTR_API_PORT=str(port))
+    env.update(
+        OMNIATTR_DATA_DIR=str(data_dir),
+        OMNIATTR_ENCODER_PATH=str(encoder_dir),
+        OMNIATTR_DEVICE="cpu",
+        OMNIATTR_API_PORT=str(port),
+    )
     # The installed console script, not `python -m`: -m would put the cwd first on sys.path.
     omniattr = str(Path(sys.executable).with_name("omniattr"))
-    process = subprocess.Popen([omniattr, "up"], cwd=data_dir.parent, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [omniattr, "up"],
+        cwd=data_dir.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -64,8 +74,10 @@ def start_server(data_dir: Path, encoder_dir: Path, port: int) -> subprocess.Pop
 def build_collection(url: str, count: int, attribute: str) -> tuple[int, list[int], list[bytes]]:
     from training.procedural import encode_png, render_image, sample_factors
 
-    images = [encode_png(render_image(sample_factors(np.random.default_rng(i)), size=128, jitter_seed=i))
-              for i in range(count)]
+    images = [
+        encode_png(render_image(sample_factors(np.random.default_rng(i)), size=128, jitter_seed=i))
+        for i in range(count)
+    ]
     with httpx.Client(base_url=url, timeout=600) as client:
         collection_id = client.post("/api/collections", json={"name": "load"}).json()["id"]
         image_ids = []
@@ -89,6 +101,7 @@ async def phase(url: str, clients: int, seconds: float, make_request) -> tuple[l
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
         async def loop(worker: int) -> None:
             nonlocal errors
             rng = np.random.default_rng(worker)
@@ -157,8 +170,9 @@ end
 """
 
 
-def wrk_phase(url: str, clients: int, seconds: float, path: str, content_type: str, bodies: list[bytes],
-              work: Path) -> str:
+def wrk_phase(
+    url: str, clients: int, seconds: float, path: str, content_type: str, bodies: list[bytes], work: Path
+) -> str:
     """One phase driven by wrk (C, event loop: far less client CPU than Python on the shared cores)."""
     paths = []
     for index, body in enumerate(bodies):
@@ -167,8 +181,12 @@ def wrk_phase(url: str, clients: int, seconds: float, path: str, content_type: s
         paths.append(f'"{body_path}"')
     script = work / "phase.lua"
     script.write_text(WRK_SCRIPT % {"paths": ", ".join(paths), "content_type": content_type, "path": path})
-    result = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--timeout", "30s", "-s", str(script),
-                             url], capture_output=True, text=True, timeout=seconds + 120)
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--timeout", "30s", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+    )
     line = next(line for line in result.stdout.splitlines() if line.startswith("WRK "))
     requests, errors, elapsed, p50, p95, p99 = line.split()[1:]
     ok = int(requests) - int(errors)
@@ -176,10 +194,15 @@ def wrk_phase(url: str, clients: int, seconds: float, path: str, content_type: s
 
 
 def multipart(fields: dict[str, str], file_bytes: bytes, boundary: str = "omniattrbench") -> bytes:
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
-                 "Content-Type: image/png\r\n\r\n".encode() + file_bytes + b"\r\n")
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + file_bytes
+        + b"\r\n"
+    )
     return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
@@ -194,11 +217,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--rate", type=float, default=200,
-                        help="requests/s of the open-loop search-by-id phase (Python httpx client); 0 skips it")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=200,
+        help="requests/s of the open-loop search-by-id phase (Python httpx client); 0 skips it",
+    )
     parser.add_argument("--encoder", type=Path, help="encoder checkpoint (default: a fresh compact encoder)")
-    parser.add_argument("--driver", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx",
-                        help="load generator: wrk (Debian package, default when installed) or Python httpx")
+    parser.add_argument(
+        "--driver",
+        choices=["wrk", "httpx"],
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="load generator: wrk (Debian package, default when installed) or Python httpx",
+    )
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -218,8 +249,11 @@ def main() -> None:
         collection_id, image_ids, images = build_collection(url, args.images, "lighting")
 
         async def by_id(client: httpx.AsyncClient, rng: np.random.Generator) -> httpx.Response:
-            body = {"collection_id": collection_id, "limit": 10,
-                    "terms": [{"image_id": int(rng.choice(image_ids)), "attribute": "lighting"}]}
+            body = {
+                "collection_id": collection_id,
+                "limit": 10,
+                "terms": [{"image_id": int(rng.choice(image_ids)), "attribute": "lighting"}],
+            }
             return await client.post("/api/search", json=body)
 
         async def by_upload(client: httpx.AsyncClient, rng: np.random.Generator) -> httpx.Response:
@@ -231,8 +265,11 @@ def main() -> None:
             print(f"search by image id: open loop at {args.rate:g} req/s for {args.seconds:.0f} s ...", file=sys.stderr)
             latencies, errors, elapsed = asyncio.run(fixed_rate_phase(url, args.rate, args.seconds, by_id))
             if len(latencies) / elapsed < 0.95 * args.rate:  # a backlog grew: in the client or in the server
-                print(f"warning: the open loop did not keep {args.rate:g} req/s; on shared CPUs the Python client "
-                      "itself may be the limit (compare the closed-loop throughput)", file=sys.stderr)
+                print(
+                    f"warning: the open loop did not keep {args.rate:g} req/s; on shared CPUs the Python client "
+                    "itself may be the limit (compare the closed-loop throughput)",
+                    file=sys.stderr,
+                )
             return summary(f"search by image id, open loop at {args.rate:g} req/s (httpx)", latencies, errors, elapsed)
 
         # Order: by id (closed loop), by id (open loop), upload. The open loop runs before the uploads, whose
@@ -240,18 +277,33 @@ def main() -> None:
         rows = []
         if args.driver == "wrk":
             rng = np.random.default_rng(0)
-            by_id_bodies = [json.dumps({"collection_id": collection_id, "limit": 10, "terms": [
-                {"image_id": int(i), "attribute": "lighting"}]}).encode() for i in rng.choice(image_ids, 200)]
-            upload_bodies = [multipart({"collection_id": str(collection_id), "attribute": "lighting", "limit": "10"},
-                                       images[int(i)]) for i in rng.choice(len(images), 20)]
+            by_id_bodies = [
+                json.dumps(
+                    {
+                        "collection_id": collection_id,
+                        "limit": 10,
+                        "terms": [{"image_id": int(i), "attribute": "lighting"}],
+                    }
+                ).encode()
+                for i in rng.choice(image_ids, 200)
+            ]
+            upload_bodies = [
+                multipart({"collection_id": str(collection_id), "attribute": "lighting", "limit": "10"}, images[int(i)])
+                for i in rng.choice(len(images), 20)
+            ]
             for name, path, content_type, bodies in (
                 ("search by image id", "/api/search", "application/json", by_id_bodies),
-                ("search with uploaded image", "/api/search/upload", "multipart/form-data; boundary=omniattrbench",
-                 upload_bodies),
+                (
+                    "search with uploaded image",
+                    "/api/search/upload",
+                    "multipart/form-data; boundary=omniattrbench",
+                    upload_bodies,
+                ),
             ):
                 print(f"{name}: wrk, {args.clients} connections for {args.seconds:.0f} s ...", file=sys.stderr)
-                rows.append(f"| {name} | "
-                            + wrk_phase(url, args.clients, args.seconds, path, content_type, bodies, work))
+                rows.append(
+                    f"| {name} | " + wrk_phase(url, args.clients, args.seconds, path, content_type, bodies, work)
+                )
                 if path == "/api/search" and args.rate > 0:
                     rows.append(open_loop_row())
         else:
@@ -264,19 +316,24 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
 
-    header = (f"{args.images} images indexed under 1 attribute, {args.clients} concurrent clients ({args.driver}), "
-              f"{args.seconds:.0f} s per phase, embedded profile on {os.cpu_count()} CPUs (client on the same CPUs), "
-              f"load average at start {load_average:.1f}, {datetime.now(UTC):%Y-%m-%d}")
-    table = "\n".join(["| request | req/s | p50 ms | p95 ms | p99 ms | ok | errors |", "|---|---|---|---|---|---|---|",
-                       *rows])
+    header = (
+        f"{args.images} images indexed under 1 attribute, {args.clients} concurrent clients ({args.driver}), "
+        f"{args.seconds:.0f} s per phase, embedded profile on {os.cpu_count()} CPUs (client on the same CPUs), "
+        f"load average at start {load_average:.1f}, {datetime.now(UTC):%Y-%m-%d}"
+    )
+    table = "\n".join(
+        ["| request | req/s | p50 ms | p95 ms | p99 ms | ok | errors |", "|---|---|---|---|---|---|---|", *rows]
+    )
     print(header)
     print(table)
     if args.record:
         with open(ROOT / "bench" / "RESULTS.md", "a") as results:
-            results.write(f"\n## API load (bench/api_load.py)\n\n`python bench/api_load.py --images {args.images} "
-                          f"--clients {args.clients} --seconds {args.seconds:.0f} --rate {args.rate:g} "
-                          f"--driver {args.driver}`"
-                          f"\n\n{header}\n\n{table}\n")
+            results.write(
+                f"\n## API load (bench/api_load.py)\n\n`python bench/api_load.py --images {args.images} "
+                f"--clients {args.clients} --seconds {args.seconds:.0f} --rate {args.rate:g} "
+                f"--driver {args.driver}`"
+                f"\n\n{header}\n\n{table}\n"
+            )
 
 
 if __name__ == "__main__":

@@ -127,24 +127,14 @@ def peak_flops(device: str, override_tflops: float | None) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (compact backend) or cuda (mllm backend)")
-    parser.add_argument(
-        "--mllm-config", choices=["7b", "tiny"], help="run the mllm backend (default on cuda: 7b)"
-    )
+    parser.add_argument("--mllm-config", choices=["7b", "tiny"], help="run the mllm backend (default on cuda: 7b)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument(
-        "--max-pairs-encode", type=int, default=128, help="skip `encode` above this many pairs"
-    )
-    parser.add_argument(
-        "--min-seconds", type=float, default=1.0, help="repeat each timing at least this long"
-    )
+    parser.add_argument("--max-pairs-encode", type=int, default=128, help="skip `encode` above this many pairs")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="repeat each timing at least this long")
     parser.add_argument("--max-repeats", type=int, default=5)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument(
-        "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,9 +149,7 @@ def main() -> None:
         label = "compact (EfficientNet-Lite0 + MiniLM-L6, default config)"
     peak = peak_flops(args.device, args.peak_tflops) if mllm_size else None
     device_name = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else f"CPU, {torch.get_num_threads()} threads"
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     )
     print(f"backend: {label}; device: {device_name}; image {encoder.config.image_size} px; "
           f"l = {encoder.num_tokens}, d = {encoder.dimension}")  # fmt: skip

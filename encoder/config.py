@@ -85,9 +85,7 @@ class EncoderConfig:
         if self.cell_position_init not in ("random", "sincos"):
             raise ValueError(f"cell_position_init is {self.cell_position_init!r}; use random or sincos")
         if self.backend == "mllm" and not self.base_model:
-            raise ValueError(
-                "the mllm backend needs base_model: a local directory or hub id of a Qwen-VL model"
-            )
+            raise ValueError("the mllm backend needs base_model: a local directory or hub id of a Qwen-VL model")
         if "{attributes}" not in self.prompt:
             raise ValueError(f"prompt {self.prompt!r} must contain '{{attributes}}' where the attribute goes")
 
@@ -135,7 +133,5 @@ class EncoderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"{path} has unknown keys {unknown}; was it written by another version of omniattr?"
-            )
+            raise ValueError(f"{path} has unknown keys {unknown}; was it written by another version of omniattr?")
         return cls(**values)

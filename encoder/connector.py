@@ -30,9 +30,7 @@ class SelfAttentionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = (
-            self.qkv(self.attn_norm(x)).view(batch, length, 3, self.heads, width // self.heads).unbind(2)
-        )
+        q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.heads, width // self.heads).unbind(2)
         # (B, heads, L, width/heads) each; attention_bias (B, 1, 1, L) is 0 for real keys, -inf for padding.
         attended = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_bias
@@ -69,9 +67,7 @@ class Connector(nn.Module):
         x = torch.cat([x, self.queries.to(x.dtype).expand(batch, -1, -1)], dim=1)  # (B, S + l, width)
         keep = torch.cat([mask.bool(), mask.new_ones(batch, num_queries, dtype=torch.bool)], dim=1)
         attention_bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
-        attention_bias = attention_bias.masked_fill(~keep, float("-inf"))[
-            :, None, None, :
-        ]  # (B, 1, 1, S + l)
+        attention_bias = attention_bias.masked_fill(~keep, float("-inf"))[:, None, None, :]  # (B, 1, 1, S + l)
         for layer in self.layers:
             x = layer(x, attention_bias)  # (B, S + l, width)
         tokens = self.output_proj(self.final_norm(x[:, -num_queries:]))  # (B, l, d_ctx)

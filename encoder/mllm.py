@@ -121,9 +121,7 @@ class MllmBackbone(nn.Module):
         """Mean/std from the checkpoint's preprocessor_config.json, else the family's default."""
         if base_model is None:
             return DEFAULT_PIXEL_STATS[model_type]
-        path = cached_file(
-            base_model, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False
-        )
+        path = cached_file(base_model, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
         if path is not None:
             values = json.loads(Path(path).read_text())
             if "image_mean" in values and "image_std" in values:
@@ -173,15 +171,11 @@ class MllmBackbone(nn.Module):
             position_ids=positions.expand(3, batch, -1),  # (3, B, P)
         )
 
-    def suffix_inputs(
-        self, phrases: Sequence[str], start: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def suffix_inputs(self, phrases: Sequence[str], start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Phrases -> right-padded ids (N, T), mask (N, T), text positions (3, N, T) from `start` on."""
         device = self.connector.output_proj.weight.device
         rows = [
-            self.tokenizer(self.config.prompt.format(attributes=phrase), add_special_tokens=False)[
-                "input_ids"
-            ]
+            self.tokenizer(self.config.prompt.format(attributes=phrase), add_special_tokens=False)["input_ids"]
             for phrase in phrases
         ]
         length = max(len(row) for row in rows)
@@ -196,9 +190,7 @@ class MllmBackbone(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def encode(
-        self, images: Sequence[ImageInput], phrases: Sequence[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, images: Sequence[ImageInput], phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image i under phrase i, one full pass -> tokens (B, l, d_ctx), pooled (B, d_ctx)."""
         prefix = self.prefix_inputs(images)
         batch, prefix_len = prefix["input_ids"].shape
@@ -211,16 +203,12 @@ class MllmBackbone(nn.Module):
             position_ids=torch.cat([prefix["position_ids"], suffix_positions], dim=2),  # (3, B, P + T)
             pixel_values=prefix["pixel_values"],
             image_grid_thw=prefix["image_grid_thw"],
-            mm_token_type_ids=torch.cat(
-                [prefix["mm_token_type_ids"], torch.zeros_like(suffix_ids).int()], dim=1
-            ),
+            mm_token_type_ids=torch.cat([prefix["mm_token_type_ids"], torch.zeros_like(suffix_ids).int()], dim=1),
             use_cache=False,
         )
         return self.connector(outputs.last_hidden_state, mask)  # (B, l, d_ctx), (B, d_ctx)
 
-    def encode_grid(
-        self, images: Sequence[ImageInput], phrases: Sequence[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_grid(self, images: Sequence[ImageInput], phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Every image under every phrase, prefix computed once per image -> (B, K, l, d_ctx), (B, K, d)."""
         prefix = self.prefix_inputs(images)
         batch, prefix_len = prefix["input_ids"].shape
@@ -234,9 +222,7 @@ class MllmBackbone(nn.Module):
         suffix_ids, suffix_mask, suffix_positions = self.suffix_inputs(phrases, start)  # (K, T)
         suffix_ids = suffix_ids.repeat(batch, 1)  # (B*K, T)
         suffix_mask = suffix_mask.repeat(batch, 1)
-        mask = torch.cat(
-            [suffix_mask.new_ones(batch * num_phrases, prefix_len), suffix_mask], dim=1
-        )  # (B*K, P+T)
+        mask = torch.cat([suffix_mask.new_ones(batch * num_phrases, prefix_len), suffix_mask], dim=1)  # (B*K, P+T)
         suffix_out = self.vlm(
             input_ids=suffix_ids,
             attention_mask=mask.long(),

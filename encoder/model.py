@@ -58,9 +58,7 @@ class AttributeEncoder(nn.Module):
         super().__init__()
         reuse_freed_memory()
         self.config = config
-        self.backbone = (
-            backbone if backbone is not None else _build_backbone(config, device=device, dtype=dtype)
-        )
+        self.backbone = backbone if backbone is not None else _build_backbone(config, device=device, dtype=dtype)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
@@ -104,9 +102,7 @@ class AttributeEncoder(nn.Module):
         tokens, pooled = self.backbone.encode(images, phrases)
         return AttributeEmbeddings(tokens=tokens, pooled=pooled)
 
-    def encode_grid(
-        self, images: Sequence[ImageInput], attributes: Sequence[Attribute]
-    ) -> AttributeEmbeddings:
+    def encode_grid(self, images: Sequence[ImageInput], attributes: Sequence[Attribute]) -> AttributeEmbeddings:
         """Every image under every attribute, per-image work done once -> (B, K, l, d_ctx), (B, K, d)."""
         phrases = attribute_phrases(attributes)
         if len(set(phrases)) != len(phrases):

@@ -76,9 +76,7 @@ def word_tokenizer(words: tuple[str, ...] | list[str] = WORDS):
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
 def tiny_qwen_vl_config(kind: str = "qwen2_vl"):
@@ -99,9 +97,7 @@ def tiny_qwen_vl_config(kind: str = "qwen2_vl"):
         pad_token_id=0,
     )
     ids = dict(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
-    common = dict(
-        depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3
-    )
+    common = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if kind == "qwen2_vl":
         vision = dict(embed_dim=32, hidden_size=64, mlp_ratio=2, **common)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)

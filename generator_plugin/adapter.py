@@ -195,10 +195,7 @@ class AttributeAdapter(nn.Module):
         self.token_projection = nn.Linear(config.token_dim, config.projection_dim)
         self.token_norm = nn.LayerNorm(config.projection_dim)
         self.processors = nn.ModuleDict(
-            {
-                str(index): AttributeAttnProcessor(config.hidden_size, config.projection_dim)
-                for index in config.blocks
-            }
+            {str(index): AttributeAttnProcessor(config.hidden_size, config.projection_dim) for index in config.blocks}
         )
 
     @classmethod
@@ -285,14 +282,9 @@ class AttributeAdapter(nn.Module):
 def check_attribute_tokens(attribute_tokens: torch.Tensor, token_dim: int) -> None:
     """Raise a clear error unless `attribute_tokens` is a (B, l, token_dim) tensor."""
     if not isinstance(attribute_tokens, torch.Tensor) or attribute_tokens.ndim != 3:
-        shape = (
-            tuple(attribute_tokens.shape)
-            if isinstance(attribute_tokens, torch.Tensor)
-            else type(attribute_tokens)
-        )
+        shape = tuple(attribute_tokens.shape) if isinstance(attribute_tokens, torch.Tensor) else type(attribute_tokens)
         raise AttributeTokenWidthError(
-            f"attribute tokens must be a (batch, tokens, {token_dim}) tensor (AttributeEmbeddings.tokens); "
-            f"got {shape}."
+            f"attribute tokens must be a (batch, tokens, {token_dim}) tensor (AttributeEmbeddings.tokens); got {shape}."
         )
     if attribute_tokens.shape[-1] != token_dim:
         raise AttributeTokenWidthError(
@@ -309,9 +301,7 @@ def _set_processor_scales(
     if isinstance(scale, Mapping):
         unknown = sorted(set(scale) - set(blocks))
         if unknown:
-            raise ValueError(
-                f"set_attribute_scale: blocks {unknown} have no adapter; adapted blocks: {blocks}."
-            )
+            raise ValueError(f"set_attribute_scale: blocks {unknown} have no adapter; adapted blocks: {blocks}.")
         scales = dict(scale)
     elif isinstance(scale, Sequence) and not isinstance(scale, str):
         if len(scale) != len(blocks):
@@ -325,9 +315,7 @@ def _set_processor_scales(
     for index, value in scales.items():
         value = float(value)
         if not math.isfinite(value):
-            raise ValueError(
-                f"set_attribute_scale: the scale of block {index} is {value}; use a finite float."
-            )
+            raise ValueError(f"set_attribute_scale: the scale of block {index} is {value}; use a finite float.")
         processors[index].scale = value
 
 
@@ -410,9 +398,7 @@ class AttributeAdapterLoaderMixin:
 
     attribute_adapter: AttributeAdapter | None
 
-    def load_attribute_adapter(
-        self, adapter: AttributeAdapter | str | Path, scale: float = 1.0
-    ) -> AttributeAdapter:
+    def load_attribute_adapter(self, adapter: AttributeAdapter | str | Path, scale: float = 1.0) -> AttributeAdapter:
         """Install an adapter (object or saved directory) into this pipeline's transformer."""
         self.attribute_adapter = load_attribute_adapter(self.transformer, adapter, scale)
         return self.attribute_adapter

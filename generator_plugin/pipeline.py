@@ -214,9 +214,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             truncation=True,
             return_tensors="pt",
         ).input_ids  # (1, T)
-        prompt_embeds = self.text_encoder_2(
-            t5_ids.to(self.text_encoder_2.device), output_hidden_states=False
-        )[0]
+        prompt_embeds = self.text_encoder_2(t5_ids.to(self.text_encoder_2.device), output_hidden_states=False)[0]
         return prompt_embeds, pooled_prompt_embeds  # (1, T, joint_dim), (1, pooled_dim)
 
     def prepare_latent_image_ids(self, height: int, width: int) -> torch.Tensor:
@@ -402,9 +400,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, scores
-        return AttributePipelineOutput(
-            images=images, transfer_scores=scores, attributes=conditions.attributes
-        )
+        return AttributePipelineOutput(images=images, transfer_scores=scores, attributes=conditions.attributes)
 
     # --------------------------------------------------------------------------------------------------------
     # Stages
@@ -439,19 +435,13 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             raise GeneratorInputError(f"prompt must be one string; got {type(prompt).__name__}.")
         if prompt_embeds is not None:
             if pooled_prompt_embeds is None:
-                raise GeneratorInputError(
-                    "prompt_embeds needs pooled_prompt_embeds as well (FLUX's CLIP vector)."
-                )
+                raise GeneratorInputError("prompt_embeds needs pooled_prompt_embeds as well (FLUX's CLIP vector).")
             _check_embeds("prompt_embeds", prompt_embeds, (1, None, config.joint_attention_dim))
             _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, (1, config.pooled_projection_dim))
         if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
-            raise GeneratorInputError(
-                "pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither."
-            )
+            raise GeneratorInputError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither.")
         if negative_prompt_embeds is not None:
-            _check_embeds(
-                "negative_prompt_embeds", negative_prompt_embeds, (1, None, config.joint_attention_dim)
-            )
+            _check_embeds("negative_prompt_embeds", negative_prompt_embeds, (1, None, config.joint_attention_dim))
             _check_embeds(
                 "negative_pooled_prompt_embeds",
                 negative_pooled_prompt_embeds,
@@ -496,9 +486,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
                 )
             num_refs = attribute_tokens.shape[0]
             if attribute_weights is None:
-                raise GeneratorInputError(
-                    "attribute_tokens need attribute_weights: one weight w_i per reference row."
-                )
+                raise GeneratorInputError("attribute_tokens need attribute_weights: one weight w_i per reference row.")
             if len(attribute_weights) != num_refs:
                 raise GeneratorInputError(
                     f"got {len(attribute_weights)} attribute_weights for {num_refs} references (rows of "
@@ -531,9 +519,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         # Sampling settings
         multiple = self.vae_scale_factor * 2
         if height % multiple or width % multiple:
-            raise GeneratorInputError(
-                f"height and width must be multiples of {multiple}; got {height}x{width}."
-            )
+            raise GeneratorInputError(f"height and width must be multiples of {multiple}; got {height}x{width}.")
         if num_inference_steps < 1 or num_images_per_prompt < 1:
             raise GeneratorInputError("num_inference_steps and num_images_per_prompt must be at least 1.")
         if latents is not None:
@@ -543,15 +529,11 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
                 config.in_channels,
             )
             if tuple(latents.shape) != expected:
-                raise GeneratorInputError(
-                    f"latents must be packed with shape {expected}; got {tuple(latents.shape)}."
-                )
+                raise GeneratorInputError(f"latents must be packed with shape {expected}; got {tuple(latents.shape)}.")
         if output_type not in OUTPUT_TYPES:
             raise GeneratorInputError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}.")
         if condition_batch_size is not None and condition_batch_size < 1:
-            raise GeneratorInputError(
-                f"condition_batch_size must be None or at least 1; got {condition_batch_size}."
-            )
+            raise GeneratorInputError(f"condition_batch_size must be None or at least 1; got {condition_batch_size}.")
         return normalised
 
     def encode_attributes(
@@ -568,9 +550,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             embeddings = encoder.encode(images, attributes)
             tokens = embeddings.tokens  # (N, l, d_ctx)
             check_attribute_tokens(tokens, self.attribute_adapter.config.token_dim)
-            return _AttributeConditions(
-                tokens, [weight for _, _, weight in refs], attributes, embeddings.pooled
-            )
+            return _AttributeConditions(tokens, [weight for _, _, weight in refs], attributes, embeddings.pooled)
         if attribute_tokens is not None and len(attribute_tokens):
             return _AttributeConditions(attribute_tokens, [float(w) for w in attribute_weights], None, None)
         return _AttributeConditions(None, [], None, None)
@@ -587,9 +567,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)  # (B, C, h, w)
         patches = noise.view(batch_size, num_latent_channels, latent_height // 2, 2, latent_width // 2, 2)
         patches = patches.permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
-        return patches.reshape(
-            batch_size, (latent_height // 2) * (latent_width // 2), num_latent_channels * 4
-        )
+        return patches.reshape(batch_size, (latent_height // 2) * (latent_width // 2), num_latent_channels * 4)
 
     def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Inverse of the packing in prepare_latents: (B, h/2 * w/2, 4 C) -> (B, C, h, w)."""
@@ -631,9 +609,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         rows = {
             "num_conditions": num_refs + 2,
             "prompt_embeds": torch.cat(null_text_rows).repeat_interleave(num_images, dim=0),  # (R B, T, J)
-            "pooled_prompt_embeds": torch.cat(null_pooled_rows).repeat_interleave(
-                num_images, dim=0
-            ),  # (R B, P)
+            "pooled_prompt_embeds": torch.cat(null_pooled_rows).repeat_interleave(num_images, dim=0),  # (R B, P)
             "ip_hidden_states": None,
             "attribute_mask": None,
         }
@@ -648,9 +624,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         return rows
 
     @staticmethod
-    def combine_velocities(
-        velocity: torch.Tensor, guidance_scale: float, weights: Sequence[float]
-    ) -> torch.Tensor:
+    def combine_velocities(velocity: torch.Tensor, guidance_scale: float, weights: Sequence[float]) -> torch.Tensor:
         """(R, B, S, C) condition velocities -> guided (B, S, C) by the rule in the module docstring."""
         if velocity.shape[0] == 1:
             return velocity[0]  # D(0, c) alone: no references, no text guidance
@@ -663,18 +637,14 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
 
 def _check_weight(weight: Any, position: int) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise GeneratorInputError(
-            f"reference {position}: the weight must be a finite number; got {weight!r}."
-        )
+        raise GeneratorInputError(f"reference {position}: the weight must be a finite number; got {weight!r}.")
     return float(weight)
 
 
 def _check_embeds(name: str, tensor: Any, shape: tuple[int | None, ...]) -> None:
     expected = "(" + ", ".join("T" if size is None else str(size) for size in shape) + ")"
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != len(shape):
-        raise GeneratorInputError(
-            f"{name} must be a tensor of shape {expected}; got {type(tensor).__name__}."
-        )
+        raise GeneratorInputError(f"{name} must be a tensor of shape {expected}; got {type(tensor).__name__}.")
     for size, want in zip(tensor.shape, shape, strict=True):
         if want is not None and size != want:
             raise GeneratorInputError(f"{name} must have shape {expected}; got {tuple(tensor.shape)}.")

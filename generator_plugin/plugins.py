@@ -104,10 +104,7 @@ class FluxGeneratorPlugin:
 
 def _load_text_encoders(root: Path, dtype: torch.dtype) -> dict:
     """CLIP (pooled) and T5 (sequence) encoders and their tokenizers, when the directory has them."""
-    present = {
-        name: (root / name).is_dir()
-        for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    }
+    present = {name: (root / name).is_dir() for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
     if not any(present.values()):
         return {}
     if not all(present.values()):
@@ -161,8 +158,7 @@ def get_generator_plugin(name: str) -> GeneratorPlugin:
         plugin = plugin()
     if not isinstance(plugin, GeneratorPlugin):
         raise TypeError(
-            f"generator plugin {name!r} ({type(plugin).__name__}) does not provide `name` and "
-            "`load(weights_dir, ...)`."
+            f"generator plugin {name!r} ({type(plugin).__name__}) does not provide `name` and `load(weights_dir, ...)`."
         )
     return plugin
 

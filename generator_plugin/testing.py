@@ -59,9 +59,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
         ).eval()
 
 
-def randomize_attribute_adapter(
-    adapter: AttributeAdapter, seed: int = 0, std: float = 0.3
-) -> AttributeAdapter:
+def randomize_attribute_adapter(adapter: AttributeAdapter, seed: int = 0, std: float = 0.3) -> AttributeAdapter:
     """Give the zero-initialised key/value projections random weights, standing in for a trained adapter."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -112,9 +110,7 @@ def tiny_prompt_embeds(
     return prompt_embeds, pooled_prompt_embeds
 
 
-def random_attribute_tokens(
-    num_refs: int, num_tokens: int = 4, token_dim: int = 32, seed: int = 0
-) -> torch.Tensor:
+def random_attribute_tokens(num_refs: int, num_tokens: int = 4, token_dim: int = 32, seed: int = 0) -> torch.Tensor:
     """Random stand-ins for encoder tokens (N, l, d_ctx)."""
     return torch.randn(num_refs, num_tokens, token_dim, generator=torch.Generator().manual_seed(seed))
 

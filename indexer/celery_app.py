@@ -28,14 +28,18 @@ TASK_QUEUES = {
     "omniattr.generate_shard": "generate",
 }
 TASK_BY_KIND = {
-    "ingest": "omniattr.ingest_shard", "index": "omniattr.index_shard", "generate": "omniattr.generate_shard"
+    "ingest": "omniattr.ingest_shard",
+    "index": "omniattr.index_shard",
+    "generate": "omniattr.generate_shard",
 }
 
 
 def create_celery_app(settings: Settings) -> Celery:
     """A Celery app wired from settings; in the embedded profile it needs no broker (tasks run in-process)."""
     broker = settings.broker_url or "memory://"
-    app = Celery("omniattr", broker=broker, backend=settings.result_backend_url or settings.broker_url or "cache+memory://")
+    app = Celery(
+        "omniattr", broker=broker, backend=settings.result_backend_url or settings.broker_url or "cache+memory://"
+    )
     app.conf.update(
         task_acks_late=True,  # acknowledge after the work, not before
         task_reject_on_worker_lost=True,  # a killed worker's task goes back to the queue

@@ -50,9 +50,15 @@ def build_worker_context(settings: Settings) -> WorkerContext:
         allowed_roots=list(settings.allowed_roots),
         index_batch_size=settings.index_batch_size,
         generator=(
-            GeneratorProvider(settings.generator_plugin, settings.generator_path, device=settings.device,
-                              steps=settings.generation_steps, size=settings.generation_size)
-            if settings.generator_path else None
+            GeneratorProvider(
+                settings.generator_plugin,
+                settings.generator_path,
+                device=settings.device,
+                steps=settings.generation_steps,
+                size=settings.generation_size,
+            )
+            if settings.generator_path
+            else None
         ),
         lock=lock,
     )

@@ -54,8 +54,14 @@ class GeneratorProvider:
 
 
 def plan_generation(
-    session: Session, *, references: list[Reference], prompt: str, seed: int | None = None,
-    steps: int | None = None, guidance_scale: float = 1.0, generator_available: bool = True,
+    session: Session,
+    *,
+    references: list[Reference],
+    prompt: str,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float = 1.0,
+    generator_available: bool = True,
 ) -> tuple[PlannedJob, int]:
     """Record a generation request and its one-shard job; returns (plan, generation id)."""
     if not generator_available:
@@ -75,8 +81,13 @@ def plan_generation(
             raise InvalidInputError(f"image {image.id} cannot be a reference: its status is {image.status}")
         if not reference.weight > 0:
             raise InvalidInputError(f"reference weights must be positive; got {reference.weight}")
-        refs.append({"image_id": image.id, "attribute": metadata.normalize_attribute(reference.attribute),
-                     "weight": reference.weight})
+        refs.append(
+            {
+                "image_id": image.id,
+                "attribute": metadata.normalize_attribute(reference.attribute),
+                "weight": reference.weight,
+            }
+        )
     request = {"refs": refs, "prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
     job = metadata.create_job(session, kind="generate", params={}, shards=[[0]])
     generation = metadata.create_generation(session, request=request, job_id=job.id)
@@ -122,18 +133,21 @@ def run_generate_shard(context: WorkerContext, shard_id: int) -> str:
     seed = request.get("seed")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     output = pipeline(
-        prompt=request["prompt"], refs=refs, attribute_encoder=context.encoder.get(),
+        prompt=request["prompt"],
+        refs=refs,
+        attribute_encoder=context.encoder.get(),
         guidance_scale=request.get("guidance_scale") or 1.0,
-        num_inference_steps=request.get("steps") or context.generator.steps, generator=generator,
-        height=context.generator.size, width=context.generator.size,
+        num_inference_steps=request.get("steps") or context.generator.steps,
+        generator=generator,
+        height=context.generator.size,
+        width=context.generator.size,
     )
     path = output_path(context, generation_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     output.images[0].save(path)
     scores = _named_scores(request["refs"], output.transfer_scores[0])
     with context.session_factory.begin() as session:
-        metadata.finish_generation(session, generation_id=generation_id, output_path=str(path),
-                                   transfer_scores=scores)
+        metadata.finish_generation(session, generation_id=generation_id, output_path=str(path), transfer_scores=scores)
         metadata.finish_shard(session, shard_id=shard_id, done=1, failed=0, error=errors_text([]))
     return "done"
 

@@ -205,15 +205,27 @@ def ingest_bytes(
         decoded = decode_image(data, max_pixels=max_pixels)
     except ImageRejected as rejected:
         image, created = metadata.add_image(
-            session, collection_id=collection_id, source=source, sha256=sha256, bytes=len(data),
-            status="failed", error=str(rejected),
+            session,
+            collection_id=collection_id,
+            source=source,
+            sha256=sha256,
+            bytes=len(data),
+            status="failed",
+            error=str(rejected),
         )
         return IngestOutcome(source, image.id, created, image.status, image.error)
     media.put_original(data, sha256, decoded.format)
     media.put_thumbnail(decoded.image, sha256)
     image, created = metadata.add_image(
-        session, collection_id=collection_id, source=source, sha256=sha256, bytes=len(data),
-        width=decoded.width, height=decoded.height, format=decoded.format, status="ready",
+        session,
+        collection_id=collection_id,
+        source=source,
+        sha256=sha256,
+        bytes=len(data),
+        width=decoded.width,
+        height=decoded.height,
+        format=decoded.format,
+        status="ready",
     )
     return IngestOutcome(source, image.id, created, image.status, image.error)
 
@@ -234,11 +246,21 @@ def ingest_path(
     if size > max_bytes:  # do not read a huge file just to reject it
         sha256 = hashlib.sha256(f"oversized:{resolved}:{size}".encode()).hexdigest()
         image, created = metadata.add_image(
-            session, collection_id=collection_id, source=str(path), sha256=sha256, bytes=size,
-            status="failed", error=f"file is {size:,} bytes, over the limit of {max_bytes:,}",
+            session,
+            collection_id=collection_id,
+            source=str(path),
+            sha256=sha256,
+            bytes=size,
+            status="failed",
+            error=f"file is {size:,} bytes, over the limit of {max_bytes:,}",
         )
         return IngestOutcome(str(path), image.id, created, image.status, image.error)
     return ingest_bytes(
-        session, media, collection_id=collection_id, source=str(path), data=resolved.read_bytes(),
-        max_pixels=max_pixels, max_bytes=max_bytes,
+        session,
+        media,
+        collection_id=collection_id,
+        source=str(path),
+        data=resolved.read_bytes(),
+        max_pixels=max_pixels,
+        max_bytes=max_bytes,
     )

@@ -69,7 +69,11 @@ class PlannedJob:
 def register_encoder(session: Session, info: EncoderInfo) -> metadata.EncoderModel:
     """Record the encoder checkpoint in use (idempotent)."""
     return metadata.register_encoder_model(
-        session, name=info.name, version=info.version, backend=info.backend, dimension=info.dimension,
+        session,
+        name=info.name,
+        version=info.version,
+        backend=info.backend,
+        dimension=info.dimension,
         checkpoint_sha256=info.checkpoint_sha256,
     )
 
@@ -79,7 +83,11 @@ def _split(items: Sequence[Any], size: int) -> list[list[Any]]:
 
 
 def plan_ingest_directory(
-    session: Session, *, collection_id: int, directory: Path, allowed_roots: Sequence[Path],
+    session: Session,
+    *,
+    collection_id: int,
+    directory: Path,
+    allowed_roots: Sequence[Path],
     shard_size: int = INGEST_SHARD_SIZE,
 ) -> PlannedJob:
     """Scan a directory (inside the allowed roots) into an ingest job of file-path shards."""
@@ -88,22 +96,30 @@ def plan_ingest_directory(
     # Refused symlinks go into the shards too: the shard records them as failures with the reason.
     paths = [str(path) for path, _ in found]
     job = metadata.create_job(
-        session, kind="ingest", collection_id=collection_id, params={"directory": str(directory)},
+        session,
+        kind="ingest",
+        collection_id=collection_id,
+        params={"directory": str(directory)},
         shards=_split(paths, shard_size),
     )
     return PlannedJob(job.id, job.kind, [shard.id for shard in job.shards])
 
 
 def plan_index_attributes(
-    session: Session, *, collection_id: int, attribute_texts: Sequence[str], encoder_model_id: int,
+    session: Session,
+    *,
+    collection_id: int,
+    attribute_texts: Sequence[str],
+    encoder_model_id: int,
     shard_size: int = INDEX_SHARD_SIZE,
 ) -> PlannedJob | None:
     """Index a collection under attributes it is not yet indexed for (a backfill); None if nothing is new."""
     metadata.get_collection(session, collection_id=collection_id)
     if not attribute_texts:
         raise InvalidInputError("no attributes given; name at least one, e.g. 'lighting'")
-    attributes = list({a.id: a for a in (metadata.get_or_create_attribute(session, text=t) for t in attribute_texts)}
-                      .values())
+    attributes = list(
+        {a.id: a for a in (metadata.get_or_create_attribute(session, text=t) for t in attribute_texts)}.values()
+    )
     existing = {
         row.attribute_id: row.status
         for row in metadata.list_collection_attributes(
@@ -115,16 +131,24 @@ def plan_index_attributes(
         return None
     for attribute in new:
         metadata.set_collection_attribute(
-            session, collection_id=collection_id, attribute_id=attribute.id, encoder_model_id=encoder_model_id,
+            session,
+            collection_id=collection_id,
+            attribute_id=attribute.id,
+            encoder_model_id=encoder_model_id,
             status="indexing",
         )
     image_ids = metadata.list_image_ids(session, collection_id=collection_id)
-    return _create_index_job(session, collection_id, encoder_model_id, [a.id for a in new], image_ids, shard_size,
-                             kind="index")
+    return _create_index_job(
+        session, collection_id, encoder_model_id, [a.id for a in new], image_ids, shard_size, kind="index"
+    )
 
 
 def plan_index_new_images(
-    session: Session, *, collection_id: int, image_ids: Sequence[int], encoder_model_id: int,
+    session: Session,
+    *,
+    collection_id: int,
+    image_ids: Sequence[int],
+    encoder_model_id: int,
     shard_size: int = INDEX_SHARD_SIZE,
 ) -> PlannedJob | None:
     """Index newly ingested images under every attribute already indexed for their collection."""
@@ -137,14 +161,19 @@ def plan_index_new_images(
     ]
     if not attribute_ids or not image_ids:
         return None
-    return _create_index_job(session, collection_id, encoder_model_id, attribute_ids, list(image_ids), shard_size,
-                             kind="index_new_images")
+    return _create_index_job(
+        session, collection_id, encoder_model_id, attribute_ids, list(image_ids), shard_size, kind="index_new_images"
+    )
 
 
 def _create_index_job(session, collection_id, encoder_model_id, attribute_ids, image_ids, shard_size, *, kind):
     job = metadata.create_job(
-        session, kind=kind, collection_id=collection_id, encoder_model_id=encoder_model_id,
-        params={"attribute_ids": attribute_ids}, shards=_split(image_ids, shard_size),
+        session,
+        kind=kind,
+        collection_id=collection_id,
+        encoder_model_id=encoder_model_id,
+        params={"attribute_ids": attribute_ids},
+        shards=_split(image_ids, shard_size),
         units_per_item=len(attribute_ids),
     )
     if job.status == "done":  # an empty collection: the attributes are trivially ready
@@ -155,8 +184,11 @@ def _create_index_job(session, collection_id, encoder_model_id, attribute_ids, i
 def _mark_attributes(session: Session, job: metadata.Job, status: str) -> None:
     for attribute_id in job.params.get("attribute_ids", []):
         metadata.set_collection_attribute(
-            session, collection_id=job.collection_id, attribute_id=attribute_id,
-            encoder_model_id=job.encoder_model_id, status=status,
+            session,
+            collection_id=job.collection_id,
+            attribute_id=attribute_id,
+            encoder_model_id=job.encoder_model_id,
+            status=status,
         )
 
 
@@ -195,7 +227,10 @@ def run_ingest_shard(context: WorkerContext, shard_id: int, dispatcher: Dispatch
         with context.session_factory.begin() as session:
             try:
                 outcome = ingest_path(
-                    session, context.media, collection_id=collection_id, path=Path(path),
+                    session,
+                    context.media,
+                    collection_id=collection_id,
+                    path=Path(path),
                     allowed_roots=context.allowed_roots,
                 )
             except (PathNotAllowed, OSError) as error:
@@ -218,7 +253,9 @@ def run_ingest_shard(context: WorkerContext, shard_id: int, dispatcher: Dispatch
         follow_up = None
         if missing:
             follow_up = plan_index_new_images(
-                session, collection_id=collection_id, image_ids=missing,
+                session,
+                collection_id=collection_id,
+                image_ids=missing,
                 encoder_model_id=metadata.get_encoder_model(session, version=context.encoder_info.version).id,
             )
     if follow_up and dispatcher is not None:
@@ -273,15 +310,23 @@ def run_index_shard(context: WorkerContext, shard_id: int) -> str:
         )
     context.vectors.ensure_collection(encoder_version=encoder_version, dimension=dimension)
     result = index_images(
-        session_factory=context.session_factory, media=context.media, vectors=context.vectors,
-        encoder=context.encoder.get(), encoder_version=encoder_version, image_ids=image_ids,
-        attributes=attributes, batch_size=context.index_batch_size,
+        session_factory=context.session_factory,
+        media=context.media,
+        vectors=context.vectors,
+        encoder=context.encoder.get(),
+        encoder_version=encoder_version,
+        image_ids=image_ids,
+        attributes=attributes,
+        batch_size=context.index_batch_size,
     )
     with context.session_factory.begin() as session:
         # Images deleted (or failed) since planning need no work: they count as done so progress reaches 100%.
         skipped = len(image_ids) * len(attributes) - result.done - result.failed
         finished = metadata.finish_shard(
-            session, shard_id=shard_id, done=result.done + skipped, failed=result.failed,
+            session,
+            shard_id=shard_id,
+            done=result.done + skipped,
+            failed=result.failed,
             error=errors_text(result.errors),
         )
         if finished.status in ("done", "failed"):
@@ -291,16 +336,26 @@ def run_index_shard(context: WorkerContext, shard_id: int) -> str:
         # would block every other writer meanwhile. Searches stay exact on unindexed points until it is built.
         context.vectors.optimize(encoder_version=encoder_version)
     t = result.times
-    log.info("index shard %s: %s encodings (read %.2fs, encode %.2fs, write %.2fs)",
-             shard_id, result.done, t.read, t.encode, t.write)
+    log.info(
+        "index shard %s: %s encodings (read %.2fs, encode %.2fs, write %.2fs)",
+        shard_id,
+        result.done,
+        t.read,
+        t.encode,
+        t.write,
+    )
     return "done"
 
 
 def fail_shard_attempt(context: WorkerContext, shard_id: int, error: BaseException, *, retryable: bool) -> None:
     """Record a failed attempt: back to pending while a retryable error has tries left, else failed for good."""
     with context.session_factory.begin() as session:
-        metadata.fail_shard(session, shard_id=shard_id, error=f"{type(error).__name__}: {error}",
-                            max_attempts=MAX_SHARD_ATTEMPTS if retryable else 0)
+        metadata.fail_shard(
+            session,
+            shard_id=shard_id,
+            error=f"{type(error).__name__}: {error}",
+            max_attempts=MAX_SHARD_ATTEMPTS if retryable else 0,
+        )
 
 
 def encode_query(context: WorkerContext, *, image_bytes: bytes, attribute: str) -> list[float]:

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     # shared
     allowed_roots: list[Path] = Field(default_factory=list, description="Directories ingest-from-path may read.")
     encoder_path: Path | None = Field(
-        default=None, description=(
+        default=None,
+        description=(
             "Encoder checkpoint dir; default: DATA_DIR/encoder if it exists, else the starter model shipped in "
             "a source checkout (models/starter/encoder)."
         ),
@@ -52,8 +53,10 @@ class Settings(BaseSettings):
     generation_size: int | None = Field(default=None, ge=16, le=4096, description="Output side; default: the model's.")
     index_batch_size: int = Field(default=32, ge=1, description="Images per encoder batch while indexing.")
     task_visibility_timeout_s: int = Field(
-        default=1800, ge=1, description="A task unacknowledged this long (its worker died) is delivered again; "
-        "must exceed the longest shard's run time."
+        default=1800,
+        ge=1,
+        description="A task unacknowledged this long (its worker died) is delivered again; "
+        "must exceed the longest shard's run time.",
     )
     query_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a query image's encoding.")
     api_host: str = "127.0.0.1"

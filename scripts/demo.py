@@ -150,8 +150,12 @@ def build_collection(out: Path) -> int:
     (out / "procedural").mkdir(parents=True)
     images: dict[str, dict[str, str]] = {}
     photos = list(bundled_photos())
-    with tqdm(total=len(photos) * len(PHOTO_VARIANTS) + PROCEDURAL_COUNT, desc="[demo] building images",
-              unit="img", file=sys.stderr) as bar:
+    with tqdm(
+        total=len(photos) * len(PHOTO_VARIANTS) + PROCEDURAL_COUNT,
+        desc="[demo] building images",
+        unit="img",
+        file=sys.stderr,
+    ) as bar:
         for name, photo in photos:
             for variant, make in PHOTO_VARIANTS.items():
                 relative = f"photos/{name}__{variant}.png"
@@ -212,8 +216,9 @@ def run(command: list[str], env: dict[str, str]) -> None:
 def demo_environment(data_dir: Path) -> dict[str, str]:
     """This process's environment with the embedded profile under data_dir, whatever the caller had set."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("OMNIATTR_")}
-    env.update(OMNIATTR_PROFILE="embedded", OMNIATTR_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
+    env.update(
+        OMNIATTR_PROFILE="embedded", OMNIATTR_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
+    )
     return env
 
 
@@ -232,11 +237,17 @@ class ExampleQuery:
 # What the shipped starter encoder does well (bench/RESULTS.md): art style and background; it was trained on
 # procedural objects only, and on photos it tells art style apart but not lighting or the subject.
 EXAMPLES = [
-    ExampleQuery("the same BACKGROUND as the teal person (a starry deep-space backdrop)",
-                 [("procedural/0127_teal_person.png", "background")], []),
+    ExampleQuery(
+        "the same BACKGROUND as the teal person (a starry deep-space backdrop)",
+        [("procedural/0127_teal_person.png", "background")],
+        [],
+    ),
     ExampleQuery("the same ART STYLE as the pixel-art horse", [("procedural/0003_purple_horse.png", "art style")], []),
-    ExampleQuery("the ART STYLE of the pixel-art cat photo, but NOT the cat photo's colours",
-                 [("photos/cat__pixel-art.png", "art style")], [("photos/cat__original.png", "color")]),
+    ExampleQuery(
+        "the ART STYLE of the pixel-art cat photo, but NOT the cat photo's colours",
+        [("photos/cat__pixel-art.png", "art style")],
+        [("photos/cat__original.png", "color")],
+    ),
 ]
 
 
@@ -260,8 +271,9 @@ def image_ids(client: httpx.Client, collection_id: int) -> dict[str, int]:
     ids: dict[str, int] = {}
     after = 0
     while True:
-        page = client.get(f"/api/collections/{collection_id}/images",
-                          params={"status": "ready", "after_id": after, "limit": 500}).json()
+        page = client.get(
+            f"/api/collections/{collection_id}/images", params={"status": "ready", "after_id": after, "limit": 500}
+        ).json()
         for image in page["data"]:
             source = Path(image["source"])
             ids[f"{source.parent.name}/{source.name}"] = image["id"]
@@ -276,8 +288,10 @@ def show_examples(url: str) -> None:
         collections = {c["name"]: c["id"] for c in client.get("/api/collections").json()["data"]}
         collection_id = collections[COLLECTION]
         ids = image_ids(client, collection_id)
-        print(f"\n{'=' * 100}\n omniattr demo is running: open {url}  (collection '{COLLECTION}', "
-              f"{len(ids)} images, attributes: {', '.join(ATTRIBUTES)})\n{'=' * 100}")
+        print(
+            f"\n{'=' * 100}\n omniattr demo is running: open {url}  (collection '{COLLECTION}', "
+            f"{len(ids)} images, attributes: {', '.join(ATTRIBUTES)})\n{'=' * 100}"
+        )
         for number, example in enumerate(EXAMPLES, start=1):
             terms = [{"image_id": ids[file], "attribute": attribute} for file, attribute in example.terms]
             negatives = [{"image_id": ids[file], "attribute": attribute} for file, attribute in example.negatives]
@@ -318,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_for_server(url, server)
         show_examples(url)
-        print(f"[demo] ready {time.perf_counter() - started:.0f} s after `python scripts/demo.py` started",
-              file=sys.stderr, flush=True)
+        print(
+            f"[demo] ready {time.perf_counter() - started:.0f} s after `python scripts/demo.py` started",
+            file=sys.stderr,
+            flush=True,
+        )
         if args.check:
             return 0
         return server.wait()

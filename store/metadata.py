@@ -235,9 +235,7 @@ def normalize_attribute(text: str) -> str:
     if not normalized:
         raise InvalidInputError("attribute text is empty; pass one such as 'lighting' or 'art style'")
     if len(normalized) > MAX_ATTRIBUTE_CHARS:
-        raise InvalidInputError(
-            f"attribute text has {len(normalized)} characters; the limit is {MAX_ATTRIBUTE_CHARS}"
-        )
+        raise InvalidInputError(f"attribute text has {len(normalized)} characters; the limit is {MAX_ATTRIBUTE_CHARS}")
     return normalized
 
 
@@ -379,9 +377,7 @@ def create_job(
         total=sum(len(ids) for ids in shards) * units_per_item,
     )
     for position, ids in enumerate(shards):  # ids: one shard's items
-        job.shards.append(
-            JobShard(position=position, items=list(ids), total=len(ids) * units_per_item)
-        )
+        job.shards.append(JobShard(position=position, items=list(ids), total=len(ids) * units_per_item))
     if not shards:
         job.status = "done"
         job.finished_at = utcnow()

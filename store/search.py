@@ -70,17 +70,26 @@ def search_images(
     if len(terms) == 1 and not negatives:  # the common case: one index query, scores exact already
         (term,) = terms
         hits = vectors.search(
-            encoder_version=encoder_version, vector=term.vector, collection_id=collection_id,
-            attribute_id=term.attribute_id, limit=limit, exclude_image_ids=excluded, payload_filter=payload_filter,
+            encoder_version=encoder_version,
+            vector=term.vector,
+            collection_id=collection_id,
+            attribute_id=term.attribute_id,
+            limit=limit,
+            exclude_image_ids=excluded,
+            payload_filter=payload_filter,
         )
         return [RankedImage(hit.image_id, term.weight * hit.score, {term.attribute: hit.score}) for hit in hits]
 
     candidates: dict[int, None] = {}
     for term in terms:
         hits = vectors.search(
-            encoder_version=encoder_version, vector=term.vector, collection_id=collection_id,
-            attribute_id=term.attribute_id, limit=min(limit * overfetch, MAX_LIMIT * overfetch),
-            exclude_image_ids=excluded, payload_filter=payload_filter,
+            encoder_version=encoder_version,
+            vector=term.vector,
+            collection_id=collection_id,
+            attribute_id=term.attribute_id,
+            limit=min(limit * overfetch, MAX_LIMIT * overfetch),
+            exclude_image_ids=excluded,
+            payload_filter=payload_filter,
         )
         candidates.update((hit.image_id, None) for hit in hits)
     image_ids = list(candidates)

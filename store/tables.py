@@ -150,9 +150,7 @@ class CollectionAttribute(TimestampMixin, Base):
 
     __tablename__ = "collection_attributes"
     __table_args__ = (
-        UniqueConstraint(
-            "collection_id", "attribute_id", "encoder_model_id", name="uq_collection_attributes_triple"
-        ),
+        UniqueConstraint("collection_id", "attribute_id", "encoder_model_id", name="uq_collection_attributes_triple"),
         CheckConstraint(_one_of("status", INDEX_STATUSES), name="status"),
     )
 

@@ -696,8 +696,12 @@ class QdrantEdgeIndex(VectorIndex):
                 version_dir = self._version_dir(encoder_version)
                 if self._read_meta(version_dir) is None:
                     version_dir.mkdir(parents=True, exist_ok=True)
-                    meta = {"encoder_version": encoder_version, "dimension": dimension, "distance": "cosine",
-                            "layout": "shard per attribute"}
+                    meta = {
+                        "encoder_version": encoder_version,
+                        "dimension": dimension,
+                        "distance": "cosine",
+                        "layout": "shard per attribute",
+                    }
                     temporary = version_dir / (EDGE_META_FILE + ".tmp")
                     temporary.write_text(json.dumps(meta))
                     os.replace(temporary, version_dir / EDGE_META_FILE)

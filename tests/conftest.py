@@ -81,7 +81,6 @@ def empty_database_url(request, tmp_path) -> Iterator[str]:
         drop_throwaway_postgres(admin_url, url)
 
 
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def migrated_engine(request, tmp_path_factory):
     """An engine on a database migrated to head, shared by one module's tests on each engine."""

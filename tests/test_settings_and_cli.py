@@ -50,8 +50,12 @@ def test_server_profile_names_every_missing_setting(monkeypatch, tmp_path):
 
 def test_cli_migrate_creates_the_embedded_database(tmp_path):
     result = subprocess.run(
-        [*CLI, "migrate"], cwd=ROOT, env=clean_env(OMNIATTR_DATA_DIR=str(tmp_path)),
-        capture_output=True, text=True, timeout=120,
+        [*CLI, "migrate"],
+        cwd=ROOT,
+        env=clean_env(OMNIATTR_DATA_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     engine = make_engine(f"sqlite:///{tmp_path / 'omniattr.sqlite3'}")
@@ -66,8 +70,12 @@ def test_cli_migrate_creates_the_embedded_database(tmp_path):
 
 def test_cli_reports_bad_settings_in_one_line(tmp_path):
     result = subprocess.run(
-        [*CLI, "settings"], cwd=tmp_path, env=clean_env(OMNIATTR_PROFILE="server", PYTHONPATH=str(ROOT)),
-        capture_output=True, text=True, timeout=120,
+        [*CLI, "settings"],
+        cwd=tmp_path,
+        env=clean_env(OMNIATTR_PROFILE="server", PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "server profile needs OMNIATTR_DATABASE_URL" in result.stderr
@@ -76,9 +84,12 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path):
 
 def test_cli_settings_masks_passwords(tmp_path):
     env = clean_env(
-        OMNIATTR_PROFILE="server", OMNIATTR_DATABASE_URL="postgresql+psycopg://app:s3cret@db/omni",
-        OMNIATTR_QDRANT_URL="http://q:6333", OMNIATTR_QDRANT_API_KEY="topsecret",
-        OMNIATTR_BROKER_URL="redis://r:6379/0", PYTHONPATH=str(ROOT),
+        OMNIATTR_PROFILE="server",
+        OMNIATTR_DATABASE_URL="postgresql+psycopg://app:s3cret@db/omni",
+        OMNIATTR_QDRANT_URL="http://q:6333",
+        OMNIATTR_QDRANT_API_KEY="topsecret",
+        OMNIATTR_BROKER_URL="redis://r:6379/0",
+        PYTHONPATH=str(ROOT),
     )
     result = subprocess.run([*CLI, "settings"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -118,8 +118,10 @@ def _tasks_from_jsonl(path: Path) -> tuple[list[PairTask], list[BadInput]]:
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 bad.append(BadInput(where, f"not a JSON line ({error})"))
                 continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("image_x"), str) or not isinstance(
-                obj.get("image_y"), str
+            if (
+                not isinstance(obj, dict)
+                or not isinstance(obj.get("image_x"), str)
+                or not isinstance(obj.get("image_y"), str)
             ):
                 bad.append(BadInput(where, "a line needs string keys 'image_x' and 'image_y'"))
                 continue

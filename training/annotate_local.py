@@ -94,9 +94,7 @@ class QwenChatInputs:
             text += f"<|im_start|>{message['role']}\n{body}<|im_end|>\n"
         return text + "<|im_start|>assistant\n"
 
-    def encode(
-        self, images: Sequence[Image.Image], prompt: str, target: str | None = None
-    ) -> dict[str, torch.Tensor]:
+    def encode(self, images: Sequence[Image.Image], prompt: str, target: str | None = None) -> dict[str, torch.Tensor]:
         """Model inputs for one sample (batch 1); with `target`, also `labels` (-100 outside the answer)."""
         pixels = self.processor(images=list(images), return_tensors="pt")
         grid = pixels["image_grid_thw"]  # (n_images, 3): t, h, w in patches
@@ -344,8 +342,14 @@ def finetune_annotator(config: FinetuneConfig) -> FinetuneResult:
         prompt_version=examples[0].get("prompt_version", SHORT_PROMPT_VERSION),
         min_pixels=config.min_pixels,
         max_pixels=config.max_pixels,
-        training={**asdict(config), "lora_targets": list(config.lora_targets), "steps_run": steps,
-                  "samples": len(samples), "skipped": skipped, "final_loss": losses[-1]},
+        training={
+            **asdict(config),
+            "lora_targets": list(config.lora_targets),
+            "steps_run": steps,
+            "samples": len(samples),
+            "skipped": skipped,
+            "final_loss": losses[-1],
+        },
     )
     (output / ANNOTATOR_CONFIG).write_text(json.dumps(annotator_config, indent=2) + "\n")
     return FinetuneResult(losses=losses, output_dir=output, skipped=skipped)

@@ -274,9 +274,7 @@ def _phrases(name: str, value: Any, evidence: dict[str, str]) -> tuple[str, ...]
         if isinstance(item, dict):
             extra = sorted(set(item) - {"attribute", "evidence"})
             if extra or not isinstance(item.get("attribute"), str):
-                raise AnswerError(
-                    "schema", f"'{name}'[{position}] must be {{\"attribute\": str, \"evidence\": str}}"
-                )
+                raise AnswerError("schema", f'\'{name}\'[{position}] must be {{"attribute": str, "evidence": str}}')
             reason = item.get("evidence")
             if reason is not None and not isinstance(reason, str):
                 raise AnswerError("schema", f"'{name}'[{position}].evidence must be a string")

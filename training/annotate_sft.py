@@ -150,9 +150,7 @@ def qwen_image_tokens(
     """Language-model tokens Qwen2-VL / Qwen2.5-VL spends on one image of this size (pads only)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    resized_height, resized_width = smart_resize(
-        height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels
-    )
+    resized_height, resized_width = smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
     return (resized_height // 28) * (resized_width // 28)
 
 

@@ -308,9 +308,7 @@ def write_markdown(results: EvaluationResults, path: str | Path) -> Path:
     return path
 
 
-def as_embedder(
-    model: Embedder | AttributeEncoder | str | Path, batch_size: int = 32, device: str = "cpu"
-) -> Embedder:
+def as_embedder(model: Embedder | AttributeEncoder | str | Path, batch_size: int = 32, device: str = "cpu") -> Embedder:
     """An Embedder from itself, an AttributeEncoder, an encoder directory or a training checkpoint directory."""
     if isinstance(model, AttributeEncoder):
         return EncoderEmbedder(model.to(device), batch_size)

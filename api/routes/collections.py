@@ -59,7 +59,8 @@ def list_images(
     metadata.get_collection(session, collection_id=collection_id)
     rows = metadata.list_images(session, collection_id=collection_id, status=status_, after_id=after_id, limit=limit)
     return schemas.ImagesPublic(
-        data=[image_public(i) for i in rows], count=len(rows),
+        data=[image_public(i) for i in rows],
+        count=len(rows),
         next_after_id=rows[-1].id if len(rows) == limit else None,
     )
 
@@ -70,13 +71,19 @@ def upload_images(
 ) -> schemas.UploadReport:
     """Upload images (many at once); a bad file fails alone; new images are indexed under existing attributes."""
     if len(files) > MAX_FILES_PER_UPLOAD:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
-                            f"{len(files)} files in one request; send at most {MAX_FILES_PER_UPLOAD} at a time")
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"{len(files)} files in one request; send at most {MAX_FILES_PER_UPLOAD} at a time",
+        )
     contents = [(f.filename or "upload", f.file.read()) for f in files]
     outcomes, job_id = services.upload_images(services_, collection_id=collection_id, files=contents)
     return schemas.UploadReport(
-        results=[schemas.UploadResult(source=o.source, image_id=o.image_id, created=o.created, status=o.status,
-                                      error=o.error) for o in outcomes],
+        results=[
+            schemas.UploadResult(
+                source=o.source, image_id=o.image_id, created=o.created, status=o.status, error=o.error
+            )
+            for o in outcomes
+        ],
         index_job_id=job_id,
     )
 

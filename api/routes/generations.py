@@ -18,9 +18,14 @@ router = APIRouter(prefix="/api/generations", tags=["generations"])
 
 def generation_public(generation: Generation) -> schemas.GenerationPublic:
     return schemas.GenerationPublic(
-        id=generation.id, job_id=generation.job_id, status=generation.status, request=generation.request,
+        id=generation.id,
+        job_id=generation.job_id,
+        status=generation.status,
+        request=generation.request,
         output_url=f"/api/generations/{generation.id}/image" if generation.output_path else None,
-        transfer_scores=generation.transfer_scores or {}, error=generation.error, created_at=generation.created_at,
+        transfer_scores=generation.transfer_scores or {},
+        error=generation.error,
+        created_at=generation.created_at,
     )
 
 
@@ -28,8 +33,12 @@ def generation_public(generation: Generation) -> schemas.GenerationPublic:
 def create_generation(body: schemas.GenerationCreate, services_: ServicesDep) -> schemas.GenerationPublic:
     """Render a new image carrying the references' attributes; poll it, or its job, for the result."""
     generation_id = services.create_generation(
-        services_, references=[Reference(r.image_id, r.attribute, r.weight) for r in body.refs], prompt=body.prompt,
-        seed=body.seed, steps=body.steps, guidance_scale=body.guidance_scale,
+        services_,
+        references=[Reference(r.image_id, r.attribute, r.weight) for r in body.refs],
+        prompt=body.prompt,
+        seed=body.seed,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
     )
     with services_.read_session_factory() as session:
         return generation_public(metadata.get_generation(session, generation_id=generation_id))

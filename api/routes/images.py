@@ -32,8 +32,11 @@ def _ready(session, image_id: int):
 def get_thumbnail(image_id: PathId, session: ReadSessionDep, services_: ServicesDep) -> FileResponse:
     """A JPEG thumbnail (longer side 256 px)."""
     image = _ready(session, image_id)
-    return FileResponse(services_.media.thumbnail_path(image.sha256), media_type="image/jpeg",
-                        headers={"Cache-Control": "public, max-age=86400, immutable"})
+    return FileResponse(
+        services_.media.thumbnail_path(image.sha256),
+        media_type="image/jpeg",
+        headers={"Cache-Control": "public, max-age=86400, immutable"},
+    )
 
 
 @router.get("/{image_id}/original", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}})

@@ -18,8 +18,12 @@ def _results(ranked, started: float) -> Response:
     """The SearchResults JSON, serialised once (the hot path skips FastAPI's re-validation of the model)."""
     results = schemas.SearchResults(
         results=[
-            schemas.SearchHitPublic(image=image_public(image), score=round(hit.score, 6),
-                                    attribute_scores=hit.attribute_scores, negative_scores=hit.negative_scores)
+            schemas.SearchHitPublic(
+                image=image_public(image),
+                score=round(hit.score, 6),
+                attribute_scores=hit.attribute_scores,
+                negative_scores=hit.negative_scores,
+            )
             for hit, image in ranked
         ],
         took_ms=round((time.perf_counter() - started) * 1000, 2),
@@ -34,10 +38,13 @@ async def search(body: schemas.SearchRequest, services_: ServicesDep) -> Respons
     # I/O, and in one process that is cheaper in series than through the thread pool (GIL contention).
     started = time.perf_counter()
     ranked = services.search(
-        services_, collection_id=body.collection_id,
+        services_,
+        collection_id=body.collection_id,
         terms=[services.TermRequest(t.attribute, t.weight, image_id=t.image_id) for t in body.terms],
         negatives=[services.TermRequest(t.attribute, t.weight, image_id=t.image_id) for t in body.negatives],
-        limit=body.limit, filters=body.filters, include_query_images=body.include_query_images,
+        limit=body.limit,
+        filters=body.filters,
+        include_query_images=body.include_query_images,
     )
     return _results(ranked, started)
 

@@ -32,9 +32,14 @@ def free_port() -> int:
 def running_server(env: dict[str, str], cwd) -> Iterator[str]:
     """`omniattr up` (the installed script) on a free loopback port; yields its URL, stops it after."""
     port = free_port()
-    process = subprocess.Popen([str(Path(sys.executable).with_name("omniattr")), "up"], cwd=cwd,
-                               env={**env, "OMNIATTR_API_PORT": str(port)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("omniattr")), "up"],
+        cwd=cwd,
+        env={**env, "OMNIATTR_API_PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -72,8 +77,13 @@ def wait_for_job(client: TestClient, job_id: int, timeout: float = 120.0) -> dic
 
 def make_settings(tmp_path, encoder_dir, **overrides) -> Settings:
     (tmp_path / "photos").mkdir(parents=True, exist_ok=True)
-    values = dict(data_dir=tmp_path / "data", encoder_path=encoder_dir, device="cpu",
-                  allowed_roots=[tmp_path / "photos"], index_batch_size=8)
+    values = dict(
+        data_dir=tmp_path / "data",
+        encoder_path=encoder_dir,
+        device="cpu",
+        allowed_roots=[tmp_path / "photos"],
+        index_batch_size=8,
+    )
     values.update(overrides)
     return Settings(_env_file=None, **values)
 

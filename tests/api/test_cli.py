@@ -44,12 +44,34 @@ def test_ingest_index_search_in_process(embedded_env, capsys):
     assert indexed["job"]["done"] == 12
     again = run_json(capsys, "index", "--collection", "demo", "lighting")
     assert again["job"] is None and "already indexed" in again["detail"]
-    results = run_json(capsys, "search", "--collection", "demo", "--term", "1:lighting:0.7", "--term", "2:art style",
-                       "--negative", "3:lighting", "--limit", "3")
+    results = run_json(
+        capsys,
+        "search",
+        "--collection",
+        "demo",
+        "--term",
+        "1:lighting:0.7",
+        "--term",
+        "2:art style",
+        "--negative",
+        "3:lighting",
+        "--limit",
+        "3",
+    )
     assert len(results["results"]) == 3
     assert {"lighting", "art style"} <= set(results["results"][0]["attribute_scores"])
-    by_file = run_json(capsys, "search", "--collection", "demo", "--image", str(embedded_env / "0.png"),
-                       "--attribute", "lighting", "--limit", "1")
+    by_file = run_json(
+        capsys,
+        "search",
+        "--collection",
+        "demo",
+        "--image",
+        str(embedded_env / "0.png"),
+        "--attribute",
+        "lighting",
+        "--limit",
+        "1",
+    )
     assert by_file["results"][0]["image"]["source"].endswith("0.png")
     jobs = run_json(capsys, "jobs")
     assert [j["kind"] for j in jobs["data"]] == ["index", "ingest"]
@@ -65,8 +87,20 @@ def test_personalize_writes_the_image(embedded_env, generator_dir, tmp_path, mon
     monkeypatch.setenv("OMNIATTR_GENERATION_SIZE", "64")
     run_json(capsys, "ingest", str(embedded_env), "--collection", "demo")
     out = tmp_path / "made.png"
-    result = run_json(capsys, "personalize", "--ref", "1:lighting", "--ref", "2:art style:0.5",
-                      "--prompt", "a cup", "--seed", "3", "--out", str(out))
+    result = run_json(
+        capsys,
+        "personalize",
+        "--ref",
+        "1:lighting",
+        "--ref",
+        "2:art style:0.5",
+        "--prompt",
+        "a cup",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    )
     assert set(result["transfer_scores"]) == {"lighting", "art style"}
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -105,27 +139,67 @@ def test_train_and_eval_from_the_cli(tmp_path):
     from training.procedural import ProceduralConfig, generate_dataset
 
     generate_dataset(tmp_path / "pairs", 6, seed=5, config=ProceduralConfig(size=64))
-    config = {"data_dir": str(tmp_path / "pairs"), "output_dir": str(tmp_path / "run"),
-              "encoder": tiny_compact_config(image_size=64).to_dict(), "lambda_gen": 0.0, "steps": 2,
-              "batch_size": 3, "warmup_steps": 1, "checkpoint_every": 2, "device": "cpu", "progress": False,
-              "seed": 1, "num_threads": 1}
+    config = {
+        "data_dir": str(tmp_path / "pairs"),
+        "output_dir": str(tmp_path / "run"),
+        "encoder": tiny_compact_config(image_size=64).to_dict(),
+        "lambda_gen": 0.0,
+        "steps": 2,
+        "batch_size": 3,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+        "device": "cpu",
+        "progress": False,
+        "seed": 1,
+        "num_threads": 1,
+    }
     (tmp_path / "train.json").write_text(json.dumps(config))
     omniattr = str(Path(sys.executable).with_name("omniattr"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    trained = subprocess.run([omniattr, "train", str(tmp_path / "train.json")], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+    trained = subprocess.run(
+        [omniattr, "train", str(tmp_path / "train.json")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     (checkpoint,) = sorted((tmp_path / "run").glob("checkpoint-*"))
     evaluated = subprocess.run(
-        [omniattr, "eval", "--model", f"tiny={checkpoint / 'encoder'}", "--pairs", str(tmp_path / "pairs"),
-         "--gallery-size", "12", "--image-size", "64", "--threads", "1", "--out", str(tmp_path / "eval.md")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            omniattr,
+            "eval",
+            "--model",
+            f"tiny={checkpoint / 'encoder'}",
+            "--pairs",
+            str(tmp_path / "pairs"),
+            "--gallery-size",
+            "12",
+            "--image-size",
+            "64",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "eval.md"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     table = (tmp_path / "eval.md").read_text()
     assert "tiny" in table and "holistic" in table and "mAP@10" in table
-    bad = subprocess.run([omniattr, "train", str(tmp_path / "missing.yaml")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [omniattr, "train", str(tmp_path / "missing.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "missing.yaml" in bad.stderr
 
 
@@ -145,8 +219,14 @@ def test_readme_main_job_with_an_initialised_encoder(tmp_path, monkeypatch, caps
     assert "omniattr init-encoder" in capsys.readouterr().err
 
     omniattr = str(Path(sys.executable).with_name("omniattr"))
-    made = subprocess.run([omniattr, "init-encoder"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    made = subprocess.run(
+        [omniattr, "init-encoder"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     assert (tmp_path / "data" / "encoder" / "encoder_config.json").is_file()
     run_json(capsys, "ingest", str(photos), "--collection", "holiday")
@@ -184,9 +264,26 @@ def test_export_copies_a_collection_for_pair_mining(embedded_env, tmp_path, caps
     assert run_json(capsys, "export", "--collection", "demo", "--out", str(out))["already_there"] == 6
     # The exported folder is what `omniattr annotate mine` reads (a band wide enough to keep some pairs).
     omniattr = str(Path(sys.executable).with_name("omniattr"))
-    mined = subprocess.run([omniattr, "annotate", "mine", str(out), "--out", str(tmp_path / "pairs.jsonl"),
-                            "--low", "-1", "--high", "0.9999", "--image-size", "64", "--no-progress"],
-                           capture_output=True, text=True, timeout=300)
+    mined = subprocess.run(
+        [
+            omniattr,
+            "annotate",
+            "mine",
+            str(out),
+            "--out",
+            str(tmp_path / "pairs.jsonl"),
+            "--low",
+            "-1",
+            "--high",
+            "0.9999",
+            "--image-size",
+            "64",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert mined.returncode == 0, mined.stderr[-2000:]
     lines = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert lines and all(Path(line["image_x"]).parent == out for line in lines)

@@ -28,8 +28,10 @@ def fuzz_app(tmp_path_factory, tiny_encoder_dir):
 
     with TestClient(app) as client:  # a collection with indexed images, so ids and attributes can hit
         collection = client.post("/api/collections", json={"name": "fuzz"}).json()
-        client.post(f"/api/collections/{collection['id']}/images",
-                    files=[("files", (f"{i}.png", png(i), "image/png")) for i in range(3)])
+        client.post(
+            f"/api/collections/{collection['id']}/images",
+            files=[("files", (f"{i}.png", png(i), "image/png")) for i in range(3)],
+        )
         job = client.post(f"/api/collections/{collection['id']}/attributes", json={"attributes": ["lighting"]})
         services.dispatcher.join()
         assert client.get(f"/api/jobs/{job.json()['job']['id']}").json()["status"] == "done"
@@ -45,8 +47,14 @@ def test_no_input_makes_a_server_error(fuzz_app):
     assert len(operations) >= 15
 
     for operation in operations:
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+
+        @settings(
+            max_examples=MAX_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy())
         def call(case):
             case.call_and_validate(checks=[not_a_server_error])

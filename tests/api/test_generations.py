@@ -24,8 +24,10 @@ def client_for(tmp_path, tiny_encoder_dir, monkeypatch, **overrides):
 
 def upload(client, count=3):
     collection_id = client.post("/api/collections", json={"name": "refs"}).json()["id"]
-    report = client.post(f"/api/collections/{collection_id}/images",
-                         files=[("files", (f"{i}.png", png(i), "image/png")) for i in range(count)]).json()
+    report = client.post(
+        f"/api/collections/{collection_id}/images",
+        files=[("files", (f"{i}.png", png(i), "image/png")) for i in range(count)],
+    ).json()
     return [r["image_id"] for r in report["results"]]
 
 
@@ -33,8 +35,10 @@ def test_personalize_and_compose(tmp_path, tiny_encoder_dir, generator_dir, monk
     with client_for(tmp_path, tiny_encoder_dir, monkeypatch, generator_path=generator_dir) as client:
         assert client.get("/api/health").json()["generator"] == "flux"
         ids = upload(client)
-        response = client.post("/api/generations", json={
-            "refs": [{"image_id": ids[0], "attribute": "Lighting"}], "prompt": "a cup", "seed": 7})
+        response = client.post(
+            "/api/generations",
+            json={"refs": [{"image_id": ids[0], "attribute": "Lighting"}], "prompt": "a cup", "seed": 7},
+        )
         assert response.status_code == 202, response.text
         generation = response.json()
         assert wait_for_job(client, generation["job_id"])["status"] == "done"
@@ -44,21 +48,33 @@ def test_personalize_and_compose(tmp_path, tiny_encoder_dir, generator_dir, monk
         image = Image.open(io.BytesIO(client.get(done["output_url"]).content))
         assert image.size == (64, 64)
 
-        again = client.post("/api/generations", json={
-            "refs": [{"image_id": ids[0], "attribute": "lighting"}], "prompt": "a cup", "seed": 7}).json()
+        again = client.post(
+            "/api/generations",
+            json={"refs": [{"image_id": ids[0], "attribute": "lighting"}], "prompt": "a cup", "seed": 7},
+        ).json()
         wait_for_job(client, again["job_id"])
         same = client.get(f"/api/generations/{again['id']}").json()
         assert client.get(same["output_url"]).content == client.get(done["output_url"]).content  # same seed
 
-        composed = client.post("/api/generations", json={
-            "refs": [{"image_id": ids[0], "attribute": "lighting", "weight": 0.7},
-                     {"image_id": ids[1], "attribute": "art style", "weight": 0.3},
-                     {"image_id": ids[2], "attribute": "lighting", "weight": 0.5}],
-            "prompt": "a cup", "seed": 1}).json()
+        composed = client.post(
+            "/api/generations",
+            json={
+                "refs": [
+                    {"image_id": ids[0], "attribute": "lighting", "weight": 0.7},
+                    {"image_id": ids[1], "attribute": "art style", "weight": 0.3},
+                    {"image_id": ids[2], "attribute": "lighting", "weight": 0.5},
+                ],
+                "prompt": "a cup",
+                "seed": 1,
+            },
+        ).json()
         wait_for_job(client, composed["job_id"])
         result = client.get(f"/api/generations/{composed['id']}").json()
-        assert set(result["transfer_scores"]) == {f"lighting (image {ids[0]})", "art style",
-                                                  f"lighting (image {ids[2]})"}
+        assert set(result["transfer_scores"]) == {
+            f"lighting (image {ids[0]})",
+            "art style",
+            f"lighting (image {ids[2]})",
+        }
 
 
 def test_generation_errors(tmp_path, tiny_encoder_dir, generator_dir, monkeypatch):

@@ -13,16 +13,28 @@ from tests.api.conftest import png, running_server
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
 def server(tmp_path, tiny_encoder_dir, generator_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
-    env.update(OMNIATTR_DATA_DIR=str(tmp_path / "data"), OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
-               OMNIATTR_DEVICE="cpu", OMNIATTR_GENERATOR_PATH=str(generator_dir),
-               OMNIATTR_GENERATION_STEPS="2", OMNIATTR_GENERATION_SIZE="64")
+    env.update(
+        OMNIATTR_DATA_DIR=str(tmp_path / "data"),
+        OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
+        OMNIATTR_DEVICE="cpu",
+        OMNIATTR_GENERATOR_PATH=str(generator_dir),
+        OMNIATTR_GENERATION_STEPS="2",
+        OMNIATTR_GENERATION_SIZE="64",
+    )
     with running_server(env, tmp_path) as url:
         yield url
 

@@ -72,8 +72,12 @@ def test_check_jsonschema_cli_accepts_the_compose_files():
     """The same check as a user would run it: check-jsonschema --builtin-schema vendor.compose-spec."""
     executable = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
     assert executable, "check-jsonschema is not installed: `make setup` installs it (dev extra)"
-    result = subprocess.run([executable, "--builtin-schema", "vendor.compose-spec", *map(str, COMPOSE_FILES)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [executable, "--builtin-schema", "vendor.compose-spec", *map(str, COMPOSE_FILES)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -178,8 +182,10 @@ def test_services_wiring():
     assert services["worker"]["profiles"] == ["cpu"] and services["worker-gpu"]["profiles"] == ["gpu"]
     (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert "${WORKER_GPUS" in load(MAIN)["services"]["worker-gpu"]["deploy"]["resources"]["reservations"][
-        "devices"][0]["count"]
+    assert (
+        "${WORKER_GPUS"
+        in load(MAIN)["services"]["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["count"]
+    )
 
 
 @pytest.mark.parametrize("service", OMNIATTR_SERVICES)

@@ -60,8 +60,9 @@ def test_hadolint_passes(path):
 
 def test_hadolint_fails_on_a_bad_dockerfile(tmp_path):
     bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\nRUN pip install torch\n"
-                   "CMD python -m api\n")
+    bad.write_text(
+        "FROM python:latest\nRUN apt-get update && apt-get install -y curl\nRUN pip install torch\nCMD python -m api\n"
+    )
     result = subprocess.run([hadolint(), str(bad)], capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert "DL3007" in result.stdout  # latest tag
@@ -73,7 +74,7 @@ def test_entry_points_exist_in_the_package(path):
     checked = 0
     for keyword, arguments in instructions(path):
         if keyword == "HEALTHCHECK":
-            arguments = arguments[arguments.index("CMD ") + 4:]
+            arguments = arguments[arguments.index("CMD ") + 4 :]
         if keyword in ("CMD", "ENTRYPOINT", "HEALTHCHECK"):
             assert arguments.startswith("["), f"{keyword} {arguments} is not in exec (JSON) form"
             assert command_problems(json.loads(arguments)) == [], f"{path.name}: {keyword} {arguments}"
@@ -165,10 +166,10 @@ def test_lock_pins_every_runtime_dependency():
 def test_lock_check_catches_a_missing_or_loose_pin():
     lines = LOCK.read_text().splitlines()
     without_fastapi = [line for line in lines if not line.startswith("fastapi==")]
-    assert any("fastapi" in problem for problem in lock_problems(without_fastapi, project_requirements(),
-                                                                 skip={"torch"}))
+    assert any(
+        "fastapi" in problem for problem in lock_problems(without_fastapi, project_requirements(), skip={"torch"})
+    )
     loose = [line.replace("==", ">=") if line.startswith("celery==") else line for line in lines]
     assert any("celery" in problem for problem in lock_problems(loose, project_requirements(), skip={"torch"}))
     too_old = [("qdrant-client==1.0.0" if line.startswith("qdrant-client==") else line) for line in lines]
-    assert any("qdrant-client" in problem for problem in lock_problems(too_old, project_requirements(),
-                                                                     skip={"torch"}))
+    assert any("qdrant-client" in problem for problem in lock_problems(too_old, project_requirements(), skip={"torch"}))

@@ -40,8 +40,9 @@ print(json.dumps(out))
 def run_probe(**env: str) -> dict:
     environment = {k: v for k, v in os.environ.items() if k not in ("OMNIATTR_KEEP_MALLOC", "LD_PRELOAD")}
     environment.update(env)
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=environment,
-                            check=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=environment, check=True, timeout=60
+    )
     return json.loads(result.stdout)
 
 

@@ -91,18 +91,14 @@ def test_unload_restores_the_base_processors_and_leaves_base_weights_untouched(t
 
     processors = [block.attn.processor for block in transformer.transformer_blocks]
     assert all(isinstance(processor, AttributeAttnProcessor) for processor in processors)
-    assert all(
-        isinstance(block.attn.processor, FluxAttnProcessor) for block in transformer.single_transformer_blocks
-    )
+    assert all(isinstance(block.attn.processor, FluxAttnProcessor) for block in transformer.single_transformer_blocks)
     with_adapter = transformer.state_dict()
     added = set(with_adapter) - set(base_state)
     assert added and all(".processor.to_k_ip." in key or ".processor.to_v_ip." in key for key in added)
     assert all(torch.equal(with_adapter[name], tensor) for name, tensor in base_state.items())
 
     unload_attribute_adapter(transformer)
-    assert all(
-        isinstance(block.attn.processor, FluxAttnProcessor) for block in transformer.transformer_blocks
-    )
+    assert all(isinstance(block.attn.processor, FluxAttnProcessor) for block in transformer.transformer_blocks)
     assert set(transformer.state_dict()) == set(base_state)
     assert torch.equal(run(transformer, inputs), base)
     with pytest.raises(ValueError, match="no attribute adapter is loaded"):
@@ -115,9 +111,7 @@ def test_scale_per_block(transformer):
     load_attribute_adapter(transformer, adapter)
     tokens = random_attribute_tokens(1)
     only_block_1 = AttributeAdapter.for_transformer(transformer, token_dim=32, blocks=[1])
-    only_block_1.load_state_dict(
-        {k: v for k, v in adapter.state_dict().items() if not k.startswith("processors.0.")}
-    )
+    only_block_1.load_state_dict({k: v for k, v in adapter.state_dict().items() if not k.startswith("processors.0.")})
 
     set_attribute_scale(transformer, [0.0, 1.0])
     assert adapter.scales == {0: 0.0, 1: 1.0}

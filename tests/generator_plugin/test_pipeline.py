@@ -100,9 +100,7 @@ def test_one_reference_with_weight_one_equals_personalization(pipe, prompt):
             **prompt,
             **settings(),
         )
-        personalized = pipe.personalize(
-            attribute_tokens=tokens, guidance_scale=guidance_scale, **prompt, **settings()
-        )
+        personalized = pipe.personalize(attribute_tokens=tokens, guidance_scale=guidance_scale, **prompt, **settings())
         assert np.array_equal(np.asarray(composed.images[0]), np.asarray(personalized.images[0]))
     # and the reference changes the image: personalization is not the plain text-to-image output
     plain = pipe(**prompt, **settings(output_type="np")).images
@@ -112,12 +110,8 @@ def test_one_reference_with_weight_one_equals_personalization(pipe, prompt):
 
 def test_weight_zero_reference_contributes_nothing(pipe, prompt):
     tokens = random_attribute_tokens(2)
-    both = pipe.compose(
-        attribute_tokens=tokens, attribute_weights=[0.7, 0.0], **prompt, **settings(output_type="np")
-    )
-    first = pipe.compose(
-        attribute_tokens=tokens[:1], attribute_weights=[0.7], **prompt, **settings(output_type="np")
-    )
+    both = pipe.compose(attribute_tokens=tokens, attribute_weights=[0.7, 0.0], **prompt, **settings(output_type="np"))
+    first = pipe.compose(attribute_tokens=tokens[:1], attribute_weights=[0.7], **prompt, **settings(output_type="np"))
     assert np.abs(both.images - first.images).max() <= 1e-5
 
 
@@ -134,13 +128,9 @@ def test_fixed_seed_reproduces_the_image(pipe, prompt):
 def test_several_images_per_prompt_match_single_runs(pipe, prompt):
     common = dict(attribute_tokens=random_attribute_tokens(2), attribute_weights=[1.0, 0.5], **prompt)
     latents = torch.cat([initial_latents(0), initial_latents(1)])
-    pair = pipe.compose(
-        **common, **settings(latents=latents, num_images_per_prompt=2, output_type="np")
-    ).images
+    pair = pipe.compose(**common, **settings(latents=latents, num_images_per_prompt=2, output_type="np")).images
     for index in range(2):
-        single = pipe.compose(
-            **common, **settings(latents=latents[index : index + 1], output_type="np")
-        ).images
+        single = pipe.compose(**common, **settings(latents=latents[index : index + 1], output_type="np")).images
         assert np.abs(pair[index] - single[0]).max() <= 1e-5
 
 
@@ -152,9 +142,7 @@ def test_text_encoder_seam_matches_precomputed_embeddings():
     assert prompt_embeds.shape == (1, 16, 32) and pooled.shape == (1, 32)
 
     from_text = with_text(prompt="a red dog", max_sequence_length=16, **settings(output_type="np")).images
-    from_embeds = with_text(
-        prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, **settings(output_type="np")
-    )
+    from_embeds = with_text(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, **settings(output_type="np"))
     other_prompt = with_text(prompt="a blue cat", max_sequence_length=16, **settings(output_type="np")).images
     assert np.abs(from_text - from_embeds.images).max() <= 1e-5
     assert np.abs(from_text - other_prompt).max() > 1e-4
@@ -183,9 +171,7 @@ def test_bad_input_is_refused_with_a_message_naming_the_fix(pipe, prompt):
             r"\(N, l, d_ctx\)",
         ),
         (
-            dict(
-                negative_prompt_embeds=torch.zeros(1, 3, 32), negative_pooled_prompt_embeds=torch.zeros(1, 32)
-            ),
+            dict(negative_prompt_embeds=torch.zeros(1, 3, 32), negative_pooled_prompt_embeds=torch.zeros(1, 32)),
             GeneratorInputError,
             "must have the shape of",
         ),

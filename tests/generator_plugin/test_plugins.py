@@ -88,9 +88,7 @@ def test_builtin_flux_plugin_is_listed():
 def test_third_party_plugin_is_discovered_by_entry_point_and_used(tmp_path):
     generators = available_generators()
     if "example" not in generators:
-        pytest.fail(
-            f"the example plugin fixture is not installed in this environment; run: {FIXTURE_INSTALL}"
-        )
+        pytest.fail(f"the example plugin fixture is not installed in this environment; run: {FIXTURE_INSTALL}")
     assert isinstance(generators["example"], EntryPoint)
 
     from example_generator_plugin import write_example_weights

@@ -37,17 +37,13 @@ def test_each_output_is_scored_under_each_requested_attribute(attribute_encoder)
     prompt = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt}
     refs = [(images[0], attributes[0], 1.0), (images[1], attributes[1], 0.5)]
 
-    output = pipe.compose(
-        refs, attribute_encoder=attribute_encoder, **prompt, **settings(num_images_per_prompt=2)
-    )
+    output = pipe.compose(refs, attribute_encoder=attribute_encoder, **prompt, **settings(num_images_per_prompt=2))
 
     assert output.attributes == attributes
     assert output.transfer_scores.shape == (2, 2)
     reference = pooled(attribute_encoder, images, attributes)  # (N, d)
     for b, generated in enumerate(output.images):
-        expected = F.cosine_similarity(
-            pooled(attribute_encoder, [generated] * 2, attributes), reference, dim=-1
-        )
+        expected = F.cosine_similarity(pooled(attribute_encoder, [generated] * 2, attributes), reference, dim=-1)
         torch.testing.assert_close(output.transfer_scores[b], expected, atol=1e-5, rtol=0)
     assert output.transfer_scores.abs().max() <= 1.0 + 1e-6
 
@@ -62,9 +58,7 @@ def test_references_are_encoded_with_the_encoder(attribute_encoder):
 
     pipe.attribute_encoder = attribute_encoder
     from_images = pipe.personalize([(images[0], attributes[0])], **prompt, **settings(output_type="np"))
-    from_tokens = pipe.personalize(
-        attribute_tokens=embeddings.tokens[:1], **prompt, **settings(output_type="np")
-    )
+    from_tokens = pipe.personalize(attribute_tokens=embeddings.tokens[:1], **prompt, **settings(output_type="np"))
 
     assert np.abs(from_images.images - from_tokens.images).max() <= 1e-5
     assert from_images.transfer_scores.shape == (1, 1)

@@ -120,18 +120,30 @@ def test_paths_outside_allowed_roots_are_refused(session, collection, tmp_path):
     with pytest.raises(PathNotAllowed, match="OMNIATTR_ALLOWED_ROOTS"):
         check_allowed(root, [])
     with pytest.raises(PathNotAllowed):
-        ingest_path(session, MediaStore(tmp_path / "m"), collection_id=collection.id,
-                    path=root / "link.jpg", allowed_roots=[root])
+        ingest_path(
+            session,
+            MediaStore(tmp_path / "m"),
+            collection_id=collection.id,
+            path=root / "link.jpg",
+            allowed_roots=[root],
+        )
     with pytest.raises(PathNotAllowed):
         check_allowed(root / ".." / "secret" / "private.jpg", [root])
-    outcome = ingest_path(session, MediaStore(tmp_path / "m"), collection_id=collection.id,
-                          path=root / "a.jpg", allowed_roots=[root])
+    outcome = ingest_path(
+        session, MediaStore(tmp_path / "m"), collection_id=collection.id, path=root / "a.jpg", allowed_roots=[root]
+    )
     assert outcome.status == "ready"
 
 
 def test_oversized_file_is_rejected_without_reading_it(session, collection, tmp_path):
     big = tmp_path / "big.png"
     big.write_bytes(encode(photo(8), "PNG"))
-    outcome = ingest_path(session, MediaStore(tmp_path / "m"), collection_id=collection.id, path=big,
-                          allowed_roots=[tmp_path], max_bytes=100)
+    outcome = ingest_path(
+        session,
+        MediaStore(tmp_path / "m"),
+        collection_id=collection.id,
+        path=big,
+        allowed_roots=[tmp_path],
+        max_bytes=100,
+    )
     assert outcome.status == "failed" and "over the limit of 100" in outcome.error

@@ -47,16 +47,26 @@ def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatc
     version = context.encoder_info.version
 
     with context.session_factory.begin() as session:
-        ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
-                                       allowed_roots=context.allowed_roots, shard_size=4)
+        ingest = plan_ingest_directory(
+            session,
+            collection_id=collection_id,
+            directory=tmp_path / "photos",
+            allowed_roots=context.allowed_roots,
+            shard_size=4,
+        )
     run_planned(dispatcher, ingest)
     with context.session_factory() as session:
         progress = metadata.job_progress(session, job_id=ingest.job_id)
         assert (progress.status, progress.done, progress.total, progress.shards_total) == ("done", 10, 10, 3)
 
     with context.session_factory.begin() as session:
-        index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["Lighting", "art style"],
-                                      encoder_model_id=encoder_model_id, shard_size=4)
+        index = plan_index_attributes(
+            session,
+            collection_id=collection_id,
+            attribute_texts=["Lighting", "art style"],
+            encoder_model_id=encoder_model_id,
+            shard_size=4,
+        )
     run_planned(dispatcher, index)
     assert context.vectors.count(encoder_version=version, collection_id=collection_id) == 20
     with context.session_factory() as session:
@@ -68,11 +78,18 @@ def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatc
 
     # Already-indexed attributes plan nothing; a new one backfills only itself.
     with context.session_factory.begin() as session:
-        assert plan_index_attributes(session, collection_id=collection_id, attribute_texts=["lighting"],
-                                     encoder_model_id=encoder_model_id) is None
-        backfill = plan_index_attributes(session, collection_id=collection_id,
-                                         attribute_texts=["lighting", "background"],
-                                         encoder_model_id=encoder_model_id)
+        assert (
+            plan_index_attributes(
+                session, collection_id=collection_id, attribute_texts=["lighting"], encoder_model_id=encoder_model_id
+            )
+            is None
+        )
+        backfill = plan_index_attributes(
+            session,
+            collection_id=collection_id,
+            attribute_texts=["lighting", "background"],
+            encoder_model_id=encoder_model_id,
+        )
         assert metadata.get_job(session, job_id=backfill.job_id).total == 10  # 10 images x 1 new attribute
     run_planned(dispatcher, backfill)
     assert context.vectors.count(encoder_version=version, collection_id=collection_id) == 30
@@ -80,8 +97,9 @@ def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatc
     # New images are indexed under every attribute already indexed, without being asked.
     write_images(tmp_path / "photos", 3, start=100)
     with context.session_factory.begin() as session:
-        more = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
-                                     allowed_roots=context.allowed_roots)
+        more = plan_ingest_directory(
+            session, collection_id=collection_id, directory=tmp_path / "photos", allowed_roots=context.allowed_roots
+        )
     run_planned(dispatcher, more)
     assert context.vectors.count(encoder_version=version, collection_id=collection_id) == 13 * 3
     with context.session_factory() as session:
@@ -92,12 +110,14 @@ def test_indexed_vectors_match_the_encoder_and_queries(worker_context, dispatche
     context = worker_context
     collection_id, encoder_model_id = setup_collection(context, tmp_path, count=4)
     with context.session_factory.begin() as session:
-        ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
-                                       allowed_roots=context.allowed_roots)
+        ingest = plan_ingest_directory(
+            session, collection_id=collection_id, directory=tmp_path / "photos", allowed_roots=context.allowed_roots
+        )
     run_planned(dispatcher, ingest)
     with context.session_factory.begin() as session:
-        index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["lighting"],
-                                      encoder_model_id=encoder_model_id)
+        index = plan_index_attributes(
+            session, collection_id=collection_id, attribute_texts=["lighting"], encoder_model_id=encoder_model_id
+        )
     run_planned(dispatcher, index)
     version = context.encoder_info.version
     with context.session_factory() as session:
@@ -105,16 +125,18 @@ def test_indexed_vectors_match_the_encoder_and_queries(worker_context, dispatche
         lighting = metadata.find_attribute(session, text="lighting")
     data = (tmp_path / "photos" / "img0000.png").read_bytes()
     query = np.asarray(encode_query(context, image_bytes=data, attribute="  LIGHTING "))
-    np.testing.assert_allclose(dispatcher.encode_query(image_bytes=data, attribute="lighting", timeout=30), query,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        dispatcher.encode_query(image_bytes=data, attribute="lighting", timeout=30), query, atol=1e-6
+    )
     stored = context.vectors.fetch(
         encoder_version=version,
         point_ids=[point_id(image_id=image.id, attribute_id=lighting.id, encoder_version=version)],
     )
     (vector,) = stored.values()
     np.testing.assert_allclose(vector, query, atol=1e-5)
-    hits = context.vectors.search(encoder_version=version, vector=query, collection_id=collection_id,
-                                  attribute_id=lighting.id, limit=1)
+    hits = context.vectors.search(
+        encoder_version=version, vector=query, collection_id=collection_id, attribute_id=lighting.id, limit=1
+    )
     assert hits[0].image_id == image.id and hits[0].score == pytest.approx(1.0, abs=1e-4)
 
 
@@ -123,15 +145,17 @@ def test_deleted_images_are_skipped_and_bad_files_fail_alone(worker_context, dis
     collection_id, encoder_model_id = setup_collection(context, tmp_path, count=5)
     (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with context.session_factory.begin() as session:
-        ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
-                                       allowed_roots=context.allowed_roots)
+        ingest = plan_ingest_directory(
+            session, collection_id=collection_id, directory=tmp_path / "photos", allowed_roots=context.allowed_roots
+        )
     run_planned(dispatcher, ingest)
     with context.session_factory.begin() as session:
         job = metadata.get_job(session, job_id=ingest.job_id)
         assert (job.done, job.failed) == (5, 1)
         assert "broken.png" in job.shards[0].error
-        index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["pose"],
-                                      encoder_model_id=encoder_model_id)
+        index = plan_index_attributes(
+            session, collection_id=collection_id, attribute_texts=["pose"], encoder_model_id=encoder_model_id
+        )
         doomed = metadata.list_images(session, collection_id=collection_id, status="ready", limit=1)[0].id
     with context.session_factory.begin() as session:  # deleted after planning, before the worker runs
         metadata.delete_image(session, image_id=doomed)
@@ -149,17 +173,24 @@ def test_bad_requests_are_refused_and_write_nothing(worker_context, tmp_path):
     outside.mkdir()
     with context.session_factory() as session:
         with pytest.raises(InvalidInputError, match="outside the allowed roots"):
-            plan_ingest_directory(session, collection_id=collection_id, directory=outside,
-                                  allowed_roots=context.allowed_roots)
+            plan_ingest_directory(
+                session, collection_id=collection_id, directory=outside, allowed_roots=context.allowed_roots
+            )
         with pytest.raises(InvalidInputError, match="attribute text is empty"):
-            plan_index_attributes(session, collection_id=collection_id, attribute_texts=["lighting", "  "],
-                                  encoder_model_id=encoder_model_id)
+            plan_index_attributes(
+                session,
+                collection_id=collection_id,
+                attribute_texts=["lighting", "  "],
+                encoder_model_id=encoder_model_id,
+            )
         with pytest.raises(InvalidInputError, match="limit is 200"):
-            plan_index_attributes(session, collection_id=collection_id, attribute_texts=["x" * 300],
-                                  encoder_model_id=encoder_model_id)
+            plan_index_attributes(
+                session, collection_id=collection_id, attribute_texts=["x" * 300], encoder_model_id=encoder_model_id
+            )
         with pytest.raises(NotFoundError):
-            plan_index_attributes(session, collection_id=99999, attribute_texts=["lighting"],
-                                  encoder_model_id=encoder_model_id)
+            plan_index_attributes(
+                session, collection_id=99999, attribute_texts=["lighting"], encoder_model_id=encoder_model_id
+            )
         session.rollback()
         assert metadata.list_jobs(session) == []
         assert metadata.find_attribute(session, text="lighting") is None
@@ -169,8 +200,13 @@ def test_resume_lists_only_unfinished_shards(worker_context, tmp_path):
     context = worker_context
     collection_id, encoder_model_id = setup_collection(context, tmp_path, count=6)
     with context.session_factory.begin() as session:
-        plan = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
-                                     allowed_roots=context.allowed_roots, shard_size=2)
+        plan = plan_ingest_directory(
+            session,
+            collection_id=collection_id,
+            directory=tmp_path / "photos",
+            allowed_roots=context.allowed_roots,
+            shard_size=2,
+        )
     from indexer.work import run_ingest_shard
 
     run_ingest_shard(context, plan.shard_ids[0])
@@ -224,15 +260,17 @@ def test_resume_dispatches_each_job_kind_to_its_own_shard_body(worker_context, t
     context = worker_context
     collection_id, encoder_model_id = setup_collection(context, tmp_path, count=2)
     with context.session_factory.begin() as session:
-        ingest = plan_ingest_directory(session, collection_id=collection_id, directory=tmp_path / "photos",
-                                       allowed_roots=context.allowed_roots)
+        ingest = plan_ingest_directory(
+            session, collection_id=collection_id, directory=tmp_path / "photos", allowed_roots=context.allowed_roots
+        )
     from indexer.work import run_ingest_shard
 
     for shard_id in ingest.shard_ids:
         run_ingest_shard(context, shard_id)
     with context.session_factory.begin() as session:
-        index = plan_index_attributes(session, collection_id=collection_id, attribute_texts=["pose"],
-                                      encoder_model_id=encoder_model_id)
+        index = plan_index_attributes(
+            session, collection_id=collection_id, attribute_texts=["pose"], encoder_model_id=encoder_model_id
+        )
         image_id = metadata.list_image_ids(session, collection_id=collection_id)[0]
         generation, _ = plan_generation(session, references=[Reference(image_id, "pose")], prompt="a cup")
     with context.session_factory() as session:

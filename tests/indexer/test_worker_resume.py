@@ -52,8 +52,19 @@ def database(postgres_server):
 
 def start_worker(env: dict[str, str], log_path: Path, queues: str = "ingest,encode") -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "celery", "-A", "indexer.celery_app", "worker", "--pool=solo", "-Q", queues,
-        "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "indexer.celery_app",
+        "worker",
+        "--pool=solo",
+        "-Q",
+        queues,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--loglevel=INFO",
     ]
     log = log_path.open("ab")
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -70,9 +81,14 @@ def test_sigkilled_worker_resumes_and_indexes_everything_once(database, broker, 
     paths = write_images(photos, IMAGES)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
     env.update(
-        OMNIATTR_DATABASE_URL=database, OMNIATTR_BROKER_URL=broker, OMNIATTR_DATA_DIR=str(data_dir),
-        OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir), OMNIATTR_DEVICE="cpu", OMNIATTR_INDEX_BATCH_SIZE="2",
-        OMNIATTR_TASK_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S), OMNIATTR_ALLOWED_ROOTS=f'["{photos}"]',
+        OMNIATTR_DATABASE_URL=database,
+        OMNIATTR_BROKER_URL=broker,
+        OMNIATTR_DATA_DIR=str(data_dir),
+        OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
+        OMNIATTR_DEVICE="cpu",
+        OMNIATTR_INDEX_BATCH_SIZE="2",
+        OMNIATTR_TASK_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
+        OMNIATTR_ALLOWED_ROOTS=f'["{photos}"]',
     )
     engine = make_engine(database)
     session_factory = make_session_factory(engine)
@@ -83,8 +99,13 @@ def test_sigkilled_worker_resumes_and_indexes_everything_once(database, broker, 
         for path in paths:
             ingest_path(session, media, collection_id=collection.id, path=path, allowed_roots=[photos])
         encoder_model = register_encoder(session, info)
-        plan = plan_index_attributes(session, collection_id=collection.id, attribute_texts=ATTRIBUTES,
-                                     encoder_model_id=encoder_model.id, shard_size=8)
+        plan = plan_index_attributes(
+            session,
+            collection_id=collection.id,
+            attribute_texts=ATTRIBUTES,
+            encoder_model_id=encoder_model.id,
+            shard_size=8,
+        )
     settings = Settings(broker_url=broker, database_url=database, task_visibility_timeout_s=VISIBILITY_TIMEOUT_S)
     dispatcher = CeleryDispatcher(create_celery_app(settings))
     dispatcher.submit(plan.kind, plan.shard_ids)
@@ -103,8 +124,9 @@ def test_sigkilled_worker_resumes_and_indexes_everything_once(database, broker, 
                 killed_shard = running[0]
             time.sleep(0.005)
         assert killed_shard is not None, "the worker never got to a second shard:\n" + log_path.read_text()[-3000:]
-        states = {shard_id: (status, attempts) for shard_id, status, attempts in shard_states(session_factory,
-                                                                                              plan.job_id)}
+        states = {
+            shard_id: (status, attempts) for shard_id, status, attempts in shard_states(session_factory, plan.job_id)
+        }
         assert states[killed_shard] == ("running", 1), "the kill did not land mid-shard"
         assert any(status == "pending" for status, _ in states.values()), "no shard was left for the restart"
 
@@ -127,8 +149,7 @@ def test_sigkilled_worker_resumes_and_indexes_everything_once(database, broker, 
 
     expected_points = IMAGES * len(ATTRIBUTES)
     assert (progress.done, progress.failed, progress.total) == (expected_points, 0, expected_points)
-    final = {shard_id: (status, attempts) for shard_id, status, attempts in shard_states(session_factory,
-                                                                                         plan.job_id)}
+    final = {shard_id: (status, attempts) for shard_id, status, attempts in shard_states(session_factory, plan.job_id)}
     assert all(status == "done" for status, _ in final.values()), final
     assert final[killed_shard][1] == 2  # the killed shard ran again
 
@@ -138,8 +159,11 @@ def test_sigkilled_worker_resumes_and_indexes_everything_once(database, broker, 
         with session_factory() as session:
             image_ids = metadata.list_image_ids(session, collection_id=collection.id)
             attribute_ids = [metadata.find_attribute(session, text=text).id for text in ATTRIBUTES]
-        wanted = [str(point_id(image_id=i, attribute_id=a, encoder_version=info.version))
-                  for i in image_ids for a in attribute_ids]
+        wanted = [
+            str(point_id(image_id=i, attribute_id=a, encoder_version=info.version))
+            for i in image_ids
+            for a in attribute_ids
+        ]
         stored = vectors.fetch(encoder_version=info.version, point_ids=wanted)
         assert set(stored) == set(wanted)
         first = str(point_id(image_id=image_ids[0], attribute_id=attribute_ids[0], encoder_version=info.version))

@@ -100,8 +100,9 @@ def test_attributes_are_normalised_and_unique(session):
 
 
 def test_encoder_registration_is_idempotent_and_guards_versions(session):
-    kwargs = dict(name="compact", version="compact-abc123", backend="compact", dimension=256,
-                  checkpoint_sha256=sha("weights"))
+    kwargs = dict(
+        name="compact", version="compact-abc123", backend="compact", dimension=256, checkpoint_sha256=sha("weights")
+    )
     first = metadata.register_encoder_model(session, **kwargs)
     assert metadata.register_encoder_model(session, **kwargs).id == first.id
     with pytest.raises(ConflictError, match="new version string"):
@@ -130,8 +131,12 @@ def test_collection_attribute_state(session):
 def test_job_shards_progress_and_completion(session):
     collection = metadata.create_collection(session, name="c")
     job = metadata.create_job(
-        session, kind="index", collection_id=collection.id, params={"attributes": [1, 2]},
-        shards=[[1, 2, 3], [4, 5], [6]], units_per_item=2,
+        session,
+        kind="index",
+        collection_id=collection.id,
+        params={"attributes": [1, 2]},
+        shards=[[1, 2, 3], [4, 5], [6]],
+        units_per_item=2,
     )
     assert (job.status, job.total, [s.total for s in job.shards]) == ("pending", 12, [6, 4, 2])
     first, second, third = job.shards

@@ -349,11 +349,15 @@ def test_read_pair_tasks_from_jsonl_and_directories(tmp_path):
 
     listing = tmp_path / "pairs.jsonl"
     listing.write_text(
-        json.dumps({"image_x": "a/one.png", "image_y": "a/two.png", "similarity": 0.7}) + "\n"
+        json.dumps({"image_x": "a/one.png", "image_y": "a/two.png", "similarity": 0.7})
+        + "\n"
         + "not json\n"
-        + json.dumps({"id": "named", "image_x": str(tmp_path / "top_x.jpg"), "image_y": "top_y.jpg"}) + "\n"
-        + json.dumps({"id": "named", "image_x": "a/one.png", "image_y": "top_y.jpg"}) + "\n"
-        + json.dumps({"image_x": "a/one.png"}) + "\n"
+        + json.dumps({"id": "named", "image_x": str(tmp_path / "top_x.jpg"), "image_y": "top_y.jpg"})
+        + "\n"
+        + json.dumps({"id": "named", "image_x": "a/one.png", "image_y": "top_y.jpg"})
+        + "\n"
+        + json.dumps({"image_x": "a/one.png"})
+        + "\n"
     )
     tasks, bad = read_pair_tasks(listing)
     assert [task.id for task in tasks][1] == "named" and tasks[0].id.startswith("pair-")

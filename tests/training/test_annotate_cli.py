@@ -39,8 +39,20 @@ def test_annotate_label_against_a_closed_port_records_failures_and_exits_1(tmp_p
             Image.new("RGB", (8, 8), (len(name), 0, 0)).save(pairs / name / f"{side}.png")
     out = tmp_path / "dataset"
     result = _run(
-        "annotate", "label", str(pairs), "--out", str(out), "--endpoint", f"http://127.0.0.1:{port}/v1",
-        "--model", "big-vlm", "--max-attempts", "1", "--concurrency", "1", "--no-progress",
+        "annotate",
+        "label",
+        str(pairs),
+        "--out",
+        str(out),
+        "--endpoint",
+        f"http://127.0.0.1:{port}/v1",
+        "--model",
+        "big-vlm",
+        "--max-attempts",
+        "1",
+        "--concurrency",
+        "1",
+        "--no-progress",
     )
     assert result.returncode == 1, result.stderr
     assert "2 failed" in result.stdout and "unreachable 2" in result.stdout
