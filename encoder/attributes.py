@@ -1,28 +1,14 @@
-"""Attribute text: validation, whitespace normalisation and the phrase the backbones read."""
+"""Attribute text: the phrase the backbones read, after the one normalisation of `omniattr.domain`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Attribute names are short noun phrases ("man hairstyle", "image lighting"); a paragraph is a mistake.
-MAX_ATTRIBUTE_CHARS = 200
+from omniattr.domain import MAX_ATTRIBUTE_CHARS, normalize_attribute
+
+__all__ = ["MAX_ATTRIBUTE_CHARS", "Attribute", "attribute_phrase", "attribute_phrases", "normalize_attribute"]
 
 Attribute = str | Sequence[str]  # one attribute, or several encoded together ("identity", "hairstyle")
-
-
-def normalize_attribute(text: str) -> str:
-    """Collapse whitespace; ValueError for empty, non-string or overlong attribute text."""
-    if not isinstance(text, str):
-        raise ValueError(f"attribute must be a string, got {type(text).__name__}; pass e.g. 'lighting'")
-    text = " ".join(text.split())
-    if not text:
-        raise ValueError("attribute text is empty; pass e.g. 'lighting'")
-    if len(text) > MAX_ATTRIBUTE_CHARS:
-        raise ValueError(
-            f"attribute text is {len(text)} characters, more than {MAX_ATTRIBUTE_CHARS}; "
-            f"name the attribute in a few words (e.g. 'lighting'), not a description: {text[:40]!r}..."
-        )
-    return text
 
 
 def attribute_phrase(attribute: Attribute) -> str:

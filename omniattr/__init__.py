@@ -1,3 +1,3 @@
-"""Cross-cutting entry-point helpers: settings (read only by entry points) and the package version."""
+"""Cross-cutting pieces: settings (read only by entry points), the domain rules every package shares, the version."""
 
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from omniattr import domain
 from store.errors import ConflictError, InvalidInputError, NotFoundError
 from store.tables import (
     IMAGE_STATUSES,
@@ -34,9 +35,6 @@ from store.tables import (
     utcnow,
 )
 
-MAX_ATTRIBUTE_CHARS = 200
-MAX_NAME_CHARS = 200
-
 
 def _get(session: Session, table: type, key: int, what: str):
     row = session.get(table, key)
@@ -50,11 +48,10 @@ def _get(session: Session, table: type, key: int, what: str):
 
 def create_collection(session: Session, *, name: str, description: str = "") -> Collection:
     """Create a collection; a name already in use is a ConflictError."""
-    name = " ".join(name.split())
-    if not name:
-        raise InvalidInputError("collection name is empty; pass a name such as 'holiday-photos'")
-    if len(name) > MAX_NAME_CHARS:
-        raise InvalidInputError(f"collection name has {len(name)} characters; the limit is {MAX_NAME_CHARS}")
+    try:
+        name = domain.normalize_name(name)
+    except domain.InvalidTextError as error:
+        raise InvalidInputError(f"collection {error}; pass a name such as 'holiday-photos'") from None
     if session.scalar(select(Collection.id).where(Collection.name == name)) is not None:
         raise ConflictError(f"a collection named {name!r} already exists; pick another name or use it")
     collection = Collection(name=name, description=description)
@@ -230,13 +227,11 @@ def delete_image(session: Session, *, image_id: int) -> None:
 
 
 def normalize_attribute(text: str) -> str:
-    """Canonical attribute text: trimmed, single-spaced, lower case; empty or over-long is an error."""
-    normalized = " ".join(text.split()).lower()
-    if not normalized:
-        raise InvalidInputError("attribute text is empty; pass one such as 'lighting' or 'art style'")
-    if len(normalized) > MAX_ATTRIBUTE_CHARS:
-        raise InvalidInputError(f"attribute text has {len(normalized)} characters; the limit is {MAX_ATTRIBUTE_CHARS}")
-    return normalized
+    """`omniattr.domain.normalize_attribute`, raising the store's InvalidInputError (an HTTP 400)."""
+    try:
+        return domain.normalize_attribute(text)
+    except domain.InvalidTextError as error:
+        raise InvalidInputError(str(error)) from None
 
 
 def find_attribute(session: Session, *, text: str) -> Attribute | None:

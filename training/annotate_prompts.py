@@ -26,7 +26,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.pairs import PairFormatError, PairRecord, normalize_attribute
+from omniattr.domain import InvalidTextError, normalize_attribute
+from training.pairs import PairFormatError, PairRecord
 
 # Bump a version whenever its instruction text changes: it is recorded with every label made from it.
 DETAILED_PROMPT_VERSION = "stage1-cot-v1"
@@ -281,9 +282,10 @@ def _phrases(name: str, value: Any, evidence: dict[str, str]) -> tuple[str, ...]
             item = item["attribute"]
         if not isinstance(item, str):
             raise AnswerError("schema", f"'{name}'[{position}] must be a string or an object")
-        phrase = normalize_attribute(item)
-        if not phrase:
-            raise AnswerError("schema", f"'{name}'[{position}] is an empty phrase")
+        try:
+            phrase = normalize_attribute(item)
+        except InvalidTextError as error:
+            raise AnswerError("schema", f"'{name}'[{position}]: {error}") from None
         if len(phrase.split()) > MAX_PHRASE_WORDS:
             raise AnswerError("schema", f"'{name}'[{position}] has more than {MAX_PHRASE_WORDS} words: {phrase!r}")
         if phrase.lower() in seen:

@@ -36,6 +36,8 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from omniattr.domain import InvalidTextError, normalize_attribute
+
 PAIRS_FILENAME = "pairs.jsonl"
 REQUIRED_KEYS = ("image_x", "image_y", "caption_x", "caption_y", "positive", "negative")
 OPTIONAL_KEYS = ("id", "source", "factors_x", "factors_y", "positive_factors", "negative_factors", "meta")
@@ -43,11 +45,6 @@ OPTIONAL_KEYS = ("id", "source", "factors_x", "factors_y", "positive_factors", "
 
 class PairFormatError(ValueError):
     """A pair record that breaks the format; the message says which field and why."""
-
-
-def normalize_attribute(phrase: str) -> str:
-    """An attribute phrase with surrounding whitespace stripped and inner whitespace runs collapsed."""
-    return " ".join(phrase.split())
 
 
 @dataclass(frozen=True)
@@ -164,10 +161,10 @@ def _attribute_list(name: str, value: Any) -> tuple[str, ...]:
     for position, item in enumerate(value):
         if not isinstance(item, str):
             raise PairFormatError(f"'{name}'[{position}] must be a string, got {type(item).__name__}")
-        phrase = normalize_attribute(item)
-        if not phrase:
-            raise PairFormatError(f"'{name}'[{position}] is empty after whitespace normalisation")
-        phrases.append(phrase)
+        try:
+            phrases.append(normalize_attribute(item))
+        except InvalidTextError as error:
+            raise PairFormatError(f"'{name}'[{position}]: {error}") from None
     return tuple(phrases)
 
 

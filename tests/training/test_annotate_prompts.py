@@ -48,7 +48,7 @@ def test_a_good_answer_parses_normalised_with_evidence():
         (json.dumps({**ANSWER, "positive": "dog identity"}), "schema", "must be a list"),
         (json.dumps({**ANSWER, "positive": []}), "schema", "is empty"),
         (json.dumps({**ANSWER, "positive": [3]}), "schema", "string or an object"),
-        (json.dumps({**ANSWER, "positive": ["  "]}), "schema", "empty phrase"),
+        (json.dumps({**ANSWER, "positive": ["  "]}), "schema", "attribute text is empty"),
         (json.dumps({**ANSWER, "positive": [{"name": "x"}]}), "schema", "attribute"),
         (json.dumps({**ANSWER, "positive": ["one two three four five six seven eight nine"]}), "schema", "words"),
         (json.dumps({**ANSWER, "positive": ["x"] * 13}), "schema", "at most"),

@@ -91,7 +91,7 @@ def test_each_kind_of_bad_line_is_reported_with_its_number_and_skipped(dataset_d
         3: "missing key(s) 'caption_y'",
         4: "'positive' must be a list of strings, got str",
         5: "both empty",
-        6: "'negative'[1] is empty after whitespace normalisation",
+        6: "'negative'[1]: attribute text is empty",
         7: "'img/missing.png' does not exist",
         8: "'img/broken.png' is not a readable image",
         9: "leaves the dataset directory",

@@ -1,0 +1,132 @@
+"""The product's domain rules, defined once: statuses, job kinds, attribute text and request limits.
+
+A leaf module (standard library only) that every package may import, the encoder and the store included, so
+training, indexing, search and the API cannot disagree on what an attribute is or what a status is called.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from enum import StrEnum
+
+# Attribute names are short noun phrases ("man hairstyle", "image lighting"); a paragraph is a mistake.
+MAX_ATTRIBUTE_CHARS = 200
+# Collection and other user-given names.
+MAX_NAME_CHARS = 200
+# References one generation may compose (personalize is one); also the most terms one search may fuse.
+MAX_REFERENCES = 8
+MAX_SEARCH_TERMS = 8
+
+
+class ImageStatus(StrEnum):
+    """An image row: decoded and stored (ready), waiting for its ingest shard (pending), or unreadable (failed)."""
+
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class JobStatus(StrEnum):
+    """A job's roll-up of its shards."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ShardStatus(StrEnum):
+    """One shard of a job: a unit of work a worker takes by id."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class GenerationStatus(StrEnum):
+    """A generation request's progress."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class IndexStatus(StrEnum):
+    """Whether an attribute is searchable in a collection under an encoder."""
+
+    INDEXING = "indexing"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class JobKind(StrEnum):
+    """What a job does; `shard_kind` names the shard body (and Celery task) that runs its shards."""
+
+    INGEST = "ingest"
+    INDEX = "index"  # a backfill: new attributes over a collection's images
+    INDEX_NEW_IMAGES = "index_new_images"  # new images under every attribute already indexed
+    GENERATE = "generate"
+
+    @property
+    def shard_kind(self) -> ShardKind:
+        return _SHARD_KIND_BY_JOB_KIND[self]
+
+
+class ShardKind(StrEnum):
+    """Which shard body runs a shard: the dispatch key of both dispatchers and of the Celery routing."""
+
+    INGEST = "ingest"
+    INDEX = "index"
+    GENERATE = "generate"
+
+
+_SHARD_KIND_BY_JOB_KIND = {
+    JobKind.INGEST: ShardKind.INGEST,
+    JobKind.INDEX: ShardKind.INDEX,
+    JobKind.INDEX_NEW_IMAGES: ShardKind.INDEX,
+    JobKind.GENERATE: ShardKind.GENERATE,
+}
+
+# Zero-width characters look like nothing but would make "lighting\u200b" an attribute of its own.
+_INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+
+
+class InvalidTextError(ValueError):
+    """User text (an attribute or a name) that breaks a rule; the message says what to pass instead."""
+
+
+def clean_text(text: object, *, what: str, limit: int) -> str:
+    """NFKC-normalised, zero-width characters removed, whitespace collapsed; error if empty or over `limit`."""
+    if not isinstance(text, str):
+        raise InvalidTextError(f"{what} must be a string, got {type(text).__name__}")
+    text = " ".join(_INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).split())
+    if not text:
+        raise InvalidTextError(f"{what} is empty")
+    if "\x00" in text:
+        raise InvalidTextError(f"{what} contains a NUL character; remove it")
+    if len(text) > limit:
+        raise InvalidTextError(f"{what} has {len(text)} characters; the limit is {limit}: {text[:40]!r}...")
+    return text
+
+
+def normalize_attribute(text: object) -> str:
+    """The one canonical attribute text used by training, indexing and search: `clean_text`, lower case.
+
+    "Lighting", " lighting " and "lighting\u200b" are the same attribute everywhere, so a phrase indexed
+    by one path is found by another, and the encoder reads in search what it read in training.
+    """
+    try:
+        return clean_text(text, what="attribute text", limit=MAX_ATTRIBUTE_CHARS).lower()
+    except InvalidTextError as error:
+        raise InvalidTextError(
+            f"{error}; name the attribute in a few words, such as 'lighting' or 'art style'"
+        ) from None
+
+
+def normalize_name(text: object) -> str:
+    """A collection (or other) name as stored: `clean_text`, case kept."""
+    return clean_text(text, what="name", limit=MAX_NAME_CHARS)
