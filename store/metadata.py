@@ -12,17 +12,17 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from omniattr import domain
+from omniattr.domain import GenerationStatus, ImageStatus, IndexStatus, JobKind, JobStatus, ShardStatus
 from store.errors import ConflictError, InvalidInputError, NotFoundError
 from store.tables import (
-    IMAGE_STATUSES,
-    INDEX_STATUSES,
     ApiKey,
     Attribute,
     Collection,
@@ -35,12 +35,22 @@ from store.tables import (
     utcnow,
 )
 
+E = TypeVar("E", bound=StrEnum)
+
 
 def _get(session: Session, table: type, key: int, what: str):
     row = session.get(table, key)
     if row is None:
         raise NotFoundError(f"{what} {key} does not exist")
     return row
+
+
+def _member(enum: type[E], value: str, what: str) -> E:
+    """`value` as a member of `enum`; InvalidInputError naming the allowed values otherwise."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise InvalidInputError(f"{what} {value!r} is not one of {tuple(m.value for m in enum)}") from None
 
 
 # --- collections -------------------------------------------------------------------------------------
@@ -66,8 +76,12 @@ def get_collection(session: Session, *, collection_id: int) -> Collection:
 
 
 def find_collection(session: Session, *, name: str) -> Collection | None:
-    """The collection with this name, if any."""
-    return session.scalar(select(Collection).where(Collection.name == " ".join(name.split())))
+    """The collection with this name (normalised as `create_collection` stores it), if any."""
+    try:
+        name = domain.normalize_name(name)
+    except domain.InvalidTextError:
+        return None  # a name that breaks the rules was never stored
+    return session.scalar(select(Collection).where(Collection.name == name))
 
 
 def list_collections(session: Session, *, offset: int = 0, limit: int = 100) -> list[Collection]:
@@ -94,14 +108,13 @@ def add_image(
     width: int | None = None,
     height: int | None = None,
     format: str | None = None,
-    status: str = "pending",
+    status: ImageStatus = ImageStatus.PENDING,
     error: str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> tuple[Image, bool]:
     """Add an image unless its content is already in the collection; returns (image, created)."""
     get_collection(session, collection_id=collection_id)
-    if status not in IMAGE_STATUSES:
-        raise InvalidInputError(f"image status {status!r} is not one of {IMAGE_STATUSES}")
+    status = _member(ImageStatus, status, "image status")
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise InvalidInputError("sha256 must be 64 lowercase hex characters")
     existing = find_image(session, collection_id=collection_id, sha256=sha256)
@@ -169,7 +182,7 @@ def list_images(
     session: Session,
     *,
     collection_id: int,
-    status: str | None = None,
+    status: ImageStatus | None = None,
     after_id: int = 0,
     limit: int = 100,
 ) -> list[Image]:
@@ -180,13 +193,13 @@ def list_images(
     return list(session.scalars(query.order_by(Image.id).limit(limit)))
 
 
-def list_image_ids(session: Session, *, collection_id: int, status: str = "ready") -> list[int]:
+def list_image_ids(session: Session, *, collection_id: int, status: ImageStatus = ImageStatus.READY) -> list[int]:
     """Every image id of a collection with the given status, in id order (for sharding jobs)."""
     query = select(Image.id).where(Image.collection_id == collection_id, Image.status == status)
     return list(session.scalars(query.order_by(Image.id)))
 
 
-def count_images(session: Session, *, collection_id: int, status: str | None = None) -> int:
+def count_images(session: Session, *, collection_id: int, status: ImageStatus | None = None) -> int:
     """How many images a collection has (optionally of one status)."""
     query = select(func.count(Image.id)).where(Image.collection_id == collection_id)
     if status is not None:
@@ -198,15 +211,14 @@ def set_image_status(
     session: Session,
     *,
     image_id: int,
-    status: str,
+    status: ImageStatus,
     error: str | None = None,
     width: int | None = None,
     height: int | None = None,
     format: str | None = None,
 ) -> Image:
     """Move an image to `status`, recording the error (for failed) or the decoded size (for ready)."""
-    if status not in IMAGE_STATUSES:
-        raise InvalidInputError(f"image status {status!r} is not one of {IMAGE_STATUSES}")
+    status = _member(ImageStatus, status, "image status")
     image = get_image(session, image_id=image_id)
     image.status = status
     image.error = error
@@ -295,11 +307,10 @@ def get_encoder_model(session: Session, *, version: str) -> EncoderModel:
 
 
 def set_collection_attribute(
-    session: Session, *, collection_id: int, attribute_id: int, encoder_model_id: int, status: str
+    session: Session, *, collection_id: int, attribute_id: int, encoder_model_id: int, status: IndexStatus
 ) -> CollectionAttribute:
     """Record that an attribute is indexing / ready / failed for a collection under an encoder."""
-    if status not in INDEX_STATUSES:
-        raise InvalidInputError(f"index status {status!r} is not one of {INDEX_STATUSES}")
+    status = _member(IndexStatus, status, "index status")
     row = session.scalar(
         select(CollectionAttribute).where(
             CollectionAttribute.collection_id == collection_id,
@@ -318,7 +329,11 @@ def set_collection_attribute(
 
 
 def list_collection_attributes(
-    session: Session, *, collection_id: int, encoder_model_id: int | None = None, status: str | None = None
+    session: Session,
+    *,
+    collection_id: int,
+    encoder_model_id: int | None = None,
+    status: IndexStatus | None = None,
 ) -> list[CollectionAttribute]:
     """The attributes indexed (or indexing) for a collection."""
     query = select(CollectionAttribute).where(CollectionAttribute.collection_id == collection_id)
@@ -330,6 +345,12 @@ def list_collection_attributes(
 
 
 # --- jobs and shards ---------------------------------------------------------------------------------
+
+
+# A shard still to run (pending, or running when its worker died) and one that will not run again.
+_OPEN_SHARD_STATUSES = (ShardStatus.PENDING, ShardStatus.RUNNING)
+_FINISHED_SHARD_STATUSES = (ShardStatus.DONE, ShardStatus.FAILED)
+_OPEN_JOB_STATUSES = (JobStatus.PENDING, JobStatus.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -350,7 +371,7 @@ class JobProgress:
 def create_job(
     session: Session,
     *,
-    kind: str,
+    kind: JobKind,
     collection_id: int | None = None,
     encoder_model_id: int | None = None,
     params: dict[str, Any] | None = None,
@@ -374,7 +395,7 @@ def create_job(
     for position, ids in enumerate(shards):  # ids: one shard's items
         job.shards.append(JobShard(position=position, items=list(ids), total=len(ids) * units_per_item))
     if not shards:
-        job.status = "done"
+        job.status = JobStatus.DONE
         job.finished_at = utcnow()
     session.add(job)
     session.flush()
@@ -392,7 +413,7 @@ def get_shard(session: Session, *, shard_id: int) -> JobShard:
 
 
 def list_jobs(
-    session: Session, *, collection_id: int | None = None, status: str | None = None, limit: int = 50
+    session: Session, *, collection_id: int | None = None, status: JobStatus | None = None, limit: int = 50
 ) -> list[Job]:
     """Newest jobs first."""
     query = select(Job)
@@ -405,7 +426,7 @@ def list_jobs(
 
 def unfinished_shards(session: Session, *, job_id: int) -> list[JobShard]:
     """Shards that still need work (pending, or running when a worker died): what a resume re-enqueues."""
-    query = select(JobShard).where(JobShard.job_id == job_id, JobShard.status.in_(("pending", "running")))
+    query = select(JobShard).where(JobShard.job_id == job_id, JobShard.status.in_(_OPEN_SHARD_STATUSES))
     return list(session.scalars(query.order_by(JobShard.position)))
 
 
@@ -415,14 +436,14 @@ def start_shard(session: Session, *, shard_id: int) -> JobShard | None:
     if shard is None:
         return None
     job = session.scalar(select(Job).where(Job.id == shard.job_id).with_for_update())
-    if shard.status in ("done", "failed") or job.status in ("cancelled", "failed"):
+    if shard.status in _FINISHED_SHARD_STATUSES or job.status in (JobStatus.CANCELLED, JobStatus.FAILED):
         return None
     now = utcnow()
-    shard.status = "running"
+    shard.status = ShardStatus.RUNNING
     shard.attempts += 1
     shard.started_at = shard.started_at or now
-    if job.status == "pending":
-        job.status = "running"
+    if job.status == JobStatus.PENDING:
+        job.status = JobStatus.RUNNING
         job.started_at = now
     session.flush()
     return shard
@@ -431,7 +452,7 @@ def start_shard(session: Session, *, shard_id: int) -> JobShard | None:
 def finish_shard(session: Session, *, shard_id: int, done: int, failed: int, error: str | None = None) -> Job:
     """Record a shard's result and roll its counts up into the job; the last shard finishes the job."""
     shard = get_shard(session, shard_id=shard_id)
-    shard.status = "done"
+    shard.status = ShardStatus.DONE
     shard.done, shard.failed, shard.error = done, failed, error
     shard.finished_at = utcnow()
     session.flush()
@@ -442,8 +463,8 @@ def fail_shard(session: Session, *, shard_id: int, error: str, max_attempts: int
     """Record a failed attempt: back to pending while attempts remain, else failed for good."""
     shard = get_shard(session, shard_id=shard_id)
     shard.error = error
-    shard.status = "pending" if shard.attempts < max_attempts else "failed"
-    if shard.status == "failed":
+    shard.status = ShardStatus.PENDING if shard.attempts < max_attempts else ShardStatus.FAILED
+    if shard.status == ShardStatus.FAILED:
         shard.failed = shard.total - shard.done
         shard.finished_at = utcnow()
     session.flush()
@@ -459,13 +480,13 @@ def _roll_up(session: Session, *, job_id: int) -> Job:
         select(
             func.coalesce(func.sum(JobShard.done), 0),
             func.coalesce(func.sum(JobShard.failed), 0),
-            func.count(JobShard.id).filter(JobShard.status.in_(("pending", "running"))),
-            func.count(JobShard.id).filter(JobShard.status == "failed"),
+            func.count(JobShard.id).filter(JobShard.status.in_(_OPEN_SHARD_STATUSES)),
+            func.count(JobShard.id).filter(JobShard.status == ShardStatus.FAILED),
         ).where(JobShard.job_id == job_id)
     ).one()
     job.done, job.failed = int(done), int(failed)
-    if open_shards == 0 and job.status not in ("cancelled",):
-        job.status = "failed" if failed_shards and failed_shards == len(job.shards) else "done"
+    if open_shards == 0 and job.status != JobStatus.CANCELLED:
+        job.status = JobStatus.FAILED if failed_shards and failed_shards == len(job.shards) else JobStatus.DONE
         job.finished_at = utcnow()
         if failed_shards:
             job.error = f"{failed_shards} of {len(job.shards)} shards failed; see their errors"
@@ -476,8 +497,8 @@ def _roll_up(session: Session, *, job_id: int) -> Job:
 def cancel_job(session: Session, *, job_id: int) -> Job:
     """Stop a job: its unstarted shards are skipped by workers."""
     job = get_job(session, job_id=job_id)
-    if job.status in ("pending", "running"):
-        job.status = "cancelled"
+    if job.status in _OPEN_JOB_STATUSES:
+        job.status = JobStatus.CANCELLED
         job.finished_at = utcnow()
     session.flush()
     return job
@@ -486,7 +507,7 @@ def cancel_job(session: Session, *, job_id: int) -> Job:
 def job_progress(session: Session, *, job_id: int, now: datetime | None = None) -> JobProgress:
     """Counts, rate and ETA of a job, readable at any time."""
     job = get_job(session, job_id=job_id)
-    shards_done = sum(1 for shard in job.shards if shard.status in ("done", "failed"))
+    shards_done = sum(1 for shard in job.shards if shard.status in _FINISHED_SHARD_STATUSES)
     rate = eta = None
     if job.started_at is not None and job.done + job.failed > 0:
         end = job.finished_at or now or utcnow()
@@ -496,7 +517,7 @@ def job_progress(session: Session, *, job_id: int, now: datetime | None = None) 
         elapsed = max((end - started).total_seconds(), 1e-6)
         rate = (job.done + job.failed) / elapsed
         remaining = max(job.total - job.done - job.failed, 0)
-        eta = remaining / rate if job.status in ("pending", "running") else 0.0
+        eta = remaining / rate if job.status in _OPEN_JOB_STATUSES else 0.0
     return JobProgress(
         job_id=job.id,
         status=job.status,
@@ -531,7 +552,7 @@ def finish_generation(
 ) -> Generation:
     """Store a generation's output image path and its attribute-transfer scores."""
     generation = get_generation(session, generation_id=generation_id)
-    generation.status = "done"
+    generation.status = GenerationStatus.DONE
     generation.output_path = output_path
     generation.transfer_scores = dict(transfer_scores)
     session.flush()
@@ -541,7 +562,7 @@ def finish_generation(
 def fail_generation(session: Session, *, generation_id: int, error: str) -> Generation:
     """Record why a generation failed."""
     generation = get_generation(session, generation_id=generation_id)
-    generation.status = "failed"
+    generation.status = GenerationStatus.FAILED
     generation.error = error
     session.flush()
     return generation

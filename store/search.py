@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from omniattr.domain import MAX_SEARCH_TERMS
 from store.errors import InvalidInputError
 from store.vectors import VectorIndex, point_id
 
-MAX_TERMS = 8
+# The most results one search returns.
 MAX_LIMIT = 200
 
 
@@ -58,8 +59,8 @@ def search_images(
     """Rank images by the weighted sum of their per-attribute similarities, minus the negative terms."""
     if not terms:
         raise InvalidInputError("a search needs at least one positive term (an image and an attribute)")
-    if len(terms) + len(negatives) > MAX_TERMS:
-        raise InvalidInputError(f"at most {MAX_TERMS} terms in one search; got {len(terms) + len(negatives)}")
+    if len(terms) + len(negatives) > MAX_SEARCH_TERMS:
+        raise InvalidInputError(f"at most {MAX_SEARCH_TERMS} terms in one search; got {len(terms) + len(negatives)}")
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidInputError(f"limit must be between 1 and {MAX_LIMIT}; got {limit}")
     for term in (*terms, *negatives):

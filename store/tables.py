@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -22,6 +23,16 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from omniattr.domain import (
+    MAX_ATTRIBUTE_CHARS,
+    MAX_NAME_CHARS,
+    GenerationStatus,
+    ImageStatus,
+    IndexStatus,
+    JobStatus,
+    ShardStatus,
+)
+
 # Named constraints keep Alembic migrations identical on PostgreSQL and SQLite (batch mode needs names).
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -37,20 +48,15 @@ CURRENT_TIMESTAMP = text("CURRENT_TIMESTAMP")
 # JSONB on PostgreSQL (indexable, compact), plain JSON text elsewhere.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
-IMAGE_STATUSES = ("pending", "ready", "failed")
-JOB_STATUSES = ("pending", "running", "done", "failed", "cancelled")
-SHARD_STATUSES = ("pending", "running", "done", "failed")
-GENERATION_STATUSES = ("pending", "running", "done", "failed")
-INDEX_STATUSES = ("indexing", "ready", "failed")
-
 
 def utcnow() -> datetime:
     """Timezone-aware now, for Python-side defaults."""
     return datetime.now(UTC)
 
 
-def _one_of(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+def _one_of(column: str, values: type[StrEnum]) -> str:
+    """A CHECK that `column` holds one of the enum's values, e.g. "status IN ('pending', 'ready', 'failed')"."""
+    return f"{column} IN ({', '.join(repr(member.value) for member in values)})"
 
 
 class Base(DeclarativeBase):
@@ -69,9 +75,8 @@ class TimestampMixin:
 
 
 class ProgressMixin:
-    """Status and counters of a unit of work (a job, or one of its shards)."""
+    """Counters of a unit of work (a job, or one of its shards); each declares its status with its own enum."""
 
-    status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
@@ -87,7 +92,7 @@ class Collection(TimestampMixin, Base):
     __tablename__ = "collections"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_CHARS), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
 
     images: Mapped[list[Image]] = relationship(back_populates="collection", passive_deletes=True)
@@ -99,7 +104,7 @@ class Image(TimestampMixin, Base):
     __tablename__ = "images"
     __table_args__ = (
         UniqueConstraint("collection_id", "sha256", name="uq_images_collection_sha256"),
-        CheckConstraint(_one_of("status", IMAGE_STATUSES), name="status"),
+        CheckConstraint(_one_of("status", ImageStatus), name="status"),
         Index("ix_images_collection_status", "collection_id", "status"),
     )
 
@@ -111,7 +116,7 @@ class Image(TimestampMixin, Base):
     height: Mapped[int | None] = mapped_column(Integer)
     format: Mapped[str | None] = mapped_column(String(16))
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=ImageStatus.PENDING)
     error: Mapped[str | None] = mapped_column(Text)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
 
@@ -124,7 +129,7 @@ class Attribute(Base):
     __tablename__ = "attributes"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    text: Mapped[str] = mapped_column(String(200), unique=True)
+    text: Mapped[str] = mapped_column(String(MAX_ATTRIBUTE_CHARS), unique=True)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=CURRENT_TIMESTAMP, default=utcnow
     )
@@ -151,14 +156,14 @@ class CollectionAttribute(TimestampMixin, Base):
     __tablename__ = "collection_attributes"
     __table_args__ = (
         UniqueConstraint("collection_id", "attribute_id", "encoder_model_id", name="uq_collection_attributes_triple"),
-        CheckConstraint(_one_of("status", INDEX_STATUSES), name="status"),
+        CheckConstraint(_one_of("status", IndexStatus), name="status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
     attribute_id: Mapped[int] = mapped_column(ForeignKey("attributes.id", ondelete="CASCADE"))
     encoder_model_id: Mapped[int] = mapped_column(ForeignKey("encoder_models.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16), default="indexing")
+    status: Mapped[str] = mapped_column(String(16), default=IndexStatus.INDEXING)
 
     attribute: Mapped[Attribute] = relationship()
 
@@ -168,7 +173,7 @@ class Job(ProgressMixin, TimestampMixin, Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        CheckConstraint(_one_of("status", JOB_STATUSES), name="status"),
+        CheckConstraint(_one_of("status", JobStatus), name="status"),
         Index("ix_jobs_collection_status", "collection_id", "status"),
     )
 
@@ -177,6 +182,7 @@ class Job(ProgressMixin, TimestampMixin, Base):
     collection_id: Mapped[int | None] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
     encoder_model_id: Mapped[int | None] = mapped_column(ForeignKey("encoder_models.id", ondelete="SET NULL"))
     params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING)
 
     shards: Mapped[list[JobShard]] = relationship(
         back_populates="job", order_by="JobShard.position", passive_deletes=True
@@ -189,13 +195,14 @@ class JobShard(ProgressMixin, TimestampMixin, Base):
     __tablename__ = "job_shards"
     __table_args__ = (
         UniqueConstraint("job_id", "position", name="uq_job_shards_job_position"),
-        CheckConstraint(_one_of("status", SHARD_STATUSES), name="status"),
+        CheckConstraint(_one_of("status", ShardStatus), name="status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     items: Mapped[list[Any]] = mapped_column(JSONType, default=list)  # image ids, or paths for ingest
+    status: Mapped[str] = mapped_column(String(16), default=ShardStatus.PENDING)
 
     job: Mapped[Job] = relationship(back_populates="shards")
 
@@ -204,12 +211,12 @@ class Generation(TimestampMixin, Base):
     """A personalize or compose request, its output image and its attribute-transfer scores."""
 
     __tablename__ = "generations"
-    __table_args__ = (CheckConstraint(_one_of("status", GENERATION_STATUSES), name="status"),)
+    __table_args__ = (CheckConstraint(_one_of("status", GenerationStatus), name="status"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     request: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=GenerationStatus.PENDING)
     output_path: Mapped[str | None] = mapped_column(Text)
     transfer_scores: Mapped[dict[str, float]] = mapped_column(JSONType, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
