@@ -16,6 +16,7 @@ from store.vectors.interface import (
     INDEXED_PAYLOAD_KEYS,
     FilterTerm,
     SearchHit,
+    SearchRequest,
     VectorIndex,
     check_stored_dimension,
     safe_version_name,
@@ -226,29 +227,19 @@ class QdrantEdgeIndex(VectorIndex):
             return None
         return qe.Filter(must=must or None, must_not=must_not or None)
 
-    def _search(
-        self,
-        encoder_version: str,
-        query: np.ndarray,
-        *,
-        attribute_id: int,
-        terms: list[FilterTerm],
-        excluded_image_ids: list[int],
-        limit: int,
-        exact: bool,
-    ) -> list[SearchHit]:
+    def _search(self, encoder_version: str, request: SearchRequest) -> list[SearchHit]:
         """Top-k in the attribute's shard: it holds that attribute only, so no attribute condition (a scan)."""
-        shard = self._partition(encoder_version, attribute_id)
+        shard = self._partition(encoder_version, request.attribute_id)
         if shard is None:  # nothing indexed under this attribute yet
             return []
-        request = qe.QueryRequest(
-            limit=limit,
-            query=qe.Query.Nearest(query.tolist()),
-            filter=self._filter(terms, excluded_image_ids),
-            params=qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact),
+        query = qe.QueryRequest(
+            limit=request.limit,
+            query=qe.Query.Nearest(request.query.tolist()),
+            filter=self._filter(request.terms, request.excluded_image_ids),
+            params=qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=request.exact),
             with_payload=True,
         )
-        return [search_hit(point.id, point.score, point.payload) for point in shard.query(request)]
+        return [search_hit(point.id, point.score, point.payload) for point in shard.query(query)]
 
     def _fetch(self, encoder_version: str, ids: list[uuid.UUID]) -> dict[str, np.ndarray]:
         """Look in every attribute shard until each id is found."""

@@ -52,6 +52,18 @@ class VectorPoint:
 
 
 @dataclass(frozen=True, slots=True)
+class SearchRequest:
+    """A search's arguments as `VectorIndex.search` checked them, for a backend's `_search`."""
+
+    query: np.ndarray  # (D,) float32, finite, not all zeros
+    attribute_id: int
+    terms: list[FilterTerm]  # collection and payload conditions; the attribute is the backend's to apply
+    excluded_image_ids: list[int]
+    limit: int
+    exact: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SearchHit:
     """One search result; `payload` is the whole stored payload, reserved keys included."""
 
@@ -138,16 +150,15 @@ class VectorIndex(abc.ABC):
     ) -> list[SearchHit]:
         """The `limit` points most similar (cosine) to `vector` among one attribute's points, best first."""
         limit = _check_positive(limit, "limit")
-        query = _query_vector(vector, self._dimension(encoder_version))
-        return self._search(
-            encoder_version,
-            query,
+        request = SearchRequest(
+            query=_query_vector(vector, self._dimension(encoder_version)),
             attribute_id=_as_int(attribute_id, "attribute_id"),
             terms=_filter_terms(collection_id, payload_filter),
             excluded_image_ids=_image_ids(exclude_image_ids),
             limit=limit,
             exact=exact,
         )
+        return self._search(encoder_version, request)
 
     def fetch(self, *, encoder_version: str, point_ids: Iterable[str | uuid.UUID]) -> dict[str, np.ndarray]:
         """Stored vectors by point id (unit length: cosine collections normalise on write); missing ids absent."""
@@ -215,18 +226,8 @@ class VectorIndex(abc.ABC):
         """Upsert points: `vectors` is (N, D) float32, row i has id `ids[i]` and payload `payloads[i]`."""
 
     @abc.abstractmethod
-    def _search(
-        self,
-        encoder_version: str,
-        query: np.ndarray,
-        *,
-        attribute_id: int,
-        terms: list[FilterTerm],
-        excluded_image_ids: list[int],
-        limit: int,
-        exact: bool,
-    ) -> list[SearchHit]:
-        """Top-`limit` hits for the (D,) `query` among the attribute's points that match every term."""
+    def _search(self, encoder_version: str, request: SearchRequest) -> list[SearchHit]:
+        """Top-`limit` hits for the query among the attribute's points that match every term, best first."""
 
     @abc.abstractmethod
     def _fetch(self, encoder_version: str, ids: list[uuid.UUID]) -> dict[str, np.ndarray]:

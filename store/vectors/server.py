@@ -17,6 +17,7 @@ from store.vectors.interface import (
     INDEXED_PAYLOAD_KEYS,
     FilterTerm,
     SearchHit,
+    SearchRequest,
     VectorIndex,
     check_stored_dimension,
     safe_version_name,
@@ -145,26 +146,18 @@ class QdrantServerIndex(VectorIndex):
             return None
         return qm.Filter(must=must or None, must_not=must_not or None)
 
-    def _search(
-        self,
-        encoder_version: str,
-        query: np.ndarray,
-        *,
-        attribute_id: int,
-        terms: list[FilterTerm],
-        excluded_image_ids: list[int],
-        limit: int,
-        exact: bool,
-    ) -> list[SearchHit]:
+    def _search(self, encoder_version: str, request: SearchRequest) -> list[SearchHit]:
         """Top-k by cosine similarity, the attribute a filter condition like the others."""
-        query_filter = self._filter([("attribute_id", attribute_id), *terms], excluded_image_ids)
-        params = None if self.is_local_mode else qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
+        query_filter = self._filter(
+            [("attribute_id", request.attribute_id), *request.terms], request.excluded_image_ids
+        )
+        params = None if self.is_local_mode else qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=request.exact)
         response = self.client.query_points(
             collection_name=self.alias_name(encoder_version),
-            query=query.tolist(),
+            query=request.query.tolist(),
             query_filter=query_filter,
             search_params=params,
-            limit=limit,
+            limit=request.limit,
             with_payload=True,
         )
         return [search_hit(point.id, point.score, point.payload) for point in response.points]
