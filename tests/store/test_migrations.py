@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from omniattr.domain import GenerationStatus, ImageStatus, IndexStatus, JobStatus, ShardStatus
 from store.database import (
     alembic_config,
     check_schema_current,
@@ -87,5 +90,25 @@ def test_unmigrated_database_is_reported_at_startup(empty_database_url):
     try:
         with pytest.raises(SchemaVersionError, match="omniattr migrate"):
             check_schema_current(engine)
+    finally:
+        engine.dispose()
+
+
+def test_migrated_status_checks_allow_exactly_the_domain_statuses(empty_database_url):
+    """A status added to an omniattr.domain enum without a migration fails here (autogenerate ignores CHECKs)."""
+    upgrade_database(empty_database_url)
+    engine = make_engine(empty_database_url)
+    try:
+        inspector = inspect(engine)
+        for table, statuses in [
+            ("images", ImageStatus),
+            ("jobs", JobStatus),
+            ("job_shards", ShardStatus),
+            ("generations", GenerationStatus),
+            ("collection_attributes", IndexStatus),
+        ]:
+            checks = {check["name"]: check["sqltext"] for check in inspector.get_check_constraints(table)}
+            allowed = set(re.findall(r"'([a-z_]+)'", checks[f"ck_{table}_status"]))
+            assert allowed == {status.value for status in statuses}, table
     finally:
         engine.dispose()
