@@ -35,7 +35,7 @@ from store.tables import (
     utcnow,
 )
 
-E = TypeVar("E", bound=StrEnum)
+StatusT = TypeVar("StatusT", bound=StrEnum)
 
 
 def _get(session: Session, table: type, key: int, what: str):
@@ -45,7 +45,7 @@ def _get(session: Session, table: type, key: int, what: str):
     return row
 
 
-def _member(enum: type[E], value: str, what: str) -> E:
+def _member(enum: type[StatusT], value: str, what: str) -> StatusT:
     """`value` as a member of `enum`; InvalidInputError naming the allowed values otherwise."""
     try:
         return enum(value)
