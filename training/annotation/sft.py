@@ -32,13 +32,13 @@ from typing import Any
 
 from PIL import Image
 
-from training.annotate_prompts import (
+from training.annotation.prompts import (
     DETAILED_INSTRUCTION,
     SHORT_INSTRUCTION,
     SHORT_PROMPT_VERSION,
     target_answer,
 )
-from training.pairs import load_pairs
+from training.data.pairs import load_pairs
 
 SFT_FILENAME = "sft.jsonl"
 # Qwen2-VL's template around one user turn with two images: "<|im_start|>system\nYou are a helpful
@@ -222,7 +222,7 @@ def measure_prompt_tokens(
     max_pixels: int = QWEN_MAX_PIXELS,
 ) -> TokenReport:
     """Input tokens per request of an exported SFT set asked with the detailed vs the short instruction."""
-    from training.annotate_local import read_sft
+    from training.annotation.local import read_sft
 
     name = tokenizer if isinstance(tokenizer, str) or tokenizer is None else type(tokenizer).__name__
     if tokenizer is None or isinstance(tokenizer, str):
