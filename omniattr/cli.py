@@ -418,6 +418,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `omniattr` parser: one subcommand per command, each with its `run` function."""
     parser = argparse.ArgumentParser(
         prog="omniattr", description="Search image collections by one visual attribute; generate images with it."
     )

@@ -58,6 +58,7 @@ def _build_annotator(args: argparse.Namespace) -> Annotator:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    """`annotate label`: label the pairs with one annotator; exit 1 when any pair failed."""
     tasks, bad = read_pair_tasks(args.pairs)
     if not tasks and not bad:
         print(f"annotate label: no pairs in {args.pairs}", file=sys.stderr)
@@ -93,6 +94,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_export_sft(args: argparse.Namespace) -> int:
+    """`annotate export-sft`: write the SFT set from stage-1 labels and report its prompt tokens."""
     from training.annotation.sft import export_sft, measure_prompt_tokens
 
     report = export_sft(
@@ -110,6 +112,7 @@ def cmd_export_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    """`annotate finetune`: LoRA-fine-tune the stage-2 annotator on an SFT set."""
     from training.annotation.local import FinetuneConfig, finetune_annotator
 
     if args.threads:
@@ -140,6 +143,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
+    """`annotate mine`: propose pairs from a folder of images and write them as `label`'s input."""
     from training.annotation.mining import collect_image_paths, mine_pairs, write_mined_pairs
 
     paths = collect_image_paths(args.images, list_file=args.paths)
@@ -162,6 +166,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `omniattr annotate` parser: one subcommand per stage, each with its `run` function."""
     parser = argparse.ArgumentParser(
         prog="omniattr annotate",
         description="Two-stage MLLM pair annotation: label (stage 1 or 2), export-sft, finetune, mine.",

@@ -255,7 +255,7 @@ class LabelConfig:
     """How a labelling run asks, retries and writes (see `label_pairs`)."""
 
     out_dir: Path
-    prompt: str = "detailed"  # a key of annotate_prompts.PROMPTS
+    prompt: str = "detailed"  # a key of training.annotation.prompts.PROMPTS
     instruction: str | None = None  # overrides the prompt's text (a fine-tuned annotator's own instruction)
     prompt_version: str | None = None
     max_attempts: int = 3

@@ -1,7 +1,7 @@
 """Stage 1 -> stage 2: export labelled pairs as a supervised fine-tuning set, and count the input tokens saved.
 
 One SFT example per labelled pair, in the chat format most VLM fine-tuning tools read (and
-`annotate_local.finetune_annotator` reads):
+`training.annotation.local.finetune_annotator` reads):
 
     {"id": ..., "prompt_version": "stage2-short-v1",
      "teacher": {"model": ..., "prompt_version": "stage1-cot-v1"},
