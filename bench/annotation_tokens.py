@@ -14,8 +14,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from training.annotate_sft import QWEN_MAX_PIXELS, export_sft, measure_prompt_tokens
-from training.procedural import ProceduralConfig, generate_dataset
+from training.annotation.sft import QWEN_MAX_PIXELS, export_sft, measure_prompt_tokens
+from training.data.procedural import ProceduralConfig, generate_dataset
 
 BUDGETS = {  # name -> max_pixels of the image processor
     "256 tokens/image (448 x 448)": 256 * 28 * 28,

@@ -72,7 +72,7 @@ def start_server(data_dir: Path, encoder_dir: Path, port: int) -> subprocess.Pop
 
 
 def build_collection(url: str, count: int, attribute: str) -> tuple[int, list[int], list[bytes]]:
-    from training.procedural import encode_png, render_image, sample_factors
+    from training.data.procedural import encode_png, render_image, sample_factors
 
     images = [
         encode_png(render_image(sample_factors(np.random.default_rng(i)), size=128, jitter_seed=i))

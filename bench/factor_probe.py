@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from encoder.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0  # noqa: E402
 from encoder.images import to_pixels  # noqa: E402
+from training.data.procedural import factor_parts  # noqa: E402
 from training.evaluate import make_gallery  # noqa: E402
-from training.procedural import factor_parts  # noqa: E402
 
 STAGES = {"stage 2": "stage2", "stage 4": "stage4", "stage 6": "stage6", "head": "head"}  # column -> trunk level
 GRID = 3

@@ -34,7 +34,7 @@ def photos() -> Iterator[tuple[str, Image.Image]]:
     import skimage.data
     from sklearn.datasets import load_sample_images
 
-    # Never used by training/procedural_assets.py (checked against its _photo / _scene / skimage.data calls).
+    # Never used by training/data/procedural_assets.py (checked against its _photo / _scene / skimage.data calls).
     sources: dict[str, Callable[[], np.ndarray]] = {
         "motorcycle": lambda: skimage.data.stereo_motorcycle()[0],
         "retina": skimage.data.retina,

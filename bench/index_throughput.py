@@ -32,9 +32,9 @@ from indexer.celery_app import CeleryDispatcher, create_celery_app  # noqa: E402
 from indexer.models import describe_encoder  # noqa: E402
 from indexer.work import plan_index_attributes, plan_ingest_directory, register_encoder  # noqa: E402
 from omniattr.settings import Settings  # noqa: E402
+from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres  # noqa: E402
 from store import metadata  # noqa: E402
 from store.database import make_engine, make_session_factory, upgrade_database  # noqa: E402
-from tests.conftest import create_throwaway_postgres, drop_throwaway_postgres  # noqa: E402
 
 ATTRIBUTES = ["lighting", "art style", "background", "color", "material", "pose", "layout", "subject"]
 POSTGRES = os.environ.get("OMNIATTR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -43,7 +43,7 @@ REDIS = os.environ.get("OMNIATTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
 
 def make_collection(directory: Path, count: int, size: int) -> list[Path]:
     """Procedural images with real structure (photo crops, textures, styles)."""
-    from training.procedural import encode_png, render_image, sample_factors
+    from training.data.procedural import encode_png, render_image, sample_factors
 
     directory.mkdir(parents=True)
     paths = []

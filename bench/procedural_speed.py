@@ -11,7 +11,7 @@ import argparse
 import json
 import time
 
-from training.procedural import ProceduralConfig, encode_png, pair_rng, render_image, sample_pair
+from training.data.procedural import ProceduralConfig, encode_png, pair_rng, render_image, sample_pair
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 
 from generator_plugin.pipeline import transfer_scores
-from training.procedural import FACTORS, caption_for, render_image, sample_factors
+from training.data.procedural import FACTORS, caption_for, render_image, sample_factors
 
 ATTRIBUTE_FACTORS = ("style", "background", "color")  # the factors the starter encoder separates best
 

@@ -31,7 +31,7 @@ ADAPTER_SECONDS=${ADAPTER_SECONDS:-720}
 stamp() { printf '[%s] %s\n' "$(date +%T)" "$*"; }
 
 stamp "data: 6000 pairs, seed 21, 224 px"
-[ -f "$WORK/data-train/pairs.jsonl" ] || $PY -m training.procedural --out "$WORK/data-train" --pairs 6000 \
+[ -f "$WORK/data-train/pairs.jsonl" ] || $PY -m training.data.procedural --out "$WORK/data-train" --pairs 6000 \
   --seed 21 --size 224 --workers "${WORKERS:-1}"
 
 stamp "base: VAE ${VAE_SECONDS}s, transformer ${TRANSFORMER_SECONDS}s, seed 0"

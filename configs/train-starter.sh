@@ -33,9 +33,9 @@ HOLD_OUT=category=cat,color=red
 stamp() { printf '[%s] %s\n' "$(date +%T)" "$*"; }
 
 stamp "data: $PAIRS training pairs (seed 1), 300 validation pairs (seed 2), 224 px, $WORKERS processes"
-[ -f "$WORK/data-train/pairs.jsonl" ] || $PY -m training.procedural --out "$WORK/data-train" --pairs "$PAIRS" \
+[ -f "$WORK/data-train/pairs.jsonl" ] || $PY -m training.data.procedural --out "$WORK/data-train" --pairs "$PAIRS" \
   --seed 1 --size 224 --hold-out "$HOLD_OUT" --workers "$WORKERS"
-[ -f "$WORK/data-val/pairs.jsonl" ] || $PY -m training.procedural --out "$WORK/data-val" --pairs "$VAL_PAIRS" \
+[ -f "$WORK/data-val/pairs.jsonl" ] || $PY -m training.data.procedural --out "$WORK/data-val" --pairs "$VAL_PAIRS" \
   --seed 2 --size 224 --workers "$WORKERS"
 
 stamp "train: starter (L_con + factor loss) and paper-only (L_con) side by side"

@@ -3,7 +3,7 @@
 Steps (each rerun reuses what the previous run made: images are written once, ingest skips duplicates,
 index computes only missing attributes):
 1. write ~300 images under data/demo/images: scikit-image's bundled photos, each in a dozen lighting, colour
-   and art-style variants, plus procedurally rendered objects (training/procedural.py);
+   and art-style variants, plus procedurally rendered objects (training/data/procedural.py);
 2. pick the encoder: the shipped starter model (models/starter/encoder) when present, otherwise an untrained
    compact encoder from `omniattr init-encoder` (with a warning: rankings then are not meaningful);
 3. `omniattr ingest` and `omniattr index` (embedded profile, data under data/demo/omniattr, progress bars);
@@ -142,7 +142,7 @@ def build_collection(out: Path) -> int:
         return count
     from tqdm import tqdm
 
-    from training.procedural import render_image, sample_factors
+    from training.data.procedural import render_image, sample_factors
 
     if out.exists():
         shutil.rmtree(out)
@@ -167,7 +167,7 @@ def build_collection(out: Path) -> int:
             factors = sample_factors(rng)
             relative = f"procedural/{index:04d}_{factors['color']}_{factors['category']}.png"
             render_image(factors, size=PROCEDURAL_SIDE, jitter_seed=index).save(out / relative, compress_level=1)
-            images[relative] = {"source": "training.procedural", **factors}
+            images[relative] = {"source": "training.data.procedural", **factors}
             bar.update()
     manifest_path.write_text(json.dumps({"version": BUILDER_VERSION, "images": images}, indent=1))
     print(f"[demo] sample collection: {len(images)} images written to {out}")

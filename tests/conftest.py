@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres
 from store.database import make_engine, make_session_factory, upgrade_database
 from store.tables import Base
 
@@ -42,29 +41,6 @@ def postgres_server() -> str:
     finally:
         engine.dispose()
     return POSTGRES_ADMIN_URL
-
-
-def create_throwaway_postgres(admin_url: str) -> str:
-    """Create an empty database with a unique name and return its URL."""
-    name = f"omniattr_test_{uuid.uuid4().hex[:12]}"
-    engine = _admin_engine()
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_throwaway_postgres(admin_url: str, url: str) -> None:
-    """Drop a database made by create_throwaway_postgres, closing its leftover connections."""
-    name = make_url(url).database
-    engine = _admin_engine()
-    with engine.connect() as connection:
-        connection.execute(
-            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
-            {"name": name},
-        )
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -19,9 +19,9 @@ def test_import_contracts_hold():
 
 
 def test_importing_packages_opens_nothing_and_store_stays_torch_free():
-    """No module opens a database, client or model on import; store and api never pull in torch."""
+    """No module opens a database, client or model on import; store, api and the CLI never pull in torch."""
     code = (
-        "import sys, store, store.tables, store.metadata, store.database, api, api.cli, omniattr.settings;"
+        "import sys, store, store.tables, store.metadata, store.database, api, omniattr.cli, omniattr.settings;"
         "assert 'torch' not in sys.modules, 'torch imported';"
         "assert 'qdrant_edge' not in sys.modules"
     )

@@ -10,7 +10,7 @@ from encoder.attributes import attribute_phrase
 from omniattr import domain
 from store import metadata
 from store.errors import InvalidInputError
-from training.pairs import load_pairs
+from training.data.pairs import load_pairs
 
 VARIANTS = ["Lighting", "  lighting ", "lighting\u200b", "LIGHTING\n", "ｌｉｇｈｔｉｎｇ"]  # the last is full-width
 

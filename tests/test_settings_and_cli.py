@@ -14,7 +14,7 @@ from sqlalchemy import inspect
 from omniattr.settings import Profile, Settings
 from store.database import head_revision, make_engine
 
-CLI = [sys.executable, "-m", "api.cli"]
+CLI = [sys.executable, "-m", "omniattr.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

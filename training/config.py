@@ -23,7 +23,7 @@ TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
 class TrainConfig:
     """One training run: data, encoder, optional generator, losses, optimiser, checkpoints."""
 
-    data_dir: str  # a pair dataset directory (training/pairs.py format)
+    data_dir: str  # a pair dataset directory (training/data/pairs.py format)
     output_dir: str  # checkpoint-XXXXXXX/ folders are written here
     # Encoder: EncoderConfig values for a fresh encoder, or init_encoder = a saved encoder to start from.
     encoder: dict[str, Any] = field(default_factory=lambda: {"backend": "compact"})

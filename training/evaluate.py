@@ -32,8 +32,8 @@ from PIL import Image
 from encoder import AttributeEncoder
 from encoder.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
 from encoder.images import to_pixels
-from training.pairs import PairRecord, load_pairs
-from training.procedural import (
+from training.data.pairs import PairRecord, load_pairs
+from training.data.procedural import (
     FACTORS,
     check_factor_names,
     factor_parts,

@@ -39,9 +39,10 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 
 from generator_plugin.adapter import AttributeAdapter
 from generator_plugin.pipeline import AttributePipeline
+from training.data.pairs import load_pairs
+from training.data.procedural import FACTORS
+from training.loop import BatchLoss, run_steps
 from training.losses import flow_matching_inputs, flow_matching_loss, sample_sigmas
-from training.pairs import load_pairs
-from training.procedural import FACTORS
 from training.trainer import pack_latents
 
 PRETRAIN_CONFIG_NAME = "pretrain_config.json"
@@ -242,24 +243,20 @@ def train_vae(
     """MSE reconstruction + kl_weight * mean KL; returns the per-step reconstruction MSE."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    vae.train()
-    losses, started = [], time.perf_counter()
-    for step in range(steps):
+
+    def batch_loss(step: int) -> BatchLoss:
         batch = to_unit_range(images[torch.randint(len(images), (batch_size,), generator=generator)])
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample  # (B, 3, H, W)
         mse = torch.nn.functional.mse_loss(reconstruction, batch)
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
-        optimizer.zero_grad(set_to_none=True)
-        (mse + kl_weight * kl).backward()
-        optimizer.step()
-        losses.append(mse.item())
-        if (step + 1) % log_every == 0:
-            _log("vae", step + 1, started, mse=np.mean(losses[-log_every:]), kl=kl.item())
-        if max_seconds is not None and time.perf_counter() - started > max_seconds:
-            _log("vae", step + 1, started, mse=np.mean(losses[-log_every:]), stopped="max_seconds")
-            break
+        return BatchLoss(mse + kl_weight * kl, recorded=mse, extras={"kl": kl})
+
+    vae.train()
+    losses = run_steps(
+        "vae", optimizer, batch_loss, steps=steps, max_seconds=max_seconds, log_every=log_every, recorded_name="mse"
+    )
     vae.eval()
     return losses
 
@@ -333,33 +330,37 @@ def train_transformer(
     params, ema_params = list(transformer.parameters()), list(ema.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     image_ids = latent_image_ids(latents.shape[1])
-    transformer.train()
-    losses, started = [], time.perf_counter()
-    for step in range(steps):
+
+    def batch_loss(step: int) -> BatchLoss:
         index = torch.randint(len(latents), (batch_size,), generator=generator)
         keep = _drop(1.0 - text_dropout, batch_size, generator)
-        loss = flow_step_loss(
-            transformer,
-            latents[index],
-            prompt_embeds[index] * keep.view(-1, 1, 1),
-            pooled[index] * keep.view(-1, 1),
-            image_ids,
-            generator,
+        return BatchLoss(
+            flow_step_loss(
+                transformer,
+                latents[index],
+                prompt_embeds[index] * keep.view(-1, 1, 1),
+                pooled[index] * keep.view(-1, 1),
+                image_ids,
+                generator,
+            )
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100)  # 100-step linear warm-up
-        optimizer.step()
+
+    def update_ema(step: int) -> None:
         decay = min(ema_decay, (step + 1) / (step + 10))  # short EMA memory early on
         torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
-        losses.append(loss.item())
-        if (step + 1) % log_every == 0:
-            _log("transformer", step + 1, started, loss=np.mean(losses[-log_every:]))
-        if max_seconds is not None and time.perf_counter() - started > max_seconds:
-            _log("transformer", step + 1, started, loss=np.mean(losses[-log_every:]), stopped="max_seconds")
-            break
+
+    transformer.train()
+    losses = run_steps(
+        "transformer",
+        optimizer,
+        batch_loss,
+        steps=steps,
+        max_seconds=max_seconds,
+        log_every=log_every,
+        clip_parameters=params,
+        lr_at_step=lambda step: lr * min(1.0, (step + 1) / 100),  # 100-step linear warm-up
+        after_step=update_ema,
+    )
     transformer.eval()
     return ema, losses
 
@@ -392,38 +393,34 @@ def train_adapter(
     params = list(adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     image_ids = latent_image_ids(target_latents.shape[1])
-    losses, started = [], time.perf_counter()
-    for step in range(steps):
+
+    def batch_loss(step: int) -> BatchLoss:
         index = torch.randint(len(target_latents), (batch_size,), generator=generator)
         keep_text = _drop(1.0 - text_dropout, batch_size, generator)
         keep_attribute = _drop(1.0 - attribute_dropout, batch_size, generator)
-        loss = flow_step_loss(
-            transformer,
-            target_latents[index],
-            prompt_embeds[index] * keep_text.view(-1, 1, 1),
-            pooled[index] * keep_text.view(-1, 1),
-            image_ids,
-            generator,
-            attention_kwargs=adapter.attention_kwargs(reference_tokens[index].float(), keep_attribute),
+        return BatchLoss(
+            flow_step_loss(
+                transformer,
+                target_latents[index],
+                prompt_embeds[index] * keep_text.view(-1, 1, 1),
+                pooled[index] * keep_text.view(-1, 1),
+                image_ids,
+                generator,
+                attention_kwargs=adapter.attention_kwargs(reference_tokens[index].float(), keep_attribute),
+            )
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if (step + 1) % log_every == 0:
-            _log("adapter", step + 1, started, loss=np.mean(losses[-log_every:]))
-        if max_seconds is not None and time.perf_counter() - started > max_seconds:
-            _log("adapter", step + 1, started, loss=np.mean(losses[-log_every:]), stopped="max_seconds")
-            break
+
+    losses = run_steps(
+        "adapter",
+        optimizer,
+        batch_loss,
+        steps=steps,
+        max_seconds=max_seconds,
+        log_every=log_every,
+        clip_parameters=params,
+    )
     adapter.requires_grad_(False)
     return losses
-
-
-def _log(stage: str, step: int, started: float, **values) -> None:
-    line = {"stage": stage, "step": step, "seconds": round(time.perf_counter() - started, 1)}
-    line.update({k: round(float(v), 5) if isinstance(v, (float, np.floating)) else v for k, v in values.items()})
-    print(json.dumps(line), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

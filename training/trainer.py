@@ -42,6 +42,8 @@ from encoder import AttributeEncoder
 from encoder.attributes import attribute_phrases
 from encoder.config import EncoderConfig
 from training.config import TrainConfig, load_train_config
+from training.data.pairs import PairDataset, PairSample, load_pairs, records_with_both
+from training.data.procedural import FACTORS
 from training.losses import (
     contrastive_loss,
     factor_contrastive_loss,
@@ -49,8 +51,6 @@ from training.losses import (
     flow_matching_loss,
     sample_sigmas,
 )
-from training.pairs import PairDataset, PairSample, load_pairs, records_with_both
-from training.procedural import FACTORS
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.pt"

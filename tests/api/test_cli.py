@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.cli import main
+from omniattr.cli import main
 from tests.api.conftest import png, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,7 +136,7 @@ def test_server_requires_keys_and_cli_talks_to_it(embedded_env, tmp_path, capsys
 def test_train_and_eval_from_the_cli(tmp_path):
     """`omniattr train` on a tiny pair set (L_con only), then `omniattr eval` of the checkpoint."""
     from encoder.testing import tiny_compact_config
-    from training.procedural import ProceduralConfig, generate_dataset
+    from training.data.procedural import ProceduralConfig, generate_dataset
 
     generate_dataset(tmp_path / "pairs", 6, seed=5, config=ProceduralConfig(size=64))
     config = {

@@ -29,7 +29,7 @@ def command_problems(argv: list[str]) -> list[str]:
         return ["empty command"]
     program, *args = argv
     if program == "omniattr":
-        from api.cli import build_parser
+        from omniattr.cli import build_parser
 
         try:
             build_parser().parse_args(args)

@@ -18,10 +18,10 @@ from indexer.ingest import MediaStore, ingest_path
 from indexer.models import describe_encoder
 from indexer.work import plan_index_attributes, register_encoder
 from omniattr.settings import Settings
+from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres
 from store import metadata
 from store.database import make_engine, make_session_factory, upgrade_database
 from store.vectors import QdrantEdgeIndex, point_id
-from tests.conftest import create_throwaway_postgres, drop_throwaway_postgres
 from tests.indexer.conftest import write_images
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,6 +10,7 @@ import torch
 
 from encoder import AttributeEncoder
 from encoder.testing import tiny_compact_config
+from training.data.procedural import FACTORS, ProceduralConfig, generate_dataset
 from training.evaluate import (
     HolisticTrunkEmbedder,
     delta_pos_neg,
@@ -19,7 +20,6 @@ from training.evaluate import (
     retrieval_scores,
     write_markdown,
 )
-from training.procedural import FACTORS, ProceduralConfig, generate_dataset
 
 
 def _brute_force_expected(scores, relevant, k):
@@ -152,7 +152,7 @@ def test_holistic_embedder_ignores_the_attribute():
 
 
 def test_factor_parts_split_composite_values():
-    from training.procedural import factor_parts
+    from training.data.procedural import factor_parts
 
     assert factor_parts("lighting", "top-left/warm/dim") == {"direction": "top-left", "tint": "warm", "level": "dim"}
     assert factor_parts("layout", "small-bottom-right") == {"scale": "small", "position": "bottom-right"}

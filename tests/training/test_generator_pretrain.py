@@ -12,7 +12,7 @@ import torch
 
 from generator_plugin.plugins import load_generator
 from training import generator_pretrain as gp
-from training.procedural import generate_dataset
+from training.data.procedural import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def pair_dir(tmp_path_factory) -> Path:
 
 
 def _procedural_config():
-    from training.procedural import ProceduralConfig
+    from training.data.procedural import ProceduralConfig
 
     return ProceduralConfig(size=64)
 
@@ -172,7 +172,7 @@ def test_transfer_score_identical_reference_wins_and_scores_are_cosines():
 
 
 def test_prompt_without_drops_the_attribute_phrase():
-    from training.procedural import FACTORS, caption_for
+    from training.data.procedural import FACTORS, caption_for
 
     bench = _load_bench("transfer_score")
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ from encoder import AttributeEncoder
 from encoder.testing import tiny_compact_config
 from generator_plugin.adapter import AttributeAdapter
 from training.config import TrainConfig, load_train_config
-from training.procedural import ProceduralConfig, generate_dataset
+from training.data.procedural import ProceduralConfig, generate_dataset
 from training.trainer import (
     ADAPTER_DIR,
     ENCODER_DIR,
@@ -156,7 +156,7 @@ def test_encoder_only_and_no_con_ablation(tmp_path, pairs_dir):
 
 
 def test_contrastive_embeddings_fast_path_equals_encode(pairs_dir):
-    from training.pairs import PairDataset
+    from training.data.pairs import PairDataset
 
     torch.manual_seed(0)
     encoder = AttributeEncoder(tiny_compact_config(image_size=64)).eval()
@@ -185,7 +185,7 @@ def test_factor_loss_trains_on_recorded_factors_and_max_seconds_stops_with_a_che
 
 
 def test_factor_loss_on_pairs_without_factors_says_what_to_do(tmp_path, pairs_dir):
-    from training.pairs import load_pairs, write_pairs
+    from training.data.pairs import load_pairs, write_pairs
 
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -203,7 +203,7 @@ def test_factor_loss_with_the_shared_trunk_pass_equals_its_own(tmp_path, pairs_d
     """forward runs the frozen trunk once for L_con and the factor loss; the loss must not change."""
     import random
 
-    from training.pairs import PairDataset
+    from training.data.pairs import PairDataset
 
     config = TrainConfig.from_dict(_config(pairs_dir, tmp_path, lambda_gen=0.0, generator=None, lambda_factor=1.0))
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def test_factor_loss_with_the_shared_trunk_pass_equals_its_own(tmp_path, pairs_d
 
 
 def test_grow_image_levels_starts_from_the_same_function_and_trains_the_new_projection(tmp_path, pairs_dir):
-    from training.pairs import PairDataset
+    from training.data.pairs import PairDataset
 
     torch.manual_seed(0)
     base = AttributeEncoder(tiny_compact_config(image_size=64)).eval()

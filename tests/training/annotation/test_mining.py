@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.annotate import read_pair_tasks
-from training.annotate_mining import band_neighbours, collect_image_paths, mine_pairs, write_mined_pairs
-from training.procedural import ProceduralConfig, generate_dataset
+from training.annotation.label import read_pair_tasks
+from training.annotation.mining import band_neighbours, collect_image_paths, mine_pairs, write_mined_pairs
+from training.data.procedural import ProceduralConfig, generate_dataset
 
 
 def _unit(*rows):

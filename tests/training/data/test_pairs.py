@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from training.pairs import (
+from training.data.pairs import (
     PAIRS_FILENAME,
     PairDataset,
     PairFormatError,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from training.annotate_prompts import SHORT_PROMPT_VERSION, AnnotationRequest, Reply
+from training.annotation.prompts import SHORT_PROMPT_VERSION, AnnotationRequest, Reply
 
 ANNOTATOR_CONFIG = "annotator_config.json"
 LORA_DIR = "lora"

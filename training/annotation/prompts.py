@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omniattr.domain import InvalidTextError, normalize_attribute
-from training.pairs import PairFormatError, PairRecord
+from training.data.pairs import PairFormatError, PairRecord
 
 # Bump a version whenever its instruction text changes: it is recorded with every label made from it.
 DETAILED_PROMPT_VERSION = "stage1-cot-v1"
@@ -151,7 +151,7 @@ class Annotation:
     reasoning: str | None = None
 
     def to_record(self, image_x: str, image_y: str, **optional: Any) -> PairRecord:
-        """The pair record (training.pairs format) for this annotation of the images at these dataset paths."""
+        """The pair record (training.data.pairs format) for this annotation of the images at these dataset paths."""
         return PairRecord(
             image_x=image_x,
             image_y=image_y,

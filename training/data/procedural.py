@@ -1,7 +1,7 @@
 """Procedural pair generator: images composed from known factors, pairs that share some and differ in others.
 
-Run `python -m training.procedural --out DIR --pairs N --seed S [--size 128]` to write a pair dataset
-(training/pairs.py format) with `factors_x`/`factors_y` and the factor name behind every attribute phrase.
+Run `python -m training.data.procedural --out DIR --pairs N --seed S [--size 128]` to write a pair dataset
+(training/data/pairs.py format) with `factors_x`/`factors_y` and the factor name behind every attribute phrase.
 
 A factor is a registry entry (name -> values, caption phrase, paraphrases, render hook). An image is fully
 determined by its factor values plus a nuisance `jitter_seed` (small shifts of the background crop, the
@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 from scipy.spatial import cKDTree
 
-from training.pairs import PAIRS_FILENAME, PairRecord, write_pairs
-from training.procedural_assets import BACKGROUNDS, MATERIALS, SUBJECTS, Assets, assets_for_size
+from training.data.pairs import PAIRS_FILENAME, PairRecord, write_pairs
+from training.data.procedural_assets import BACKGROUNDS, MATERIALS, SUBJECTS, Assets, assets_for_size
 
 SOURCE = "procedural"
 GENERATOR_VERSION = 1
@@ -868,7 +868,7 @@ def parse_hold_out(text: str) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: write a procedural pair dataset and print a one-line JSON summary."""
-    parser = argparse.ArgumentParser(prog="python -m training.procedural", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.data.procedural", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="new or empty directory for pairs.jsonl and images")
     parser.add_argument("--pairs", required=True, type=int, help="number of pairs to write")
     parser.add_argument("--seed", required=True, type=int, help="run seed; the same seed gives the same bytes")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.annotate import (
+from training.annotation.label import (
     FAILURES_FILENAME,
     EndpointAnnotator,
     LabelConfig,
@@ -28,7 +28,7 @@ from training.annotate import (
     label_pairs,
     read_pair_tasks,
 )
-from training.annotate_prompts import (
+from training.annotation.prompts import (
     DETAILED_INSTRUCTION,
     DETAILED_PROMPT_VERSION,
     SHORT_INSTRUCTION,
@@ -36,7 +36,7 @@ from training.annotate_prompts import (
     AnnotationRequest,
     ImageBlob,
 )
-from training.pairs import PAIRS_FILENAME, load_pairs
+from training.data.pairs import PAIRS_FILENAME, load_pairs
 
 GOOD = {
     "reasoning": "Image 1 shows a red square... Image 2 shows a red square lit differently...",

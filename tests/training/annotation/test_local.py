@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from encoder.testing import save_tiny_qwen_vl
-from training.annotate import FAILURES_FILENAME, LabelConfig, PairTask, label_pairs
-from training.annotate_local import (
+from training.annotation.label import FAILURES_FILENAME, LabelConfig, PairTask, label_pairs
+from training.annotation.local import (
     ANNOTATOR_CONFIG,
     LORA_DIR,
     FinetuneConfig,
@@ -24,9 +24,9 @@ from training.annotate_local import (
     finetune_annotator,
     read_sft,
 )
-from training.annotate_prompts import SHORT_INSTRUCTION, SHORT_PROMPT_VERSION, AnnotationRequest, ImageBlob
-from training.annotate_sft import export_sft
-from training.pairs import PairRecord, write_pairs
+from training.annotation.prompts import SHORT_INSTRUCTION, SHORT_PROMPT_VERSION, AnnotationRequest, ImageBlob
+from training.annotation.sft import export_sft
+from training.data.pairs import PairRecord, write_pairs
 
 TINY_PIXELS = 56 * 56  # 4 image tokens per image
 

@@ -8,15 +8,15 @@ import pytest
 from PIL import Image
 
 from encoder.testing import word_tokenizer
-from training.annotate_prompts import SHORT_INSTRUCTION, SHORT_PROMPT_VERSION, parse_answer
-from training.annotate_sft import (
+from training.annotation.prompts import SHORT_INSTRUCTION, SHORT_PROMPT_VERSION, parse_answer
+from training.annotation.sft import (
     CHAT_OVERHEAD_TOKENS,
     export_sft,
     measure_prompt_tokens,
     qwen_image_tokens,
     text_tokens,
 )
-from training.pairs import PairRecord, write_pairs
+from training.data.pairs import PairRecord, write_pairs
 
 
 @pytest.fixture

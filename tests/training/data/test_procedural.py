@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.pairs import PAIRS_FILENAME, load_pairs
-from training.procedural import (
+from training.data.pairs import PAIRS_FILENAME, load_pairs
+from training.data.procedural import (
     FACTORS,
     ProceduralConfig,
     caption_for,
@@ -26,7 +26,7 @@ from training.procedural import (
     sample_factors,
     sample_pair,
 )
-from training.procedural_assets import SUBJECTS
+from training.data.procedural_assets import SUBJECTS
 
 SIZE = 64  # small images keep the suite fast; the generator's default is 128
 
@@ -245,9 +245,9 @@ def test_command_line_writes_a_dataset_and_reports_bad_arguments(tmp_path: Path,
 @pytest.mark.slow
 def test_module_runs_as_a_script(tmp_path: Path):
     result = subprocess.run(
-        [sys.executable, "-m", "training.procedural", "--out", str(tmp_path / "m"), "--pairs", "1", "--seed", "2",
+        [sys.executable, "-m", "training.data.procedural", "--out", str(tmp_path / "m"), "--pairs", "1", "--seed", "2",
          "--size", str(SIZE)],
-        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[2],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[3],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m" / PAIRS_FILENAME).is_file()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from training.annotate_prompts import (
+from training.annotation.prompts import (
     DETAILED_INSTRUCTION,
     SHORT_INSTRUCTION,
     AnnotationRequest,

@@ -1,7 +1,7 @@
 """Stage 1 -> stage 2: export labelled pairs as a supervised fine-tuning set, and count the input tokens saved.
 
 One SFT example per labelled pair, in the chat format most VLM fine-tuning tools read (and
-`annotate_local.finetune_annotator` reads):
+`training.annotation.local.finetune_annotator` reads):
 
     {"id": ..., "prompt_version": "stage2-short-v1",
      "teacher": {"model": ..., "prompt_version": "stage1-cot-v1"},
@@ -32,13 +32,13 @@ from typing import Any
 
 from PIL import Image
 
-from training.annotate_prompts import (
+from training.annotation.prompts import (
     DETAILED_INSTRUCTION,
     SHORT_INSTRUCTION,
     SHORT_PROMPT_VERSION,
     target_answer,
 )
-from training.pairs import load_pairs
+from training.data.pairs import load_pairs
 
 SFT_FILENAME = "sft.jsonl"
 # Qwen2-VL's template around one user turn with two images: "<|im_start|>system\nYou are a helpful
@@ -222,7 +222,7 @@ def measure_prompt_tokens(
     max_pixels: int = QWEN_MAX_PIXELS,
 ) -> TokenReport:
     """Input tokens per request of an exported SFT set asked with the detailed vs the short instruction."""
-    from training.annotate_local import read_sft
+    from training.annotation.local import read_sft
 
     name = tokenizer if isinstance(tokenizer, str) or tokenizer is None else type(tokenizer).__name__
     if tokenizer is None or isinstance(tokenizer, str):

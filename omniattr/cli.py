@@ -3,6 +3,11 @@
 Commands that act on collections speak the HTTP API, so they behave the same everywhere: with `--url`
 they talk to a running server; without it the app runs inside this process on the configured profile
 (the embedded default needs no server). One code path, one contract (the OpenAPI schema).
+
+This module is the composition root: the one place that may join `api`, `store`, `indexer`, `encoder` and
+`training`. The model-side commands (init-encoder, train, eval, annotate) call their package's entry
+function in this process, imported inside the command, so `omniattr --help` and the HTTP commands stay
+light (no torch). Benchmarks are scripts of a source checkout, not a package, and run as child processes.
 """
 
 from __future__ import annotations
@@ -314,37 +319,41 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_module(module: str, arguments: Sequence[str]) -> int:
-    """Run a training/eval module in a child Python: `api` does not import `training` (DESIGN §2), and -P
-    keeps a folder in the cwd from shadowing a package."""
-    import subprocess
-
-    return subprocess.run([sys.executable, "-P", "-m", module, *arguments], check=False).returncode
+# Training, evaluation and annotation run in this process: the CLI is the composition root, so it may call
+# them. Each is imported inside its command, so `omniattr --help` and the HTTP commands never import torch.
 
 
 def cmd_init_encoder(args: argparse.Namespace) -> int:
     """Write an untrained compact encoder to DATA_DIR/encoder (the default when OMNIATTR_ENCODER_PATH is unset)."""
+    from encoder.__main__ import main as encoder_main
+
     settings = _load_settings()
     directory = Path(args.directory) if args.directory else settings.default_encoder_path
-    return _run_module("encoder", ["init", str(directory)])
+    return encoder_main(["init", str(directory)])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train an attribute encoder (and adapter) from a config; resumable (see configs/)."""
+    from training.trainer import main as train_main
+
     arguments = ["--config", args.config, *[item for pair in args.set for item in ("--set", pair)]]
     if args.stop_at_step is not None:
         arguments += ["--stop-at-step", str(args.stop_at_step)]
-    return _run_module("training.trainer", [*arguments, *(["--resume"] if args.resume else [])])
+    return train_main([*arguments, *(["--resume"] if args.resume else [])])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate encoders: Delta(pos, neg), retrieval mAP@10 / P@10 per attribute, holistic baseline."""
-    return _run_module("training.evaluate", args.arguments)
+    from training.evaluate import main as evaluate_main
+
+    return evaluate_main(args.arguments)
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     """Pair annotation by a VLM: label (stage 1/2), export-sft, finetune, mine; `annotate --help` lists them."""
-    return _run_module("training.annotate", args.arguments)
+    from training.annotation.cli import main as annotate_main
+
+    return annotate_main(args.arguments)
 
 
 BENCHES = {
@@ -409,6 +418,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `omniattr` parser: one subcommand per command, each with its `run` function."""
     parser = argparse.ArgumentParser(
         prog="omniattr", description="Search image collections by one visual attribute; generate images with it."
     )
@@ -471,10 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-at-step", type=int, help="end early with a checkpoint at this step")
     train.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a config value")
 
-    # eval and bench pass every argument they do not know to the module they run.
+    # eval and bench pass every argument they do not know to what they run.
     command("eval", cmd_eval).set_defaults(passthrough=True)  # `omniattr eval --help-module` lists them
 
-    # annotate forwards everything, --help included, to training.annotate (its subcommands have their own help).
+    # annotate forwards everything, --help included, to training.annotation.cli (its subcommands have their own help).
     annotate = commands.add_parser("annotate", add_help=False, help=cmd_annotate.__doc__)
     annotate.set_defaults(run=cmd_annotate, passthrough=True)
 

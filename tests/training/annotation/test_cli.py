@@ -1,4 +1,4 @@
-"""`omniattr annotate`: the CLI forwards to `python -P -m training.annotate` (api never imports training)."""
+"""`omniattr annotate`: the CLI runs training.annotation.cli in its own process (the CLI is the composition root)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "api.cli"]
+ROOT = Path(__file__).resolve().parents[3]
+CLI = [sys.executable, "-m", "omniattr.cli"]
 
 
 def _run(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -1,0 +1,1 @@
+"""Training data: the pair dataset format and the seeded procedural pair generator."""
