@@ -10,17 +10,17 @@ from sqlalchemy.orm import Session
 from api.usecases.context import Services, dispatch, encoder_model_id
 from api.usecases.jobs import JobDetail, job_detail
 from indexer.work import plan_index_attributes
-from omniattr.domain import ImageStatus
+from omniattr.domain import ImageStatus, IndexStatus
 from store import metadata
 from store.tables import Collection
 
 
 @dataclass(frozen=True)
 class AttributeIndexState:
-    """An attribute indexed (or being indexed) for a collection, and its `IndexStatus`."""
+    """An attribute indexed (or being indexed) for a collection, and its status."""
 
     attribute: str
-    status: str
+    status: IndexStatus
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _detail(session: Session, collection: Collection) -> CollectionDetail:
         collection=collection,
         image_count=metadata.count_images(session, collection_id=collection.id, status=ImageStatus.READY),
         failed_count=metadata.count_images(session, collection_id=collection.id, status=ImageStatus.FAILED),
-        attributes=[AttributeIndexState(s.attribute.text, s.status) for s in states],
+        attributes=[AttributeIndexState(s.attribute.text, IndexStatus(s.status)) for s in states],
     )
 
 
