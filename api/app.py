@@ -14,7 +14,7 @@ from api import schemas
 from api.deps import ServicesDep, require_api_key
 from api.errors import install_error_handlers
 from api.routes import collections, generations, images, jobs, search
-from api.services import Services, build_services
+from api.usecases.context import Services, build_services
 from omniattr import __version__
 from omniattr.settings import Settings
 

@@ -9,7 +9,19 @@ from typing import Annotated, Any
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-Attribute = Annotated[str, Field(min_length=1, max_length=200, examples=["lighting"])]
+from omniattr.domain import (
+    MAX_ATTRIBUTE_CHARS,
+    MAX_NAME_CHARS,
+    MAX_REFERENCES,
+    MAX_SEARCH_TERMS,
+    GenerationStatus,
+    ImageStatus,
+    IndexStatus,
+    JobKind,
+    JobStatus,
+)
+
+Attribute = Annotated[str, Field(min_length=1, max_length=MAX_ATTRIBUTE_CHARS, examples=["lighting"])]
 MAX_ID = 2_147_483_647  # ids are 32-bit integer columns
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -17,13 +29,13 @@ QueryId = Annotated[int, Query(ge=1, le=MAX_ID)]
 
 
 class CollectionCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=200, examples=["holiday photos"])
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS, examples=["holiday photos"])
     description: str = Field(default="", max_length=2000)
 
 
 class AttributeState(BaseModel):
     attribute: str
-    status: str
+    status: IndexStatus
 
 
 class CollectionPublic(BaseModel):
@@ -54,7 +66,7 @@ class ImagePublic(BaseModel):
     height: int | None
     format: str | None
     bytes: int
-    status: str
+    status: ImageStatus
     error: str | None
     thumbnail_url: str
     created_at: datetime
@@ -70,7 +82,7 @@ class UploadResult(BaseModel):
     source: str
     image_id: int
     created: bool
-    status: str
+    status: ImageStatus
     error: str | None = None
 
 
@@ -91,8 +103,8 @@ class AttributesRequest(BaseModel):
 
 class JobPublic(BaseModel):
     id: int
-    kind: str
-    status: str
+    kind: JobKind
+    status: JobStatus
     collection_id: int | None
     done: int
     failed: int
@@ -124,8 +136,8 @@ class SearchTermIn(BaseModel):
 
 class SearchRequest(BaseModel):
     collection_id: Id
-    terms: list[SearchTermIn] = Field(min_length=1, max_length=8)
-    negatives: list[SearchTermIn] = Field(default=[], max_length=7)
+    terms: list[SearchTermIn] = Field(min_length=1, max_length=MAX_SEARCH_TERMS)
+    negatives: list[SearchTermIn] = Field(default=[], max_length=MAX_SEARCH_TERMS - 1)  # terms and negatives share it
     limit: int = Field(default=20, ge=1, le=200)
     filters: dict[str, str | int | float | bool | list[str | int]] = Field(
         default={}, description='Exact-match filters on the vector payload, e.g. {"format": "PNG"}.'
@@ -152,7 +164,9 @@ class GenerationReference(BaseModel):
 
 
 class GenerationCreate(BaseModel):
-    refs: list[GenerationReference] = Field(min_length=1, max_length=8, description="One: personalize; more: compose.")
+    refs: list[GenerationReference] = Field(
+        min_length=1, max_length=MAX_REFERENCES, description="One: personalize; more: compose."
+    )
     prompt: str = Field(min_length=1, max_length=1000, examples=["a cup on a wooden table"])
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     steps: int | None = Field(default=None, ge=1, le=200)
@@ -162,7 +176,7 @@ class GenerationCreate(BaseModel):
 class GenerationPublic(BaseModel):
     id: int
     job_id: int | None
-    status: str
+    status: GenerationStatus
     request: dict[str, Any]
     output_url: str | None
     transfer_scores: dict[str, float]

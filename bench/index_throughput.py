@@ -28,8 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from indexer.celery_app import CeleryDispatcher, create_celery_app  # noqa: E402
 from indexer.models import describe_encoder  # noqa: E402
+from indexer.tasks import CeleryDispatcher, create_celery_app  # noqa: E402
 from indexer.work import plan_index_attributes, plan_ingest_directory, register_encoder  # noqa: E402
 from omniattr.settings import Settings  # noqa: E402
 from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres  # noqa: E402

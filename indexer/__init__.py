@@ -1,1 +1,2 @@
-"""Indexing: the Celery app and thin tasks, ingest of files, and the read -> encode -> write runner."""
+"""Indexing: job planning and shard bodies, the Celery app factory and tasks, the in-process dispatcher, query
+encoding, ingest of files, and the read -> encode -> write runner."""

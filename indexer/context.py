@@ -1,22 +1,87 @@
-"""Builds a WorkerContext from settings; called by entry points only (Celery worker, embedded server)."""
+"""What the indexer's parts share: the per-process `WorkerContext` (and its builder from settings), the
+`Dispatcher` seam and the `PlannedJob` a planner returns.
+
+The planners and shard bodies (`work`, `generate`), query encoding (`queries`) and both dispatchers import
+this module and it imports none of them, so they form no import cycle. `build_worker_context` is called by
+entry points only (Celery worker, API app factory); everything below it takes explicit arguments.
+"""
 
 from __future__ import annotations
 
 import fcntl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from encoder.runtime import reuse_freed_memory
-from indexer.generate import GeneratorProvider
+from sqlalchemy.orm import Session, sessionmaker
+
 from indexer.ingest import MediaStore
-from indexer.models import EncoderProvider, describe_encoder
-from indexer.work import WorkerContext
+from indexer.models import EncoderInfo, EncoderProvider, GeneratorProvider, describe_encoder
+from omniattr.domain import ShardKind
 from store.database import check_schema_current, make_engine, make_session_factory
 from store.errors import ConflictError, InvalidInputError
-from store.vectors import open_vector_index
+from store.vectors import VectorIndex, open_vector_index
 
 if TYPE_CHECKING:
     from omniattr.settings import Settings
+
+
+class Dispatcher(Protocol):
+    """Where work goes: the Celery queues (server profile) or the in-process worker (embedded profile)."""
+
+    def submit(self, kind: ShardKind, shard_ids: Sequence[int]) -> None:
+        """Queue shards by id; call after the transaction that created them has committed."""
+        ...
+
+    def encode_query(self, *, image_bytes: bytes, attribute: str, timeout: float) -> list[float]:
+        """Encode a query image under one attribute; TimeoutError after `timeout` seconds."""
+        ...
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job created in the caller's transaction, and the shards to dispatch once it commits."""
+
+    job_id: int
+    kind: ShardKind  # the shard body that runs the shards (an `index_new_images` job's shards are `index`)
+    shard_ids: list[int]
+
+
+class DataDirLock:
+    """An exclusive lock on an embedded data directory, held until `close` (the Edge engine and the in-process
+    worker assume one owner); a second process is refused at once."""
+
+    def __init__(self, data_dir: Path):
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self._handle = open(Path(data_dir) / ".omniattr.lock", "wb")  # noqa: SIM115 - held open until close()
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.close()
+            raise ConflictError(
+                f"the data directory {data_dir} is in use by another omniattr process (probably `omniattr up`); "
+                "use that server (the CLI's --url), or stop it first"
+            ) from None
+
+    def close(self) -> None:
+        """Release the lock."""
+        self._handle.close()
+
+
+@dataclass
+class WorkerContext:
+    """Everything a shard body needs; built once per process by an entry point from settings."""
+
+    session_factory: sessionmaker[Session]
+    vectors: VectorIndex
+    media: MediaStore
+    encoder: EncoderProvider
+    encoder_info: EncoderInfo
+    allowed_roots: list[Path] = field(default_factory=list)
+    index_batch_size: int = 32
+    generator: GeneratorProvider | None = None  # None when no generator is configured
+    lock: DataDirLock | None = None  # the embedded data directory's lock, held while this context lives
 
 
 def build_worker_context(settings: Settings) -> WorkerContext:
@@ -25,6 +90,8 @@ def build_worker_context(settings: Settings) -> WorkerContext:
     First tunes malloc for CPU encoding (`encoder.runtime.reuse_freed_memory`), before the vector index or
     the dispatcher start threads of their own.
     """
+    from encoder.runtime import reuse_freed_memory  # here: the encoder package imports torch, the API these types
+
     reuse_freed_memory()
     encoder_path = settings.resolved_encoder_path
     if encoder_path is None:
@@ -39,7 +106,7 @@ def build_worker_context(settings: Settings) -> WorkerContext:
     if settings.qdrant_url:
         vectors = open_vector_index(kind="server", url=settings.qdrant_url, api_key=settings.qdrant_api_key)
     else:
-        lock = lock_data_dir(settings.data_dir)
+        lock = DataDirLock(settings.data_dir)
         vectors = open_vector_index(kind="embedded", data_dir=settings.vectors_dir)
     return WorkerContext(
         session_factory=make_session_factory(engine),
@@ -62,19 +129,3 @@ def build_worker_context(settings: Settings) -> WorkerContext:
         ),
         lock=lock,
     )
-
-
-def lock_data_dir(data_dir: Path) -> IO[bytes]:
-    """Hold an exclusive lock on an embedded data directory for this process's life (the Edge engine and
-    the in-process worker assume one owner); a second process is refused at once."""
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    handle = open(Path(data_dir) / ".omniattr.lock", "wb")  # noqa: SIM115 - held open until the process ends
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ConflictError(
-            f"the data directory {data_dir} is in use by another omniattr process (probably `omniattr up`); "
-            "use that server (the CLI's --url), or stop it first"
-        ) from None
-    return handle

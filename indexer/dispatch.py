@@ -1,4 +1,5 @@
-"""The in-process worker of the embedded profile: the same shard bodies as Celery, on one background thread."""
+"""The in-process worker of the embedded profile: the same shard bodies as Celery, on one background thread,
+and query encoding on threads of its own. It implements `indexer.context.Dispatcher`."""
 
 from __future__ import annotations
 
@@ -8,14 +9,10 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 
-from indexer.work import (
-    MAX_SHARD_ATTEMPTS,
-    TRANSIENT_ERRORS,
-    WorkerContext,
-    encode_queries,
-    fail_shard_attempt,
-    run_shard,
-)
+from indexer.context import WorkerContext
+from indexer.queries import encode_queries
+from indexer.work import MAX_SHARD_ATTEMPTS, TRANSIENT_ERRORS, fail_shard_attempt, run_shard
+from omniattr.domain import ShardKind
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +43,7 @@ class QueryBatcher:
             thread.start()
 
     def submit(self, image_bytes: bytes, attribute: str) -> Future:
+        """Queue one query; the future resolves to its pooled vector or raises its error."""
         future: Future = Future()
         self._queue.put((image_bytes, attribute, future))
         return future
@@ -89,13 +87,13 @@ class InProcessDispatcher:
     def __init__(self, context: WorkerContext, *, max_attempts: int = MAX_SHARD_ATTEMPTS):
         self.context = context
         self.max_attempts = max_attempts
-        self._queue: queue.Queue[tuple[str, int, int] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[ShardKind, int, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="omniattr-worker", daemon=True)
         self._thread.start()
         # Queries get their own thread so they never wait behind an indexing shard.
         self._queries = QueryBatcher(context)
 
-    def submit(self, kind: str, shard_ids: Sequence[int]) -> None:
+    def submit(self, kind: ShardKind, shard_ids: Sequence[int]) -> None:
         """Queue shards; call after the transaction that created them has committed."""
         for shard_id in shard_ids:
             self._queue.put((kind, shard_id, 1))

@@ -7,19 +7,16 @@ image and stores each attribute's transfer score (re-encoding of the output vs. 
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from indexer.models import resolve_device
-from indexer.work import PlannedJob, WorkerContext, errors_text
+from indexer.context import PlannedJob, WorkerContext
+from omniattr.domain import MAX_REFERENCES, ImageStatus, JobKind
 from store import metadata
 from store.errors import ConflictError, InvalidInputError
-
-MAX_REFERENCES = 8
 
 
 @dataclass(frozen=True)
@@ -29,28 +26,6 @@ class Reference:
     image_id: int
     attribute: str
     weight: float = 1.0
-
-
-class GeneratorProvider:
-    """Loads the generator plugin's pipeline on first use, once per process."""
-
-    def __init__(self, plugin: str, path: Path, *, device: str = "auto", steps: int = 28, size: int | None = None):
-        self.plugin = plugin
-        self.path = Path(path)
-        self.device = device
-        self.steps = steps
-        self.size = size
-        self._pipeline: Any = None
-        self._lock = threading.Lock()
-
-    def get(self) -> Any:
-        with self._lock:
-            if self._pipeline is None:
-                from generator_plugin import load_generator
-
-                self._pipeline = load_generator(self.plugin, self.path, device=resolve_device(self.device))
-                self._pipeline.set_progress_bar_config(disable=True)  # workers report progress on the job
-            return self._pipeline
 
 
 def plan_generation(
@@ -77,7 +52,7 @@ def plan_generation(
     refs = []
     for reference in references:
         image = metadata.get_image(session, image_id=reference.image_id)
-        if image.status != "ready":
+        if image.status != ImageStatus.READY:
             raise InvalidInputError(f"image {image.id} cannot be a reference: its status is {image.status}")
         if not reference.weight > 0:
             raise InvalidInputError(f"reference weights must be positive; got {reference.weight}")
@@ -89,12 +64,12 @@ def plan_generation(
             }
         )
     request = {"refs": refs, "prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
-    job = metadata.create_job(session, kind="generate", params={}, shards=[[0]])
+    job = metadata.create_job(session, kind=JobKind.GENERATE, params={}, shards=[[0]])
     generation = metadata.create_generation(session, request=request, job_id=job.id)
     job.shards[0].items = [generation.id]
     job.params = {"generation_id": generation.id}
     session.flush()
-    return PlannedJob(job.id, "generate", [job.shards[0].id]), generation.id
+    return PlannedJob(job.id, JobKind.GENERATE.shard_kind, [job.shards[0].id]), generation.id
 
 
 def output_path(context: WorkerContext, generation_id: int) -> Path:
@@ -148,7 +123,7 @@ def run_generate_shard(context: WorkerContext, shard_id: int) -> str:
     scores = _named_scores(request["refs"], output.transfer_scores[0])
     with context.session_factory.begin() as session:
         metadata.finish_generation(session, generation_id=generation_id, output_path=str(path), transfer_scores=scores)
-        metadata.finish_shard(session, shard_id=shard_id, done=1, failed=0, error=errors_text([]))
+        metadata.finish_shard(session, shard_id=shard_id, done=1, failed=0, error=None)
     return "done"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlalchemy.orm import Session
 
+from omniattr.domain import ImageStatus
 from store import metadata
 from store.errors import InvalidInputError
 
@@ -54,7 +55,7 @@ class IngestOutcome:
     source: str
     image_id: int
     created: bool  # False: the same content was already in the collection
-    status: str  # "ready" or "failed"
+    status: ImageStatus  # ready or failed
     error: str | None = None
 
 
@@ -210,7 +211,7 @@ def ingest_bytes(
             source=source,
             sha256=sha256,
             bytes=len(data),
-            status="failed",
+            status=ImageStatus.FAILED,
             error=str(rejected),
         )
         return IngestOutcome(source, image.id, created, image.status, image.error)
@@ -225,7 +226,7 @@ def ingest_bytes(
         width=decoded.width,
         height=decoded.height,
         format=decoded.format,
-        status="ready",
+        status=ImageStatus.READY,
     )
     return IngestOutcome(source, image.id, created, image.status, image.error)
 
@@ -251,7 +252,7 @@ def ingest_path(
             source=str(path),
             sha256=sha256,
             bytes=size,
-            status="failed",
+            status=ImageStatus.FAILED,
             error=f"file is {size:,} bytes, over the limit of {max_bytes:,}",
         )
         return IngestOutcome(str(path), image.id, created, image.status, image.error)

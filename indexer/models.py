@@ -1,4 +1,5 @@
-"""Encoder checkpoints as the indexer sees them: described without torch, loaded once per process."""
+"""Models as the indexer sees them: encoder checkpoints described without torch; the encoder and the generator
+loaded once per process, on first use."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from store.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from encoder import AttributeEncoder
+    from generator_plugin.pipeline import AttributePipeline
 
 ENCODER_CONFIG_NAME = "encoder_config.json"  # the encoder package's checkpoint format (DESIGN §3)
 
@@ -67,10 +72,10 @@ class EncoderProvider:
     def __init__(self, path: Path, *, device: str = "auto"):
         self.path = Path(path)
         self.device = device
-        self._encoder: Any = None
+        self._encoder: AttributeEncoder | None = None
         self._lock = threading.Lock()
 
-    def get(self) -> Any:
+    def get(self) -> AttributeEncoder:
         """The loaded `encoder.AttributeEncoder`, in eval mode on its device."""
         with self._lock:
             if self._encoder is None:
@@ -79,3 +84,26 @@ class EncoderProvider:
                 encoder = AttributeEncoder.from_pretrained(self.path)
                 self._encoder = encoder.to(resolve_device(self.device)).eval()
             return self._encoder
+
+
+class GeneratorProvider:
+    """Loads the generator plugin's pipeline on first use and keeps it for the life of the process."""
+
+    def __init__(self, plugin: str, path: Path, *, device: str = "auto", steps: int = 28, size: int | None = None):
+        self.plugin = plugin
+        self.path = Path(path)
+        self.device = device
+        self.steps = steps  # denoising steps when a request names none
+        self.size = size  # output height and width; None: the pipeline's default
+        self._pipeline: AttributePipeline | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> AttributePipeline:
+        """The loaded pipeline, on its device, with diffusers' progress bars off."""
+        with self._lock:
+            if self._pipeline is None:
+                from generator_plugin import load_generator
+
+                self._pipeline = load_generator(self.plugin, self.path, device=resolve_device(self.device))
+                self._pipeline.set_progress_bar_config(disable=True)  # workers report progress on the job
+            return self._pipeline

@@ -15,6 +15,7 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.ingest import MediaStore
+from omniattr.domain import ImageStatus
 from store import metadata
 from store.vectors import VectorIndex, VectorPoint
 
@@ -59,7 +60,7 @@ def read_images(
     """Load the ready images among `image_ids`; deleted rows are skipped, unreadable files reported."""
     with session_factory() as session:
         rows = metadata.get_images(session, image_ids=image_ids)
-        wanted = [rows[i] for i in image_ids if i in rows and rows[i].status == "ready"]
+        wanted = [rows[i] for i in image_ids if i in rows and rows[i].status == ImageStatus.READY]
         described = [
             (row.id, row.collection_id, row.sha256, row.format, {**row.metadata_, "format": row.format})
             for row in wanted

@@ -1,5 +1,9 @@
 """Jobs and their shard bodies, shared by the Celery tasks and the embedded in-process worker.
 
+Ingest and index live here; generation's planner and shard body live in `indexer.generate`, and `run_shard`
+dispatches to all three. The types they share (`WorkerContext`, `Dispatcher`, `PlannedJob`) are in
+`indexer.context`, so `generate` never imports this module.
+
 Planning functions run inside the caller's transaction and return shard ids to dispatch *after* commit.
 Shard bodies take ids, re-read what they need, skip rows deleted meanwhile, and write idempotently, so a
 shard redelivered after a crash simply runs again.
@@ -9,19 +13,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from indexer.ingest import ImageRejected, MediaStore, PathNotAllowed, decode_image, ingest_path, scan_directory
-from indexer.models import EncoderInfo, EncoderProvider
+from indexer.context import Dispatcher, PlannedJob, WorkerContext
+from indexer.generate import run_generate_shard
+from indexer.ingest import PathNotAllowed, ingest_path, scan_directory
+from indexer.models import EncoderInfo
 from indexer.runner import index_images
+from omniattr.domain import ImageStatus, IndexStatus, JobKind, JobStatus, ShardKind
 from store import metadata
 from store.errors import InvalidInputError, NotFoundError
-from store.vectors import VectorIndex, point_id
+from store.vectors import point_id
 
 log = logging.getLogger(__name__)
 
@@ -31,36 +37,6 @@ MAX_SHARD_ATTEMPTS = 3
 MAX_ERRORS_KEPT = 20
 # Worth another attempt: the database or broker blinked. Anything else is a bug or bad data.
 TRANSIENT_ERRORS = (OperationalError, ConnectionError, TimeoutError)
-
-
-class Dispatcher(Protocol):
-    """Where shard work goes: Celery queues (server) or the in-process worker (embedded)."""
-
-    def submit(self, kind: str, shard_ids: Sequence[int]) -> None: ...
-
-
-@dataclass
-class WorkerContext:
-    """Everything a shard body needs; built once per process by an entry point from settings."""
-
-    session_factory: sessionmaker[Session]
-    vectors: VectorIndex
-    media: MediaStore
-    encoder: EncoderProvider
-    encoder_info: EncoderInfo
-    allowed_roots: list[Path] = field(default_factory=list)
-    index_batch_size: int = 32
-    generator: Any = None  # GeneratorProvider, or None when no generator is configured
-    lock: Any = None  # the embedded data directory's lock file, held while this context lives
-
-
-@dataclass(frozen=True)
-class PlannedJob:
-    """A job created in the caller's transaction, and the shards to dispatch once it commits."""
-
-    job_id: int
-    kind: str
-    shard_ids: list[int]
 
 
 # --- planning (inside the caller's transaction) ------------------------------------------------------
@@ -97,12 +73,12 @@ def plan_ingest_directory(
     paths = [str(path) for path, _ in found]
     job = metadata.create_job(
         session,
-        kind="ingest",
+        kind=JobKind.INGEST,
         collection_id=collection_id,
         params={"directory": str(directory)},
         shards=_split(paths, shard_size),
     )
-    return PlannedJob(job.id, job.kind, [shard.id for shard in job.shards])
+    return PlannedJob(job.id, JobKind.INGEST.shard_kind, [shard.id for shard in job.shards])
 
 
 def plan_index_attributes(
@@ -126,7 +102,7 @@ def plan_index_attributes(
             session, collection_id=collection_id, encoder_model_id=encoder_model_id
         )
     }
-    new = [a for a in attributes if existing.get(a.id) not in ("ready", "indexing")]
+    new = [a for a in attributes if existing.get(a.id) not in (IndexStatus.READY, IndexStatus.INDEXING)]
     if not new:
         return None
     for attribute in new:
@@ -135,11 +111,11 @@ def plan_index_attributes(
             collection_id=collection_id,
             attribute_id=attribute.id,
             encoder_model_id=encoder_model_id,
-            status="indexing",
+            status=IndexStatus.INDEXING,
         )
     image_ids = metadata.list_image_ids(session, collection_id=collection_id)
     return _create_index_job(
-        session, collection_id, encoder_model_id, [a.id for a in new], image_ids, shard_size, kind="index"
+        session, collection_id, encoder_model_id, [a.id for a in new], image_ids, shard_size, kind=JobKind.INDEX
     )
 
 
@@ -157,16 +133,31 @@ def plan_index_new_images(
         for row in metadata.list_collection_attributes(
             session, collection_id=collection_id, encoder_model_id=encoder_model_id
         )
-        if row.status in ("ready", "indexing")
+        if row.status in (IndexStatus.READY, IndexStatus.INDEXING)
     ]
     if not attribute_ids or not image_ids:
         return None
     return _create_index_job(
-        session, collection_id, encoder_model_id, attribute_ids, list(image_ids), shard_size, kind="index_new_images"
+        session,
+        collection_id,
+        encoder_model_id,
+        attribute_ids,
+        list(image_ids),
+        shard_size,
+        kind=JobKind.INDEX_NEW_IMAGES,
     )
 
 
-def _create_index_job(session, collection_id, encoder_model_id, attribute_ids, image_ids, shard_size, *, kind):
+def _create_index_job(
+    session: Session,
+    collection_id: int,
+    encoder_model_id: int,
+    attribute_ids: list[int],
+    image_ids: list[int],
+    shard_size: int,
+    *,
+    kind: JobKind,
+) -> PlannedJob:
     job = metadata.create_job(
         session,
         kind=kind,
@@ -176,12 +167,12 @@ def _create_index_job(session, collection_id, encoder_model_id, attribute_ids, i
         shards=_split(image_ids, shard_size),
         units_per_item=len(attribute_ids),
     )
-    if job.status == "done":  # an empty collection: the attributes are trivially ready
-        _mark_attributes(session, job, "ready")
-    return PlannedJob(job.id, "index", [shard.id for shard in job.shards])
+    if job.status == JobStatus.DONE:  # an empty collection: the attributes are trivially ready
+        _mark_attributes(session, job, IndexStatus.READY)
+    return PlannedJob(job.id, kind.shard_kind, [shard.id for shard in job.shards])
 
 
-def _mark_attributes(session: Session, job: metadata.Job, status: str) -> None:
+def _mark_attributes(session: Session, job: metadata.Job, status: IndexStatus) -> None:
     for attribute_id in job.params.get("attribute_ids", []):
         metadata.set_collection_attribute(
             session,
@@ -192,14 +183,10 @@ def _mark_attributes(session: Session, job: metadata.Job, status: str) -> None:
         )
 
 
-# Which shard body runs a job kind's shards.
-SHARD_KIND_BY_JOB_KIND = {"ingest": "ingest", "index": "index", "index_new_images": "index", "generate": "generate"}
-
-
 def resume_job(session: Session, *, job_id: int) -> PlannedJob:
     """The unfinished shards of a job, to dispatch again (after a crash or a lost broker)."""
     job = metadata.get_job(session, job_id=job_id)
-    kind = SHARD_KIND_BY_JOB_KIND[job.kind]
+    kind = JobKind(job.kind).shard_kind
     return PlannedJob(job.id, kind, [shard.id for shard in metadata.unfinished_shards(session, job_id=job_id)])
 
 
@@ -207,6 +194,7 @@ def resume_job(session: Session, *, job_id: int) -> PlannedJob:
 
 
 def errors_text(errors: Sequence[str]) -> str | None:
+    """A shard's errors as one text, the first `MAX_ERRORS_KEPT` of them; None when there were none."""
     if not errors:
         return None
     kept = list(errors[:MAX_ERRORS_KEPT])
@@ -239,7 +227,7 @@ def run_ingest_shard(context: WorkerContext, shard_id: int, dispatcher: Dispatch
                 continue
             except NotFoundError:  # the collection was deleted meanwhile: nothing more to do
                 return "collection deleted"
-        if outcome.status == "ready":
+        if outcome.status == ImageStatus.READY:
             done += 1
             ready_ids.append(outcome.image_id)
         else:
@@ -329,9 +317,10 @@ def run_index_shard(context: WorkerContext, shard_id: int) -> str:
             failed=result.failed,
             error=errors_text(result.errors),
         )
-        if finished.status in ("done", "failed"):
-            _mark_attributes(session, finished, "ready" if finished.status == "done" else "failed")
-    if finished.status == "done":
+        if finished.status in (JobStatus.DONE, JobStatus.FAILED):
+            ready = finished.status == JobStatus.DONE
+            _mark_attributes(session, finished, IndexStatus.READY if ready else IndexStatus.FAILED)
+    if finished.status == JobStatus.DONE:
         # After the commit: building HNSW takes tens of seconds, and on SQLite an open write transaction
         # would block every other writer meanwhile. Searches stay exact on unindexed points until it is built.
         context.vectors.optimize(encoder_version=encoder_version)
@@ -358,45 +347,12 @@ def fail_shard_attempt(context: WorkerContext, shard_id: int, error: BaseExcepti
         )
 
 
-def encode_query(context: WorkerContext, *, image_bytes: bytes, attribute: str) -> list[float]:
-    """Encode an uploaded query image under one attribute; returns the pooled vector."""
-    return encode_queries(context, [(image_bytes, attribute)])[0]
-
-
-def encode_queries(context: WorkerContext, queries: Sequence[tuple[bytes, str]]) -> list[list[float] | Exception]:
-    """Encode several (image bytes, attribute) queries in one forward; a bad query fails alone."""
-    import torch
-
-    results: list[list[float] | Exception] = [InvalidInputError("not encoded")] * len(queries)
-    images, texts, positions = [], [], []
-    for position, (image_bytes, attribute) in enumerate(queries):
-        try:
-            decoded = decode_image(image_bytes)
-            texts.append(metadata.normalize_attribute(attribute))
-        except ImageRejected as rejected:
-            results[position] = InvalidInputError(f"the query image cannot be used: {rejected}")
-            continue
-        except InvalidInputError as error:
-            results[position] = error
-            continue
-        images.append(decoded.image)
-        positions.append(position)
-    if images:
-        with torch.inference_mode():
-            pooled = context.encoder.get().encode(images, texts).pooled.float().cpu().numpy()  # (B, d)
-        for row, position in enumerate(positions):
-            results[position] = pooled[row].tolist()
-    return results
-
-
-def run_shard(context: WorkerContext, kind: str, shard_id: int, dispatcher: Dispatcher | None = None) -> str:
-    """Dispatch a shard id to its body by job kind."""
-    from indexer.generate import run_generate_shard
-
-    bodies: dict[str, Callable[[], str]] = {
-        "ingest": lambda: run_ingest_shard(context, shard_id, dispatcher),
-        "index": lambda: run_index_shard(context, shard_id),
-        "generate": lambda: run_generate_shard(context, shard_id),
+def run_shard(context: WorkerContext, kind: ShardKind, shard_id: int, dispatcher: Dispatcher | None = None) -> str:
+    """Run a shard id's body, chosen by shard kind."""
+    bodies: dict[ShardKind, Callable[[], str]] = {
+        ShardKind.INGEST: lambda: run_ingest_shard(context, shard_id, dispatcher),
+        ShardKind.INDEX: lambda: run_index_shard(context, shard_id),
+        ShardKind.GENERATE: lambda: run_generate_shard(context, shard_id),
     }
     if kind not in bodies:
         raise InvalidInputError(f"unknown shard kind {kind!r}; expected one of {sorted(bodies)}")

@@ -1,1 +1,1 @@
-"""HTTP routes, one module per resource; routes are thin and call `api.services` and `store.metadata`."""
+"""HTTP routes, one module per resource; routes are thin: they call `api.usecases` and convert with `views`."""

@@ -6,15 +6,20 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
+from sqlalchemy import Row
 
-from api import schemas, services
+from api import schemas
 from api.deps import ServicesDep
 from api.routes.views import image_public
+from api.usecases import search as search_cases
+from api.usecases.search import TermRequest
+from omniattr.domain import MAX_ATTRIBUTE_CHARS
+from store.search import RankedImage
 
 router = APIRouter(prefix="/api/search", tags=["search"])
 
 
-def _results(ranked, started: float) -> Response:
+def _results(ranked: list[tuple[RankedImage, Row]], started: float) -> Response:
     """The SearchResults JSON, serialised once (the hot path skips FastAPI's re-validation of the model)."""
     results = schemas.SearchResults(
         results=[
@@ -32,16 +37,16 @@ def _results(ranked, started: float) -> Response:
 
 
 @router.post("", response_model=schemas.SearchResults)
-async def search(body: schemas.SearchRequest, services_: ServicesDep) -> Response:
+async def search(body: schemas.SearchRequest, services: ServicesDep) -> Response:
     """Rank a collection by one or several weighted (image, attribute) terms, minus negative terms."""
     # Deliberately run on the event loop: a search by stored ids is a few milliseconds of CPU and local
     # I/O, and in one process that is cheaper in series than through the thread pool (GIL contention).
     started = time.perf_counter()
-    ranked = services.search(
-        services_,
+    ranked = search_cases.search(
+        services,
         collection_id=body.collection_id,
-        terms=[services.TermRequest(t.attribute, t.weight, image_id=t.image_id) for t in body.terms],
-        negatives=[services.TermRequest(t.attribute, t.weight, image_id=t.image_id) for t in body.negatives],
+        terms=[TermRequest(t.attribute, t.weight, image_id=t.image_id) for t in body.terms],
+        negatives=[TermRequest(t.attribute, t.weight, image_id=t.image_id) for t in body.negatives],
         limit=body.limit,
         filters=body.filters,
         include_query_images=body.include_query_images,
@@ -51,14 +56,14 @@ async def search(body: schemas.SearchRequest, services_: ServicesDep) -> Respons
 
 @router.post("/upload", response_model=schemas.SearchResults)
 def search_by_upload(
-    services_: ServicesDep,
+    services: ServicesDep,
     image: Annotated[UploadFile, File(description="The query image.")],
     collection_id: Annotated[int, Form(ge=1, le=schemas.MAX_ID)],
-    attribute: Annotated[str, Form(min_length=1, max_length=200)],
+    attribute: Annotated[str, Form(min_length=1, max_length=MAX_ATTRIBUTE_CHARS)],
     limit: Annotated[int, Form(ge=1, le=200)] = 20,
 ) -> Response:
     """Rank a collection by an uploaded image's embedding under one attribute."""
     started = time.perf_counter()
-    term = services.TermRequest(attribute, image_bytes=image.file.read())
-    ranked = services.search(services_, collection_id=collection_id, terms=[term], limit=limit)
+    term = TermRequest(attribute, image_bytes=image.file.read())
+    ranked = search_cases.search(services, collection_id=collection_id, terms=[term], limit=limit)
     return _results(ranked, started)

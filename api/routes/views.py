@@ -1,13 +1,13 @@
-"""Table rows -> public schemas (the one place that knows both)."""
+"""What the use cases return -> public schemas (the one place that knows both); no queries here."""
 
 from __future__ import annotations
 
 from sqlalchemy import Row
-from sqlalchemy.orm import Session
 
 from api import schemas
-from store import metadata
-from store.tables import Collection, Image, Job
+from api.usecases.collections import CollectionDetail
+from api.usecases.jobs import JobDetail
+from store.tables import Generation, Image
 
 
 def image_public(image: Image | Row) -> schemas.ImagePublic:
@@ -28,21 +28,23 @@ def image_public(image: Image | Row) -> schemas.ImagePublic:
     )
 
 
-def collection_public(session: Session, collection: Collection) -> schemas.CollectionPublic:
-    states = metadata.list_collection_attributes(session, collection_id=collection.id)
+def collection_public(detail: CollectionDetail) -> schemas.CollectionPublic:
+    """A collection's public form, with its image counts and attribute states."""
+    collection = detail.collection
     return schemas.CollectionPublic(
         id=collection.id,
         name=collection.name,
         description=collection.description,
         created_at=collection.created_at,
-        image_count=metadata.count_images(session, collection_id=collection.id, status="ready"),
-        failed_count=metadata.count_images(session, collection_id=collection.id, status="failed"),
-        attributes=[schemas.AttributeState(attribute=s.attribute.text, status=s.status) for s in states],
+        image_count=detail.image_count,
+        failed_count=detail.failed_count,
+        attributes=[schemas.AttributeState(attribute=a.attribute, status=a.status) for a in detail.attributes],
     )
 
 
-def job_public(session: Session, job: Job) -> schemas.JobPublic:
-    progress = metadata.job_progress(session, job_id=job.id)
+def job_public(detail: JobDetail) -> schemas.JobPublic:
+    """A job's public form, with its progress."""
+    job, progress = detail.job, detail.progress
     return schemas.JobPublic(
         id=job.id,
         kind=job.kind,
@@ -58,4 +60,18 @@ def job_public(session: Session, job: Job) -> schemas.JobPublic:
         error=job.error,
         created_at=job.created_at,
         finished_at=job.finished_at,
+    )
+
+
+def generation_public(generation: Generation) -> schemas.GenerationPublic:
+    """A generation's public form; `output_url` once its image exists."""
+    return schemas.GenerationPublic(
+        id=generation.id,
+        job_id=generation.job_id,
+        status=generation.status,
+        request=generation.request,
+        output_url=f"/api/generations/{generation.id}/image" if generation.output_path else None,
+        transfer_scores=generation.transfer_scores or {},
+        error=generation.error,
+        created_at=generation.created_at,
     )

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from api.app import create_app
-from api.services import build_services
+from api.usecases.context import build_services
 from store.database import upgrade_database
 from tests.api.conftest import make_settings, png
 

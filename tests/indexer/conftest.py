@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexer.context import WorkerContext
 from indexer.ingest import MediaStore
 from indexer.models import EncoderProvider, describe_encoder
-from indexer.work import WorkerContext
 from store.database import make_session_factory
 from store.tables import Base
 from store.vectors import QdrantEdgeIndex

@@ -7,8 +7,8 @@ import pytest
 
 from indexer.dispatch import InProcessDispatcher
 from indexer.models import describe_encoder
+from indexer.queries import encode_query
 from indexer.work import (
-    encode_query,
     plan_index_attributes,
     plan_ingest_directory,
     register_encoder,

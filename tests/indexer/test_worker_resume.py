@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from indexer.celery_app import CeleryDispatcher, create_celery_app
 from indexer.ingest import MediaStore, ingest_path
 from indexer.models import describe_encoder
+from indexer.tasks import CeleryDispatcher, create_celery_app
 from indexer.work import plan_index_attributes, register_encoder
 from omniattr.settings import Settings
 from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres

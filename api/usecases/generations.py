@@ -1,0 +1,51 @@
+"""Generations: personalize (one reference) or compose (several) from stored images, as jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from api.usecases.context import Services, dispatch
+from indexer.generate import Reference, plan_generation
+from store import metadata
+from store.errors import NotFoundError
+from store.tables import Generation
+
+
+def create_generation(
+    services: Services,
+    *,
+    references: Sequence[Reference],
+    prompt: str,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float = 1.0,
+) -> Generation:
+    """Record a personalize (one reference) or compose request and start its job; returns its row."""
+    with services.session_factory.begin() as session:
+        plan, generation_id = plan_generation(
+            session,
+            references=list(references),
+            prompt=prompt,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            generator_available=services.generator_plugin is not None,
+        )
+        generation = metadata.get_generation(session, generation_id=generation_id)
+    dispatch(services, plan)
+    return generation
+
+
+def get_generation(services: Services, *, generation_id: int) -> Generation:
+    """A generation's row: its status, and when done its output and transfer scores."""
+    with services.read_session_factory() as session:
+        return metadata.get_generation(session, generation_id=generation_id)
+
+
+def image_path(services: Services, *, generation_id: int) -> Path:
+    """Where a finished generation's PNG is stored; NotFoundError while it has none."""
+    generation = get_generation(services, generation_id=generation_id)
+    if not generation.output_path:
+        raise NotFoundError(f"generation {generation_id} has no image yet (status {generation.status})")
+    return Path(generation.output_path)
