@@ -13,6 +13,7 @@ light (no torch). Benchmarks are scripts of a source checkout, not a package, an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,6 +26,7 @@ import httpx
 from pydantic import ValidationError
 
 from omniattr import __version__
+from omniattr.domain import GenerationStatus, ImageStatus, JobKind, JobStatus
 from omniattr.settings import Settings
 from store.database import make_engine, make_session_factory, upgrade_database
 from store.errors import StoreError
@@ -100,7 +102,7 @@ def _follow(client: httpx.Client, job: dict[str, Any], *, quiet: bool) -> dict[s
             bar.n = job["done"] + job["failed"]
             bar.set_postfix(failed=job["failed"])
             bar.refresh()
-            if job["status"] in ("done", "failed", "cancelled"):
+            if job["status"] in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED):
                 return job
             time.sleep(0.2)
 
@@ -160,7 +162,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         follow_ups = [
             j
             for j in _call(client, "GET", "/api/jobs", params={"collection_id": collection_id})["data"]
-            if j["kind"] == "index_new_images" and j["status"] in ("pending", "running")
+            if j["kind"] == JobKind.INDEX_NEW_IMAGES and j["status"] in (JobStatus.PENDING, JobStatus.RUNNING)
         ]
         for follow_up in follow_ups:  # new images are indexed under the collection's attributes
             _follow(client, follow_up, quiet=args.json)
@@ -170,7 +172,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         f"collection {collection_id}: {job['done']} images ingested, {job['failed']} failed"
         + (f"\n{job['error']}" if job["error"] else ""),
     )
-    return 0 if job["status"] == "done" else 1
+    return 0 if job["status"] == JobStatus.DONE else 1
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -187,7 +189,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         {"job": job, "detail": response["detail"]},
         response["detail"] if job is None else f"job {job['id']}: {job['done']} encodings, {job['failed']} failed",
     )
-    return 0 if job is None or job["status"] == "done" else 1
+    return 0 if job is None or job["status"] == JobStatus.DONE else 1
 
 
 def _term(text: str) -> dict[str, Any]:
@@ -252,7 +254,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         generation = _call(client, "POST", "/api/generations", json=body)
         _follow(client, _call(client, "GET", f"/api/jobs/{generation['job_id']}"), quiet=args.json)
         generation = _call(client, "GET", f"/api/generations/{generation['id']}")
-        if generation["status"] != "done":
+        if generation["status"] != GenerationStatus.DONE:
             raise CommandError(f"generation {generation['id']} failed: {generation['error']}")
         image = client.get(generation["output_url"])
         Path(args.out).write_bytes(image.content)
@@ -275,7 +277,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 client,
                 "GET",
                 f"/api/collections/{collection_id}/images",
-                params={"status": "ready", "after_id": after, "limit": 500},
+                params={"status": ImageStatus.READY, "after_id": after, "limit": 500},
             )
             for image in page["data"]:
                 suffix = Path(image["source"]).suffix.lower() or f".{(image['format'] or 'img').lower()}"
@@ -377,41 +379,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """Create, list or revoke API keys (stored hashed; a new key is shown once)."""
-    from store import metadata
+    from api.usecases import keys as key_cases
 
     settings = _load_settings()
     upgrade_database(settings.resolved_database_url)
     engine = make_engine(settings.resolved_database_url)
+    session_factory = make_session_factory(engine)
     try:
-        with make_session_factory(engine).begin() as session:
-            if args.action == "create":
-                if not args.name:
-                    raise CommandError("`omniattr keys create NAME`: name the key, e.g. after its user")
-                key, plaintext = metadata.create_api_key(session, name=args.name)
-                _print(
-                    args,
-                    {"id": key.id, "name": key.name, "key": plaintext},
-                    f"{plaintext}\n(key {key.id} '{key.name}': store it now, it is not shown again)",
+        if args.action == "create":
+            if not args.name:
+                raise CommandError("`omniattr keys create NAME`: name the key, e.g. after its user")
+            key, plaintext = key_cases.create_api_key(session_factory, name=args.name)
+            _print(
+                args,
+                {"id": key.id, "name": key.name, "key": plaintext},
+                f"{plaintext}\n(key {key.id} '{key.name}': store it now, it is not shown again)",
+            )
+        elif args.action == "list":
+            keys = [dataclasses.asdict(key) for key in key_cases.list_api_keys(session_factory)]
+            _print(
+                args,
+                keys,
+                "\n".join(
+                    f"{k['id']:>4}  {k['prefix']}...  {k['name']}" + ("  (revoked)" if k["revoked"] else "")
+                    for k in keys
                 )
-            elif args.action == "list":
-                keys = [
-                    {"id": k.id, "name": k.name, "prefix": k.prefix, "revoked": k.revoked_at is not None}
-                    for k in metadata.list_api_keys(session)
-                ]
-                _print(
-                    args,
-                    keys,
-                    "\n".join(
-                        f"{k['id']:>4}  {k['prefix']}...  {k['name']}" + ("  (revoked)" if k["revoked"] else "")
-                        for k in keys
-                    )
-                    or "no keys",
-                )
-            else:
-                if not args.name or not args.name.isdigit():
-                    raise CommandError("`omniattr keys revoke ID`: give the key's id from `omniattr keys list`")
-                metadata.revoke_api_key(session, key_id=int(args.name))
-                print(f"key {args.name} revoked")
+                or "no keys",
+            )
+        else:
+            if not args.name or not args.name.isdigit():
+                raise CommandError("`omniattr keys revoke ID`: give the key's id from `omniattr keys list`")
+            key_cases.revoke_api_key(session_factory, key_id=int(args.name))
+            print(f"key {args.name} revoked")
     finally:
         engine.dispose()
     return 0
