@@ -9,7 +9,8 @@ timed; seconds per image cover sampling and VAE decode.
     python bench/generation.py --device cuda         # FLUX.1-sized random transformer, bf16, 1024 x 1024
     python bench/generation.py --model flux --small  # the FLUX code path, shrunken config (runs on a CPU)
 
-Goal (DESIGN §5, issue): on one H100 at batch 1, N = 3 composition <= 1.5 x one personalization.
+Goal (the issue; the batched condition rows are in docs/architecture.md, Generator plugin): on one H100 at
+batch 1, N = 3 composition <= 1.5 x one personalization.
 """
 
 from __future__ import annotations

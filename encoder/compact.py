@@ -20,6 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from .backbone import EncoderBackbone
 from .config import LORA_DIR, EncoderConfig
 from .connector import Connector
 from .efficientnet_lite import HEAD_CHANNELS, LEVELS, PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
@@ -73,8 +74,9 @@ def sincos_cell_positions(num_cells: int, dim: int) -> torch.Tensor:
     """(num_cells, dim) 2D sine-cosine codes of a square grid, row-major: half the dims code the row, half
     the column, each at dim/4 frequencies; entries in [-1, 1], a norm of sqrt(dim / 2) per cell.
 
-    At that norm a cell's position is as loud as its content (the projected head features have a norm of
-    about 11-16 per cell), where the random init (std 0.02, norm ~0.4) leaves position nearly invisible.
+    At that norm a cell's position is as loud as its content (the projected head features' norm per cell:
+    bench/RESULTS.md, "Earlier trunk levels on a trained model"), where the random init (std 0.02) leaves
+    position nearly invisible.
     """
     side = round(num_cells**0.5)
     if side * side != num_cells or dim % 4:
@@ -134,7 +136,7 @@ class TextStateCache:
         return states, mask
 
 
-class CompactBackbone(nn.Module):
+class CompactBackbone(nn.Module, EncoderBackbone):
     """Trunk (frozen) -> projector -> image tokens; MiniLM + LoRA -> text tokens; connector reads both."""
 
     def __init__(self, config: EncoderConfig, *, lora_path: str | Path | None = None) -> None:
@@ -142,9 +144,10 @@ class CompactBackbone(nn.Module):
         if config.image_size % TRUNK_STRIDE:
             raise ValueError(f"compact image_size must be a multiple of {TRUNK_STRIDE}, got {config.image_size}")
         self.config = config
-        # Frozen, so its batch norms fold into the convolutions (~15 % faster on CPU, same features).
+        # Frozen, so its batch norms fold into the convolutions: same features, faster on CPU
+        # (bench/RESULTS.md, "Encoder CPU figures moved out of code comments").
         self.trunk = load_efficientnet_lite0(config.trunk_weights).fold_batch_norm().requires_grad_(False)
-        self.trunk.to(memory_format=torch.channels_last)  # ~25% faster depthwise convolutions on CPU
+        self.trunk.to(memory_format=torch.channels_last)  # faster depthwise convolutions on CPU (same section)
         text_path = config.text_model or packaged_text_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(text_path, local_files_only=True)
         text_model = AutoModel.from_pretrained(text_path, local_files_only=True)
@@ -217,8 +220,8 @@ class CompactBackbone(nn.Module):
         pixels = to_pixels(images, self.config.image_size, PIXEL_MEAN, PIXEL_STD, device=param.device)
         with torch.no_grad():
             pixels = pixels.to(param.dtype).contiguous(memory_format=torch.channels_last)
-            # On a CPU the trunk is fastest per image in chunks of a few images (12.5 ms/img at 4-8 images,
-            # 16 at 16, 19 at 32 on 2 cores: the early 112x112 activations of a big batch leave the cache).
+            # On a CPU the trunk is fastest per image in chunks of a few images: the early 112x112 activations
+            # of a big batch leave the cache (bench/RESULTS.md, "Upload search after the CPU encoding work").
             chunk = CPU_TRUNK_CHUNK if pixels.device.type == "cpu" else len(pixels)
             extra_levels = self.extra_levels
             heads, extras = [], []
@@ -238,7 +241,8 @@ class CompactBackbone(nn.Module):
         """A attribute phrases -> MiniLM last states (A, T, d_text) and mask (A, T).
 
         In inference (eval mode, no gradients) each phrase's states are cached: a search service sees the
-        same few attributes over and over, and MiniLM costs about a third of a one-image query on CPU.
+        same few attributes over and over, and MiniLM is a large part of a one-image query on CPU
+        (bench/RESULTS.md, "Upload search after the CPU encoding work").
         """
         if self.training or torch.is_grad_enabled():
             return self._run_text(phrases)
@@ -279,12 +283,29 @@ class CompactBackbone(nn.Module):
 
     def encode(self, images: Sequence[ImageInput], phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image i under phrase i -> tokens (B, l, d_ctx), pooled (B, d_ctx)."""
-        image_tokens = self.image_tokens(images)  # (B, cells, d_text)
         distinct = list(dict.fromkeys(phrases))
-        text_states, text_mask = self.text_tokens(distinct)  # (A, T, d_text)
+        return self.encode_pairs(images, distinct, range(len(phrases)), [distinct.index(p) for p in phrases])
+
+    def encode_pairs(
+        self,
+        images: Sequence[ImageInput],
+        phrases: Sequence[str],
+        image_index: Sequence[int],
+        phrase_index: Sequence[int],
+        image_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """P (image, phrase) pairs by index -> tokens (P, l, d_ctx), pooled (P, d_ctx).
+
+        The trunk runs once per image and MiniLM once per phrase; the connector reads each pair.
+
+        `image_tokens` (B, cells, d_text), when given, are `self.image_tokens(images)` computed earlier.
+        """
+        if image_tokens is None:
+            image_tokens = self.image_tokens(images)  # (B, cells, d_text)
+        text_states, text_mask = self.text_tokens(phrases)  # (A, T, d_text)
         device = image_tokens.device
-        image_index = torch.arange(len(phrases), device=device)
-        text_index = torch.tensor([distinct.index(p) for p in phrases], device=device)
+        image_index = torch.tensor(list(image_index), device=device)  # (P,)
+        text_index = torch.tensor(list(phrase_index), device=device)  # (P,)
         return self.read_pairs(image_tokens, text_states, text_mask, image_index, text_index)
 
     def encode_grid(
@@ -317,4 +338,5 @@ class CompactBackbone(nn.Module):
         return self.text
 
     def save_lora(self, directory: Path) -> None:
+        """Write the LoRA adapter to `directory`/lora in peft's format."""
         self.text.save_pretrained(str(directory / LORA_DIR))

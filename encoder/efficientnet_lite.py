@@ -91,8 +91,9 @@ class MBConv(nn.Module):
             h = F.relu6(self._bn0(self._expand_conv(h)), inplace=True)  # (N, C*e, H, W)
         h = F.relu6(self._bn1(self._depthwise_conv(h)), inplace=True)  # (N, C*e, H/s, W/s)
         h = self._bn2(self._project_conv(h))  # (N, C_out, H/s, W/s), linear bottleneck: no activation
-        # In place on tensors this block just made (one memory pass and no allocation less each; ~13 % of
-        # the trunk on CPU); autograd-safe: neither op's backward needs the values it overwrites.
+        # In place on tensors this block just made (one memory pass and no allocation less each; its share of
+        # the trunk's CPU time: bench/RESULTS.md, "Upload search after the CPU encoding work"); autograd-safe:
+        # neither op's backward needs the values it overwrites.
         return h.add_(x) if self.has_skip else h
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 from transformers.utils import cached_file
 
+from .backbone import EncoderBackbone
 from .config import LORA_DIR, EncoderConfig
 from .connector import Connector
 from .images import ImageInput, to_pixels
@@ -46,7 +47,7 @@ def lora_target_pattern(targets: Sequence[str]) -> str:
     return rf".*language_model.*\.({'|'.join(targets)})"
 
 
-class MllmBackbone(nn.Module):
+class MllmBackbone(nn.Module, EncoderBackbone):
     """Qwen-VL (frozen) + LoRA on the language model's attention projections, then the connector."""
 
     def __init__(
@@ -208,8 +209,13 @@ class MllmBackbone(nn.Module):
         )
         return self.connector(outputs.last_hidden_state, mask)  # (B, l, d_ctx), (B, d_ctx)
 
-    def encode_grid(self, images: Sequence[ImageInput], phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every image under every phrase, prefix computed once per image -> (B, K, l, d_ctx), (B, K, d)."""
+    def encode_grid(
+        self, images: Sequence[ImageInput], phrases: Sequence[str], image_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image under every phrase, prefix computed once per image -> (B, K, l, d_ctx), (B, K, d).
+
+        `image_tokens` is None here: the prefix (vision tower + KV cache) is shared within this one call.
+        """
         prefix = self.prefix_inputs(images)
         batch, prefix_len = prefix["input_ids"].shape
         num_phrases = len(phrases)
@@ -249,4 +255,5 @@ class MllmBackbone(nn.Module):
         return self.backbone
 
     def save_lora(self, directory: Path) -> None:
+        """Write the LoRA adapter to `directory`/lora in peft's format."""
         self.backbone.save_pretrained(str(directory / LORA_DIR))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .attributes import Attribute, attribute_phrases
+from .backbone import EncoderBackbone
 from .config import CONFIG_NAME, LORA_DIR, WEIGHTS_NAME, EncoderConfig
 from .images import ImageInput
 from .runtime import reuse_freed_memory
@@ -40,25 +41,28 @@ class AttributeEmbeddings:
 
 
 class AttributeEncoder(nn.Module):
-    """E(image, attribute) -> attribute tokens and a pooled search vector (DESIGN §3)."""
+    """E(image, attribute) -> attribute tokens and a pooled search vector (docs/architecture.md, Encoder)."""
 
     def __init__(
         self,
         config: EncoderConfig,
         *,
-        backbone: nn.Module | None = None,
+        backbone: EncoderBackbone | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         """Build from `config` (loading base weights); pass `backbone` to wrap an already-built one.
 
         Also raises glibc's malloc thresholds for this process (`encoder.runtime.reuse_freed_memory`):
-        without it a CPU forward spends ~40 % of its time faulting in pages for freed activations.
+        without it a CPU forward spends much of its time faulting in pages for freed activations
+        (bench/RESULTS.md, "Upload search after the CPU encoding work").
         """
         super().__init__()
         reuse_freed_memory()
         self.config = config
-        self.backbone = backbone if backbone is not None else _build_backbone(config, device=device, dtype=dtype)
+        self.backbone: EncoderBackbone = (
+            backbone if backbone is not None else _build_backbone(config, device=device, dtype=dtype)
+        )
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
@@ -185,7 +189,7 @@ def _build_backbone(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     lora_path: Path | None = None,
-) -> nn.Module:
+) -> EncoderBackbone:
     if config.backend == "compact":
         from .compact import CompactBackbone
 

@@ -3,11 +3,11 @@
 glibc's malloc hands big blocks (above its mmap threshold: 128 KiB at start, raised on the fly to at most
 32 MiB) straight back to the kernel when they are freed, trims the top of its heap, and gives each thread
 its own arena, whose heaps are unmapped as soon as they empty. A CPU forward allocates and frees
-activations of several MB per layer, so every call faulted fresh zeroed pages in: on 2 cores the trunk
-spent ~40 % of its time in the kernel (15.1 ms/image at 8 images per call, 1.8 s of system time in 20
-calls), and the API server under upload searches took 150,000 page faults a second from its query threads.
-With the thresholds raised and one arena for all threads, freed blocks are reused: 8.0 ms/image, no page
-faults (bench/RESULTS.md, "Upload search after the CPU encoding work"). The cost is that the process keeps
+activations of several MB per layer, so every call faulted fresh zeroed pages in: the trunk spent much
+of its time in the kernel, and the API server under upload searches took page faults by the hundred
+thousand a second from its query threads. With the thresholds raised and one arena for all threads, freed
+blocks are reused and the faults stop (the figures: bench/RESULTS.md, "Upload search after the CPU encoding
+work", and "Encoder CPU figures moved out of code comments"). The cost is that the process keeps
 its peak activation memory (tens of MB for the compact encoder) instead of returning it, and threads share
 one malloc lock (Python's own allocator serves the small objects, so the lock is rarely contended).
 

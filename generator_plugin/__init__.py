@@ -18,7 +18,11 @@ _EXPORTS = {
     "AttributePipeline": "generator_plugin.pipeline",
     "AttributePipelineOutput": "generator_plugin.pipeline",
     "GeneratorInputError": "generator_plugin.pipeline",
-    "MAX_REFERENCES": "generator_plugin.pipeline",
+    "AttributePipelineInputs": "generator_plugin.pipeline",
+    "PromptInputs": "generator_plugin.pipeline",
+    "ReferenceInputs": "generator_plugin.pipeline",
+    "SamplingInputs": "generator_plugin.pipeline",
+    "MAX_REFERENCES": "omniattr.domain",  # the domain's limit, re-exported: one definition
     "transfer_scores": "generator_plugin.pipeline",
     "ENTRY_POINT_GROUP": "generator_plugin.plugins",
     "FluxGeneratorPlugin": "generator_plugin.plugins",

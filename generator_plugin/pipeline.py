@@ -24,6 +24,7 @@ InstructPix2Pix-style text guidance):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,11 +45,11 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from generator_plugin.adapter import AttributeAdapterLoaderMixin, check_attribute_tokens
+from omniattr.domain import MAX_REFERENCES
 
 if TYPE_CHECKING:
     from encoder import AttributeEncoder
 
-MAX_REFERENCES = 8
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -65,6 +66,66 @@ class AttributePipelineOutput(BaseOutput):
     # refs.
     transfer_scores: torch.Tensor | None = None
     attributes: list[str] | None = None  # a_i, in the column order of transfer_scores
+
+
+# The inputs of one call. Frozen: checked once, then read by every stage. eq=False: they hold tensors, whose
+# == is elementwise, so two inputs compare by identity.
+
+
+@dataclass(frozen=True, eq=False)
+class PromptInputs:
+    """The text condition c (a prompt, or its embeddings), the null text and the text guidance s_c."""
+
+    prompt: str | None = None
+    prompt_embeds: torch.Tensor | None = None  # (1, T, joint_dim)
+    pooled_prompt_embeds: torch.Tensor | None = None  # (1, pooled_dim)
+    negative_prompt_embeds: torch.Tensor | None = None  # (1, T, joint_dim); zeros when None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None  # (1, pooled_dim)
+    guidance_scale: float = 1.0
+    max_sequence_length: int = 512  # T5 tokens when the prompt is encoded here
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceInputs:
+    """The attribute references: (image, attribute, weight) triples to encode, or precomputed tokens + weights."""
+
+    refs: Sequence[tuple[PIL.Image.Image, str, float]] | None = None  # after check_inputs: a list, float weights
+    attribute_tokens: torch.Tensor | None = None  # (N, l, d_ctx)
+    attribute_weights: Sequence[float] | None = None  # w_i, one per row of attribute_tokens
+    encoder: AttributeEncoder | None = None  # encodes refs and scores the outputs
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingInputs:
+    """What is sampled: output size, steps, images per prompt, the noise (generator or packed latents)."""
+
+    height: int
+    width: int
+    num_inference_steps: int = 28
+    num_images_per_prompt: int = 1
+    embedded_guidance_scale: float = 3.5  # FLUX-dev's distilled guidance input, when the transformer has one
+    generator: torch.Generator | list[torch.Generator] | None = None
+    latents: torch.Tensor | None = None  # (B, S, 4 * C_lat), packed
+
+
+@dataclass(frozen=True, eq=False)
+class AttributePipelineInputs:
+    """Everything one `AttributePipeline.__call__` takes, gathered from its keyword arguments."""
+
+    prompt: PromptInputs
+    references: ReferenceInputs
+    sampling: SamplingInputs
+    output_type: str = "pil"
+    condition_batch_size: int | None = None  # condition rows per transformer forward; None: all N + 2
+    score_transfer: bool = True
+
+
+@dataclass
+class _TextConditions:
+    prompt_embeds: torch.Tensor  # (1, T, J)
+    pooled_prompt_embeds: torch.Tensor  # (1, P_text)
+    negative_prompt_embeds: torch.Tensor  # (1, T, J), the null text
+    negative_pooled_prompt_embeds: torch.Tensor  # (1, P_text)
 
 
 @dataclass
@@ -273,7 +334,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
 
         Args:
             prompt / prompt_embeds + pooled_prompt_embeds: the text condition c (one of the two).
-            refs: up to 8 (image, attribute, weight) triples, encoded with `attribute_encoder`
+            refs: up to MAX_REFERENCES (image, attribute, weight) triples, encoded with `attribute_encoder`
                 (or `self.attribute_encoder`); or
             attribute_tokens: precomputed encoder tokens (N, l, d_ctx) with `attribute_weights` (N floats).
             guidance_scale: text guidance s_c; 1.0 disables it.
@@ -281,121 +342,66 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             embedded_guidance_scale: FLUX-dev's distilled guidance input, used if the transformer has one.
             condition_batch_size: at most this many condition rows per transformer forward (None: all N + 2).
             score_transfer: re-encode every output under each attribute and return the transfer scores.
+
+        The arguments are gathered into an `AttributePipelineInputs` and checked once (`check_inputs`).
         """
         # 1. Check inputs
-        encoder = attribute_encoder if attribute_encoder is not None else self.attribute_encoder
-        height = height or self.default_image_size
-        width = width or self.default_image_size
-        refs = self.check_inputs(
-            prompt,
-            refs,
-            attribute_tokens,
-            attribute_weights,
-            encoder,
-            guidance_scale,
-            prompt_embeds,
-            pooled_prompt_embeds,
-            negative_prompt_embeds,
-            negative_pooled_prompt_embeds,
-            height,
-            width,
-            num_inference_steps,
-            num_images_per_prompt,
-            latents,
-            output_type,
-            condition_batch_size,
+        inputs = self.check_inputs(
+            AttributePipelineInputs(
+                prompt=PromptInputs(
+                    prompt=prompt,
+                    prompt_embeds=prompt_embeds,
+                    pooled_prompt_embeds=pooled_prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                    guidance_scale=guidance_scale,
+                    max_sequence_length=max_sequence_length,
+                ),
+                references=ReferenceInputs(
+                    refs=refs,
+                    attribute_tokens=attribute_tokens,
+                    attribute_weights=attribute_weights,
+                    encoder=attribute_encoder if attribute_encoder is not None else self.attribute_encoder,
+                ),
+                sampling=SamplingInputs(
+                    height=height or self.default_image_size,
+                    width=width or self.default_image_size,
+                    num_inference_steps=num_inference_steps,
+                    num_images_per_prompt=num_images_per_prompt,
+                    embedded_guidance_scale=embedded_guidance_scale,
+                    generator=generator,
+                    latents=latents,
+                ),
+                output_type=output_type,
+                condition_batch_size=condition_batch_size,
+                score_transfer=score_transfer,
+            )
         )
-        device = self._execution_device
-        dtype = self.transformer.dtype
+        sampling = inputs.sampling
 
         # 2. Encode: the text condition, the null text, and the attribute references
-        if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
-        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)  # (1, T, J)
-        pooled_prompt_embeds = pooled_prompt_embeds.to(device=device, dtype=dtype)  # (1, P_text)
-        if negative_prompt_embeds is None:
-            negative_prompt_embeds = torch.zeros_like(prompt_embeds)
-            negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
-        if negative_prompt_embeds.shape != prompt_embeds.shape:
-            raise GeneratorInputError(
-                f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of the "
-                f"prompt's embeddings {tuple(prompt_embeds.shape)}; encode both with one max_sequence_length."
-            )
-        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-        negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.to(device=device, dtype=dtype)
-        conditions = self.encode_attributes(refs, attribute_tokens, attribute_weights, encoder)
+        text = self.encode_text(inputs.prompt)
+        conditions = self.encode_attributes(inputs.references)
 
         # 3. Prepare latents
-        num_latent_channels = self.transformer.config.in_channels // 4
         latents = self.prepare_latents(
-            num_images_per_prompt, num_latent_channels, height, width, dtype, device, generator, latents
+            sampling.num_images_per_prompt,
+            self.transformer.config.in_channels // 4,
+            sampling.height,
+            sampling.width,
+            self.transformer.dtype,
+            self._execution_device,
+            sampling.generator,
+            sampling.latents,
         )  # (B, S, 4 * C_lat)
-        latent_image_ids = self.prepare_latent_image_ids(height, width)  # (S, 3)
-        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)  # (T, 3)
-        timesteps = self.prepare_timesteps(num_inference_steps, latents.shape[1])
+        timesteps = self.prepare_timesteps(sampling.num_inference_steps, latents.shape[1])
 
         # 4. Denoise: one batched forward over the condition rows per step
-        rows = self.build_condition_rows(
-            conditions,
-            guidance_scale,
-            prompt_embeds,
-            pooled_prompt_embeds,
-            negative_prompt_embeds,
-            negative_pooled_prompt_embeds,
-            num_images_per_prompt,
-        )
-        num_rows = rows["num_conditions"]
-        chunk = condition_batch_size or num_rows
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((num_rows * num_images_per_prompt,), embedded_guidance_scale, device=device)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for t in timesteps:
-                model_input = latents.repeat(num_rows, 1, 1)  # (R * B, S, 4 * C_lat), row r * B + b
-                timestep = t.expand(model_input.shape[0]).to(dtype) / 1000
-                velocities = []
-                for start in range(0, num_rows, chunk):
-                    rows_slice = slice(
-                        start * num_images_per_prompt, min(start + chunk, num_rows) * num_images_per_prompt
-                    )
-                    attention_kwargs = None
-                    if rows["ip_hidden_states"] is not None:
-                        attention_kwargs = {
-                            "ip_hidden_states": rows["ip_hidden_states"][rows_slice],
-                            "ip_adapter_masks": rows["attribute_mask"][rows_slice],
-                        }
-                    velocity = self.transformer(
-                        hidden_states=model_input[rows_slice],
-                        timestep=timestep[rows_slice],
-                        guidance=None if guidance is None else guidance[rows_slice],
-                        pooled_projections=rows["pooled_prompt_embeds"][rows_slice],
-                        encoder_hidden_states=rows["prompt_embeds"][rows_slice],
-                        txt_ids=text_ids,
-                        img_ids=latent_image_ids,
-                        joint_attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                    )[0]
-                    velocities.append(velocity)
-                velocity = torch.cat(velocities).view(num_rows, *latents.shape)  # (R, B, S, 4 * C_lat)
-                # (B, S, 4 * C_lat)
-                guided = self.combine_velocities(velocity, guidance_scale, conditions.weights)
-                latents = self.scheduler.step(guided, t, latents, return_dict=False)[0]
-                progress_bar.update()
+        latents = self.denoise(latents, timesteps, text, conditions, inputs)
 
-        # 5. Decode
-        if output_type == "latent":
-            images = latents
-            decoded = None
-        else:
-            unpacked = self.unpack_latents(latents, height, width)  # (B, C_lat, h, w)
-            unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            decoded = self.vae.decode(unpacked.to(self.vae.dtype)).sample  # (B, 3, H, W) in [-1, 1]
-            images = self.image_processor.postprocess(decoded, output_type=output_type)
-
-        scores = None
-        if score_transfer and decoded is not None and conditions.reference_pooled is not None:
-            pil_images = images if output_type == "pil" else self.image_processor.postprocess(decoded, "pil")
-            scores = transfer_scores(encoder, pil_images, conditions.attributes, conditions.reference_pooled)
+        # 5. Decode, and score the outputs against the references
+        images, decoded = self.decode_latents(latents, sampling.height, sampling.width, inputs.output_type)
+        scores = self.score_outputs(images, decoded, conditions, inputs)
 
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -406,77 +412,56 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
     # Stages
     # --------------------------------------------------------------------------------------------------------
 
-    def check_inputs(
-        self,
-        prompt,
-        refs,
-        attribute_tokens,
-        attribute_weights,
-        encoder,
-        guidance_scale,
-        prompt_embeds,
-        pooled_prompt_embeds,
-        negative_prompt_embeds,
-        negative_pooled_prompt_embeds,
-        height,
-        width,
-        num_inference_steps,
-        num_images_per_prompt,
-        latents,
-        output_type,
-        condition_batch_size,
-    ) -> list[tuple[PIL.Image.Image, str, float]] | None:
-        """Raise GeneratorInputError naming what to fix; return references as (image, attribute, weight)."""
-        config = self.transformer.config
-        # The text condition
-        if (prompt is None) == (prompt_embeds is None):
-            raise GeneratorInputError("pass exactly one of prompt (a string) and prompt_embeds.")
-        if prompt is not None and not isinstance(prompt, str):
-            raise GeneratorInputError(f"prompt must be one string; got {type(prompt).__name__}.")
-        if prompt_embeds is not None:
-            if pooled_prompt_embeds is None:
-                raise GeneratorInputError("prompt_embeds needs pooled_prompt_embeds as well (FLUX's CLIP vector).")
-            _check_embeds("prompt_embeds", prompt_embeds, (1, None, config.joint_attention_dim))
-            _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, (1, config.pooled_projection_dim))
-        if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
-            raise GeneratorInputError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither.")
-        if negative_prompt_embeds is not None:
-            _check_embeds("negative_prompt_embeds", negative_prompt_embeds, (1, None, config.joint_attention_dim))
-            _check_embeds(
-                "negative_pooled_prompt_embeds",
-                negative_pooled_prompt_embeds,
-                (1, config.pooled_projection_dim),
+    def check_inputs(self, inputs: AttributePipelineInputs) -> AttributePipelineInputs:
+        """Raise GeneratorInputError naming what to fix; return the inputs with refs as (image, attribute, weight)."""
+        self._check_prompt(inputs.prompt)
+        refs = self._check_references(inputs.references)
+        self._check_sampling(inputs.sampling)
+        if inputs.output_type not in OUTPUT_TYPES:
+            raise GeneratorInputError(f"output_type must be one of {OUTPUT_TYPES}; got {inputs.output_type!r}.")
+        if inputs.condition_batch_size is not None and inputs.condition_batch_size < 1:
+            raise GeneratorInputError(
+                f"condition_batch_size must be None or at least 1; got {inputs.condition_batch_size}."
             )
-            if prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+        return dataclasses.replace(inputs, references=dataclasses.replace(inputs.references, refs=refs))
+
+    def _check_prompt(self, text: PromptInputs) -> None:
+        """The text condition: a prompt or its embeddings (FLUX's shapes), a matching null text, a finite s_c."""
+        config = self.transformer.config
+        if (text.prompt is None) == (text.prompt_embeds is None):
+            raise GeneratorInputError("pass exactly one of prompt (a string) and prompt_embeds.")
+        if text.prompt is not None and not isinstance(text.prompt, str):
+            raise GeneratorInputError(f"prompt must be one string; got {type(text.prompt).__name__}.")
+        if text.prompt_embeds is not None:
+            if text.pooled_prompt_embeds is None:
+                raise GeneratorInputError("prompt_embeds needs pooled_prompt_embeds as well (FLUX's CLIP vector).")
+            _check_embeds("prompt_embeds", text.prompt_embeds, (1, None, config.joint_attention_dim))
+            _check_embeds("pooled_prompt_embeds", text.pooled_prompt_embeds, (1, config.pooled_projection_dim))
+        negative, negative_pooled = text.negative_prompt_embeds, text.negative_pooled_prompt_embeds
+        if (negative is None) != (negative_pooled is None):
+            raise GeneratorInputError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither.")
+        if negative is not None:
+            _check_embeds("negative_prompt_embeds", negative, (1, None, config.joint_attention_dim))
+            _check_embeds("negative_pooled_prompt_embeds", negative_pooled, (1, config.pooled_projection_dim))
+            if text.prompt_embeds is not None and negative.shape != text.prompt_embeds.shape:
                 raise GeneratorInputError(
-                    f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
-                    f"prompt_embeds {tuple(prompt_embeds.shape)} so both run in one batch; pad them to the "
+                    f"negative_prompt_embeds {tuple(negative.shape)} must have the shape of "
+                    f"prompt_embeds {tuple(text.prompt_embeds.shape)} so both run in one batch; pad them to the "
                     "same length."
                 )
-        if not math.isfinite(guidance_scale):
-            raise GeneratorInputError(f"guidance_scale must be a finite float; got {guidance_scale}.")
+        if not math.isfinite(text.guidance_scale):
+            raise GeneratorInputError(f"guidance_scale must be a finite float; got {text.guidance_scale}.")
 
-        # The attribute references
+    def _check_references(self, references: ReferenceInputs) -> list[tuple[PIL.Image.Image, str, float]] | None:
+        """Image triples or precomputed tokens + weights (not both), at most MAX_REFERENCES, and an adapter."""
+        refs = references.refs
+        attribute_tokens = references.attribute_tokens
+        attribute_weights = references.attribute_weights
         if refs is not None and attribute_tokens is not None:
             raise GeneratorInputError("pass either refs (images to encode) or attribute_tokens, not both.")
         normalised = None
         if refs is not None:
-            normalised = []
-            for position, ref in enumerate(refs):
-                if not isinstance(ref, (tuple, list)) or len(ref) != 3:
-                    raise GeneratorInputError(
-                        f"reference {position} must be an (image, attribute, weight) triple; got {ref!r}."
-                    )
-                image, attribute, weight = ref
-                if not isinstance(image, PIL.Image.Image):
-                    raise GeneratorInputError(
-                        f"reference {position}: the image must be a PIL.Image; got {type(image).__name__}."
-                    )
-                if not isinstance(attribute, str) or not attribute.strip():
-                    raise GeneratorInputError(
-                        f"reference {position}: the attribute must be a non-empty string; got {attribute!r}."
-                    )
-                normalised.append((image, attribute, _check_weight(weight, position)))
+            normalised = [_check_reference(ref, position) for position, ref in enumerate(refs)]
             num_refs = len(normalised)
         elif attribute_tokens is not None:
             if not isinstance(attribute_tokens, torch.Tensor) or attribute_tokens.ndim != 3:
@@ -503,7 +488,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
                 f"{num_refs} references given; at most {MAX_REFERENCES} are supported (each adds a "
                 "transformer row per step). Drop or merge references."
             )
-        if normalised and encoder is None:
+        if normalised and references.encoder is None:
             raise GeneratorInputError(
                 "image references need an attribute encoder: pass attribute_encoder=, set "
                 "pipeline.attribute_encoder, or pass precomputed attribute_tokens."
@@ -515,44 +500,67 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
                 )
             if attribute_tokens is not None:
                 check_attribute_tokens(attribute_tokens, self.attribute_adapter.config.token_dim)
-
-        # Sampling settings
-        multiple = self.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise GeneratorInputError(f"height and width must be multiples of {multiple}; got {height}x{width}.")
-        if num_inference_steps < 1 or num_images_per_prompt < 1:
-            raise GeneratorInputError("num_inference_steps and num_images_per_prompt must be at least 1.")
-        if latents is not None:
-            expected = (
-                num_images_per_prompt,
-                (height // multiple) * (width // multiple),
-                config.in_channels,
-            )
-            if tuple(latents.shape) != expected:
-                raise GeneratorInputError(f"latents must be packed with shape {expected}; got {tuple(latents.shape)}.")
-        if output_type not in OUTPUT_TYPES:
-            raise GeneratorInputError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}.")
-        if condition_batch_size is not None and condition_batch_size < 1:
-            raise GeneratorInputError(f"condition_batch_size must be None or at least 1; got {condition_batch_size}.")
         return normalised
 
-    def encode_attributes(
-        self,
-        refs: list[tuple[PIL.Image.Image, str, float]] | None,
-        attribute_tokens: torch.Tensor | None,
-        attribute_weights: Sequence[float] | None,
-        encoder: AttributeEncoder | None,
-    ) -> _AttributeConditions:
-        """Encode (image, attribute) references with the encoder, or take precomputed tokens as they are."""
-        if refs:
-            images = [image for image, _, _ in refs]
-            attributes = [attribute for _, attribute, _ in refs]
-            embeddings = encoder.encode(images, attributes)
+    def _check_sampling(self, sampling: SamplingInputs) -> None:
+        """Output size on the latent grid, at least one step and image, latents packed for that size."""
+        multiple = self.vae_scale_factor * 2
+        height, width = sampling.height, sampling.width
+        if height % multiple or width % multiple:
+            raise GeneratorInputError(f"height and width must be multiples of {multiple}; got {height}x{width}.")
+        if sampling.num_inference_steps < 1 or sampling.num_images_per_prompt < 1:
+            raise GeneratorInputError("num_inference_steps and num_images_per_prompt must be at least 1.")
+        if sampling.latents is not None:
+            expected = (
+                sampling.num_images_per_prompt,
+                (height // multiple) * (width // multiple),
+                self.transformer.config.in_channels,
+            )
+            if tuple(sampling.latents.shape) != expected:
+                raise GeneratorInputError(
+                    f"latents must be packed with shape {expected}; got {tuple(sampling.latents.shape)}."
+                )
+
+    def encode_text(self, text: PromptInputs) -> _TextConditions:
+        """The prompt's embeddings (encoded here from a prompt string) and the null text's, on the device."""
+        device, dtype = self._execution_device, self.transformer.dtype
+        prompt_embeds, pooled_prompt_embeds = text.prompt_embeds, text.pooled_prompt_embeds
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(text.prompt, text.max_sequence_length)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)  # (1, T, J)
+        pooled_prompt_embeds = pooled_prompt_embeds.to(device=device, dtype=dtype)  # (1, P_text)
+        negative_prompt_embeds, negative_pooled_prompt_embeds = (
+            text.negative_prompt_embeds,
+            text.negative_pooled_prompt_embeds,
+        )
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+            negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+        if negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise GeneratorInputError(
+                f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of the "
+                f"prompt's embeddings {tuple(prompt_embeds.shape)}; encode both with one max_sequence_length."
+            )
+        return _TextConditions(
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds.to(device=device, dtype=dtype),  # (1, T, J)
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds.to(device=device, dtype=dtype),
+        )
+
+    def encode_attributes(self, references: ReferenceInputs) -> _AttributeConditions:
+        """Encode checked (image, attribute, weight) references with the encoder, or take precomputed tokens."""
+        if references.refs:
+            images = [image for image, _, _ in references.refs]
+            attributes = [attribute for _, attribute, _ in references.refs]
+            embeddings = references.encoder.encode(images, attributes)
             tokens = embeddings.tokens  # (N, l, d_ctx)
             check_attribute_tokens(tokens, self.attribute_adapter.config.token_dim)
-            return _AttributeConditions(tokens, [weight for _, _, weight in refs], attributes, embeddings.pooled)
-        if attribute_tokens is not None and len(attribute_tokens):
-            return _AttributeConditions(attribute_tokens, [float(w) for w in attribute_weights], None, None)
+            weights = [weight for _, _, weight in references.refs]
+            return _AttributeConditions(tokens, weights, attributes, embeddings.pooled)
+        if references.attribute_tokens is not None and len(references.attribute_tokens):
+            weights = [float(w) for w in references.attribute_weights]
+            return _AttributeConditions(references.attribute_tokens, weights, None, None)
         return _AttributeConditions(None, [], None, None)
 
     def prepare_latents(
@@ -579,20 +587,18 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         return patches.reshape(batch_size, packed_channels // 4, latent_height, latent_width)
 
     def build_condition_rows(
-        self,
-        conditions: _AttributeConditions,
-        guidance_scale: float,
-        prompt_embeds: torch.Tensor,  # (1, T, J)
-        pooled_prompt_embeds: torch.Tensor,  # (1, P_text)
-        negative_prompt_embeds: torch.Tensor,  # (1, T, J)
-        negative_pooled_prompt_embeds: torch.Tensor,  # (1, P_text)
-        num_images: int,
+        self, conditions: _AttributeConditions, text: _TextConditions, guidance_scale: float, num_images: int
     ) -> dict[str, Any]:
         """The transformer batch for one step: condition rows [D(0,0), D(0,c), D(A_1,0) .. D(A_N,0)] x images.
 
         Row r * num_images + b is condition r for image b. With no references and no text guidance, only
         D(0, c) runs.
         """
+        prompt_embeds, pooled_prompt_embeds = text.prompt_embeds, text.pooled_prompt_embeds  # (1, T, J), (1, P_text)
+        negative_prompt_embeds, negative_pooled_prompt_embeds = (
+            text.negative_prompt_embeds,
+            text.negative_pooled_prompt_embeds,
+        )
         num_refs = len(conditions.weights)
         if num_refs == 0 and guidance_scale == 1.0:
             return {
@@ -623,6 +629,84 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             rows["attribute_mask"] = mask.repeat_interleave(num_images)  # (R B,)
         return rows
 
+    def denoise(
+        self,
+        latents: torch.Tensor,  # (B, S, 4 * C_lat)
+        timesteps: torch.Tensor,
+        text: _TextConditions,
+        conditions: _AttributeConditions,
+        inputs: AttributePipelineInputs,
+    ) -> torch.Tensor:
+        """Run the schedule: per step one batched transformer forward over the condition rows, then guidance."""
+        sampling, guidance_scale = inputs.sampling, inputs.prompt.guidance_scale
+        num_images = sampling.num_images_per_prompt
+        device, dtype = self._execution_device, self.transformer.dtype
+        latent_image_ids = self.prepare_latent_image_ids(sampling.height, sampling.width)  # (S, 3)
+        text_ids = torch.zeros(text.prompt_embeds.shape[1], 3, device=device, dtype=dtype)  # (T, 3)
+        rows = self.build_condition_rows(conditions, text, guidance_scale, num_images)
+        num_rows = rows["num_conditions"]
+        chunk = inputs.condition_batch_size or num_rows
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((num_rows * num_images,), sampling.embedded_guidance_scale, device=device)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for t in timesteps:
+                model_input = latents.repeat(num_rows, 1, 1)  # (R * B, S, 4 * C_lat), row r * B + b
+                timestep = t.expand(model_input.shape[0]).to(dtype) / 1000
+                velocities = []
+                for start in range(0, num_rows, chunk):
+                    rows_slice = slice(start * num_images, min(start + chunk, num_rows) * num_images)
+                    attention_kwargs = None
+                    if rows["ip_hidden_states"] is not None:
+                        attention_kwargs = {
+                            "ip_hidden_states": rows["ip_hidden_states"][rows_slice],
+                            "ip_adapter_masks": rows["attribute_mask"][rows_slice],
+                        }
+                    velocity = self.transformer(
+                        hidden_states=model_input[rows_slice],
+                        timestep=timestep[rows_slice],
+                        guidance=None if guidance is None else guidance[rows_slice],
+                        pooled_projections=rows["pooled_prompt_embeds"][rows_slice],
+                        encoder_hidden_states=rows["prompt_embeds"][rows_slice],
+                        txt_ids=text_ids,
+                        img_ids=latent_image_ids,
+                        joint_attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )[0]
+                    velocities.append(velocity)
+                velocity = torch.cat(velocities).view(num_rows, *latents.shape)  # (R, B, S, 4 * C_lat)
+                # (B, S, 4 * C_lat)
+                guided = self.combine_velocities(velocity, guidance_scale, conditions.weights)
+                latents = self.scheduler.step(guided, t, latents, return_dict=False)[0]
+                progress_bar.update()
+        return latents
+
+    def decode_latents(
+        self, latents: torch.Tensor, height: int, width: int, output_type: str
+    ) -> tuple[list[PIL.Image.Image] | np.ndarray | torch.Tensor, torch.Tensor | None]:
+        """Packed latents -> images of `output_type`, and the decoded (B, 3, H, W) tensor (None for "latent")."""
+        if output_type == "latent":
+            return latents, None
+        unpacked = self.unpack_latents(latents, height, width)  # (B, C_lat, h, w)
+        unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        decoded = self.vae.decode(unpacked.to(self.vae.dtype)).sample  # (B, 3, H, W) in [-1, 1]
+        return self.image_processor.postprocess(decoded, output_type=output_type), decoded
+
+    def score_outputs(
+        self,
+        images: list[PIL.Image.Image] | np.ndarray | torch.Tensor,
+        decoded: torch.Tensor | None,
+        conditions: _AttributeConditions,
+        inputs: AttributePipelineInputs,
+    ) -> torch.Tensor | None:
+        """Transfer scores (B, N) of the outputs when asked for and the references were images, else None."""
+        if not inputs.score_transfer or decoded is None or conditions.reference_pooled is None:
+            return None
+        pil_images = images if inputs.output_type == "pil" else self.image_processor.postprocess(decoded, "pil")
+        return transfer_scores(
+            inputs.references.encoder, pil_images, conditions.attributes, conditions.reference_pooled
+        )
+
     @staticmethod
     def combine_velocities(velocity: torch.Tensor, guidance_scale: float, weights: Sequence[float]) -> torch.Tensor:
         """(R, B, S, C) condition velocities -> guided (B, S, C) by the rule in the module docstring."""
@@ -633,6 +717,17 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         for index, weight in enumerate(weights):
             guided = guided + weight * (velocity[2 + index] - null)  # w_i (D(A_i, 0) - D(0, 0))
         return guided
+
+
+def _check_reference(ref: Any, position: int) -> tuple[PIL.Image.Image, str, float]:
+    if not isinstance(ref, (tuple, list)) or len(ref) != 3:
+        raise GeneratorInputError(f"reference {position} must be an (image, attribute, weight) triple; got {ref!r}.")
+    image, attribute, weight = ref
+    if not isinstance(image, PIL.Image.Image):
+        raise GeneratorInputError(f"reference {position}: the image must be a PIL.Image; got {type(image).__name__}.")
+    if not isinstance(attribute, str) or not attribute.strip():
+        raise GeneratorInputError(f"reference {position}: the attribute must be a non-empty string; got {attribute!r}.")
+    return image, attribute, _check_weight(weight, position)
 
 
 def _check_weight(weight: Any, position: int) -> float:

@@ -293,3 +293,18 @@ def test_sincos_cell_positions_are_as_loud_as_content_and_local():
     assert AttributeEncoder(tiny_compact_config()).backbone.projector.cell_position.norm(dim=-1).mean() < 1
     with pytest.raises(ValueError, match="cell_position_init is 'fourier'"):
         EncoderConfig.compact(cell_position_init="fourier")
+
+
+def test_encode_pairs_shares_image_and_text_work_and_matches_encode(encoder, images):
+    """The backbone protocol's `encode_pairs`: any (image, phrase) pairs in one call, image tokens reusable."""
+    image_index, phrase_index = [0, 1, 2, 0, 2], [1, 0, 1, 0, 0]
+    phrases = ATTRIBUTES[:2]
+    with torch.no_grad():
+        tokens, pooled = encoder.backbone.encode_pairs(images, phrases, image_index, phrase_index)
+        reused = encoder.backbone.encode_pairs(
+            images, phrases, image_index, phrase_index, encoder.backbone.image_tokens(images)
+        )
+        one_by_one = encoder.encode([images[i] for i in image_index], [phrases[j] for j in phrase_index])
+    assert tokens.shape == (5, 4, 32) and pooled.shape == (5, 32)
+    assert torch.equal(pooled, reused[1]) and torch.equal(tokens, reused[0])
+    torch.testing.assert_close(pooled, one_by_one.pooled, atol=1e-5, rtol=0)

@@ -122,3 +122,15 @@ def test_image_size_must_fit_the_patch_grid(tmp_path):
 def test_bad_images_name_the_problem(encoder):
     with pytest.raises(ValueError, match="image 0: .*channels last"):
         encoder.encode([np.zeros((3, 30, 30), np.uint8)], ["lighting"])
+
+
+def test_backbone_protocol_defaults(encoder, images):
+    """mllm keeps no per-image tokens between calls, encodes pairs as `encode` does, and has no trunk levels."""
+    backbone = encoder.backbone
+    assert backbone.image_tokens(images) is None
+    with torch.no_grad():
+        tokens, pooled = backbone.encode_pairs(images, ["image lighting", "dog pose"], [2, 0, 2], [0, 1, 1])
+        expected = encoder.encode([images[2], images[0], images[2]], ["image lighting", "dog pose", "dog pose"])
+    assert torch.equal(tokens, expected.tokens) and torch.equal(pooled, expected.pooled)
+    with pytest.raises(ValueError, match="only be added to a compact encoder"):
+        backbone.add_image_levels(["pixels"])

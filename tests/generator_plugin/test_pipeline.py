@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import PIL.Image
@@ -10,7 +11,14 @@ import pytest
 import torch
 
 from generator_plugin.adapter import AttributeTokenWidthError
-from generator_plugin.pipeline import AttributePipeline, GeneratorInputError
+from generator_plugin.pipeline import (
+    AttributePipeline,
+    AttributePipelineInputs,
+    GeneratorInputError,
+    PromptInputs,
+    ReferenceInputs,
+    SamplingInputs,
+)
 from generator_plugin.testing import random_attribute_tokens, tiny_generator, tiny_text_encoders
 from tests.generator_plugin.conftest import HEIGHT, STEPS, WIDTH, settings
 
@@ -197,3 +205,27 @@ def test_bad_input_is_refused_with_a_message_naming_the_fix(pipe, prompt):
     pipe.unload_attribute_adapter()
     with pytest.raises(GeneratorInputError, match="load_attribute_adapter"):
         pipe(attribute_tokens=tokens[:1], attribute_weights=[1.0], **prompt)
+
+
+def test_inputs_are_gathered_once_and_checked_refs_come_back_normalised(pipe, prompt):
+    """`check_inputs` takes the inputs dataclass and returns it with (image, attribute, float weight) triples."""
+    image = PIL.Image.new("RGB", (32, 32))
+    inputs = AttributePipelineInputs(
+        prompt=PromptInputs(**prompt),
+        references=ReferenceInputs(refs=[[image, "lighting", 2]], encoder=object()),
+        sampling=SamplingInputs(height=HEIGHT, width=WIDTH),
+    )
+    checked = pipe.check_inputs(inputs)
+    assert checked.references.refs == [(image, "lighting", 2.0)]
+    assert isinstance(checked.references.refs[0][2], float)
+    assert checked.prompt is inputs.prompt and checked.sampling is inputs.sampling
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        checked.output_type = "np"
+
+
+def test_max_references_is_the_domain_rule():
+    """The public `generator_plugin.MAX_REFERENCES` still resolves, to the one domain definition."""
+    import generator_plugin
+    from omniattr import domain
+
+    assert generator_plugin.MAX_REFERENCES == domain.MAX_REFERENCES == 8
