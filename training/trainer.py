@@ -77,26 +77,20 @@ def contrastive_embeddings(
     `image_tokens`: the compact backbone's tokens of [*images_x, *images_y], when already computed.
     """
     num_pairs = len(images_x)
-    backbone = encoder.backbone
-    if hasattr(backbone, "read_pairs"):
-        # Compact backbone: run the frozen trunk once per image and MiniLM once per distinct phrase, then the
-        # connector over the 4P (image, phrase) combinations; `encode` would run the trunk 4P times.
-        phrases = attribute_phrases([*positive, *negative])
-        distinct = list(dict.fromkeys(phrases))
-        if image_tokens is None:
-            image_tokens = backbone.image_tokens([*images_x, *images_y])  # (2P, cells, d_text)
-        text_states, text_mask = backbone.text_tokens(distinct)  # (A, T, d_text)
-        x_index, y_index = list(range(num_pairs)), list(range(num_pairs, 2 * num_pairs))
-        pos_index = [distinct.index(p) for p in phrases[:num_pairs]]
-        neg_index = [distinct.index(p) for p in phrases[num_pairs:]]
-        device = image_tokens.device
-        image_index = torch.tensor(x_index + x_index + y_index + y_index, device=device)  # (4P,)
-        text_index = torch.tensor(pos_index + neg_index + pos_index + neg_index, device=device)  # (4P,)
-        _, pooled = backbone.read_pairs(image_tokens, text_states, text_mask, image_index, text_index)
-    else:
-        images = [*images_x, *images_x, *images_y, *images_y]
-        attributes = [*positive, *negative, *positive, *negative]
-        pooled = encoder.encode(images, attributes).pooled  # (4P, d)
+    # The backbone does per-image work once per image and per-phrase work once per distinct phrase where it
+    # can (compact: the frozen trunk and MiniLM), then reads the 4P (image, phrase) combinations.
+    phrases = attribute_phrases([*positive, *negative])
+    distinct = list(dict.fromkeys(phrases))
+    pos_index = [distinct.index(p) for p in phrases[:num_pairs]]
+    neg_index = [distinct.index(p) for p in phrases[num_pairs:]]
+    x_index, y_index = list(range(num_pairs)), list(range(num_pairs, 2 * num_pairs))
+    _, pooled = encoder.backbone.encode_pairs(
+        [*images_x, *images_y],
+        distinct,
+        x_index + x_index + y_index + y_index,  # (4P,)
+        pos_index + neg_index + pos_index + neg_index,  # (4P,)
+        image_tokens,
+    )
     pos_x, neg_x, pos_y, neg_y = pooled.view(4, num_pairs, -1).unbind(0)
     return pos_x, neg_x, pos_y, neg_y
 
@@ -127,8 +121,8 @@ class AttributeTrainingModule(nn.Module):
         images = [s.image_x for s in batch] + [s.image_y for s in batch]  # (2P,): every x, then every y
         image_tokens = None
         both = self.config.lambda_con > 0 and self.config.lambda_factor > 0
-        if both and hasattr(self.encoder.backbone, "read_pairs"):
-            image_tokens = self.encoder.backbone.image_tokens(images)  # the frozen trunk once for both losses
+        if both:
+            image_tokens = self.encoder.backbone.image_tokens(images)  # per-image work once for both losses
         if self.config.lambda_con > 0:
             embeddings = contrastive_embeddings(
                 self.encoder,
@@ -271,9 +265,7 @@ def build_encoder(config: TrainConfig, checkpoint: Path | None) -> AttributeEnco
     if config.init_encoder:
         encoder = AttributeEncoder.from_pretrained(config.init_encoder)
         if config.grow_image_levels:
-            if not hasattr(encoder.backbone, "add_image_levels"):
-                raise ValueError(f"grow_image_levels needs a compact init_encoder, not {encoder.config.backend!r}")
-            encoder.backbone.add_image_levels(config.grow_image_levels)
+            encoder.backbone.add_image_levels(config.grow_image_levels)  # refused unless compact
         return encoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
