@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint bench-vectors demo lock
+.PHONY: setup test test-fast lint bench-vectors demo lock
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ lint:
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The edit loop: everything but the tests marked slow (each over ~1 s: model training, subprocess CLIs, the
+# browser, worker kills). Under a minute on 2 cores; CI runs `make test`, which runs them all.
+test-fast:
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-vectors:
 	$(BIN)/python bench/vector_search.py

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from encoder import AttributeEncoder
     from generator_plugin.pipeline import AttributePipeline
 
-ENCODER_CONFIG_NAME = "encoder_config.json"  # the encoder package's checkpoint format (DESIGN §3)
+ENCODER_CONFIG_NAME = "encoder_config.json"  # the encoder package's checkpoint format (docs/architecture.md, "Encoder")
 
 
 @dataclass(frozen=True)

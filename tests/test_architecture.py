@@ -1,4 +1,4 @@
-"""Import rules of DESIGN §2, checked by import-linter's contracts in pyproject.toml."""
+"""Import rules (docs/architecture.md, "Packages and what they may import"), as import-linter contracts."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +20,7 @@ def test_import_contracts_hold():
     assert f"{len(contracts)} kept, 0 broken" in result.stdout  # every contract ran
 
 
+@pytest.mark.slow
 def test_importing_packages_opens_nothing_and_store_stays_torch_free():
     """No module opens a database, client or model on import; store, api and the CLI never pull in torch."""
     code = (

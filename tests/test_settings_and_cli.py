@@ -48,6 +48,7 @@ def test_server_profile_names_every_missing_setting(monkeypatch, tmp_path):
     assert settings.resolved_database_url == "postgresql+psycopg://u@h/db"
 
 
+@pytest.mark.slow
 def test_cli_migrate_creates_the_embedded_database(tmp_path):
     result = subprocess.run(
         [*CLI, "migrate"],
@@ -68,6 +69,7 @@ def test_cli_migrate_creates_the_embedded_database(tmp_path):
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_settings_in_one_line(tmp_path):
     result = subprocess.run(
         [*CLI, "settings"],
@@ -82,6 +84,7 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_settings_masks_passwords(tmp_path):
     env = clean_env(
         OMNIATTR_PROFILE="server",

@@ -1,4 +1,4 @@
-"""Evaluation harness (DESIGN §4): Delta(pos, neg) on held-out pairs and per-factor attribute retrieval.
+"""Evaluation harness: Delta(pos, neg) on held-out pairs, per-factor retrieval (architecture.md, "Training").
 
 - Delta(pos, neg) = mean over held-out pairs of [mean over the pair's positive phrases a of
                   cos(pooled E(x, a), pooled E(y, a)) - the same mean over its negative phrases].

@@ -1,4 +1,4 @@
-"""The two training objectives of DESIGN §4: the attribute contrastive loss and the flow-matching loss.
+"""The two training objectives: the attribute contrastive loss and the flow-matching loss (architecture.md, "Training").
 
     L = lambda_gen * L_gen + lambda_con * L_con        (defaults lambda_gen = 1, lambda_con = 0.01, tau = 0.1)
 

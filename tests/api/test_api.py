@@ -19,6 +19,7 @@ def indexed_collection(client, attributes=("lighting", "art style"), count=8):
     return collection["id"], [r["image_id"] for r in report["results"]]
 
 
+@pytest.mark.slow
 def test_collection_lifecycle_and_listing(client):
     created = client.post("/api/collections", json={"name": "a", "description": "d"})
     assert created.status_code == 201
@@ -48,6 +49,7 @@ def test_collection_lifecycle_and_listing(client):
     assert client.get(f"/api/collections/{collection_id}").status_code == 404
 
 
+@pytest.mark.slow
 def test_search_by_image_id_upload_and_fusion(client):
     collection_id, image_ids = indexed_collection(client)
     query = image_ids[0]
@@ -117,6 +119,7 @@ def test_search_by_image_id_upload_and_fusion(client):
     assert len(pngs["results"]) == len(image_ids) - 1
 
 
+@pytest.mark.slow
 def test_backfill_and_new_uploads_are_indexed(client):
     collection_id, image_ids = indexed_collection(client, attributes=("lighting",), count=4)
     again = client.post(f"/api/collections/{collection_id}/attributes", json={"attributes": ["lighting"]}).json()
@@ -139,6 +142,7 @@ def test_backfill_and_new_uploads_are_indexed(client):
     assert jobs["count"] == 2
 
 
+@pytest.mark.slow
 def test_errors_are_json_with_the_right_status(client):
     collection_id, image_ids = indexed_collection(client, attributes=("lighting",), count=2)
     not_indexed = client.post(

@@ -37,6 +37,7 @@ def run_json(capsys, *argv: str) -> object:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_ingest_index_search_in_process(embedded_env, capsys):
     job = run_json(capsys, "ingest", str(embedded_env), "--collection", "demo")
     assert (job["status"], job["done"]) == ("done", 6)
@@ -81,6 +82,7 @@ def test_ingest_index_search_in_process(embedded_env, capsys):
     assert "no collection 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_personalize_writes_the_image(embedded_env, generator_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMNIATTR_GENERATOR_PATH", str(generator_dir))
     monkeypatch.setenv("OMNIATTR_GENERATION_STEPS", "2")
@@ -116,6 +118,7 @@ def test_keys_are_created_listed_and_revoked(embedded_env, capsys):
     assert run_json(capsys, "keys", "list")[0]["revoked"] is True
 
 
+@pytest.mark.slow
 def test_server_requires_keys_and_cli_talks_to_it(embedded_env, tmp_path, capsys):
     env = {**os.environ, "OMNIATTR_REQUIRE_API_KEYS": "true", "OMNIATTR_ALLOWED_ROOTS": json.dumps([str(embedded_env)])}
     key = run_json(capsys, "keys", "create", "cli")["key"]
@@ -133,6 +136,7 @@ def test_server_requires_keys_and_cli_talks_to_it(embedded_env, tmp_path, capsys
         assert "API key is required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_and_eval_from_the_cli(tmp_path):
     """`omniattr train` on a tiny pair set (L_con only), then `omniattr eval` of the checkpoint."""
     from encoder.testing import tiny_compact_config
@@ -203,6 +207,7 @@ def test_train_and_eval_from_the_cli(tmp_path):
     assert bad.returncode != 0 and "missing.yaml" in bad.stderr
 
 
+@pytest.mark.slow
 def test_readme_main_job_with_an_initialised_encoder(tmp_path, monkeypatch, capsys):
     """The README's main job on the embedded default: no OMNIATTR_ENCODER_PATH, `init-encoder` first."""
     for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
@@ -235,6 +240,7 @@ def test_readme_main_job_with_an_initialised_encoder(tmp_path, monkeypatch, caps
     assert len(results["results"]) == 3
 
 
+@pytest.mark.slow
 def test_readme_main_job_uses_the_shipped_starter_encoder(tmp_path, monkeypatch, capsys):
     """A source checkout needs no init-encoder: the trained starter model in models/starter/encoder is the default."""
     from omniattr.settings import SHIPPED_ENCODER_PATH, Settings
@@ -254,6 +260,7 @@ def test_readme_main_job_uses_the_shipped_starter_encoder(tmp_path, monkeypatch,
     assert len(results["results"]) == 3
 
 
+@pytest.mark.slow
 def test_export_copies_a_collection_for_pair_mining(embedded_env, tmp_path, capsys):
     run_json(capsys, "ingest", str(embedded_env), "--collection", "demo")
     out = tmp_path / "exported"

@@ -39,6 +39,7 @@ def fuzz_app(tmp_path_factory, tiny_encoder_dir):
     services.close()
 
 
+@pytest.mark.slow
 def test_no_input_makes_a_server_error(fuzz_app):
     """Every operation, MAX_EXAMPLES generated requests each (schemathesis' pytest plugin does not support
     this pytest version, so the operations are driven with Hypothesis directly)."""

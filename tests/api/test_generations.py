@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -31,6 +32,7 @@ def upload(client, count=3):
     return [r["image_id"] for r in report["results"]]
 
 
+@pytest.mark.slow
 def test_personalize_and_compose(tmp_path, tiny_encoder_dir, generator_dir, monkeypatch):
     with client_for(tmp_path, tiny_encoder_dir, monkeypatch, generator_path=generator_dir) as client:
         assert client.get("/api/health").json()["generator"] == "flux"

@@ -39,6 +39,7 @@ def server(tmp_path, tiny_encoder_dir, generator_dir):
         yield url
 
 
+@pytest.mark.slow
 def test_search_from_the_page(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 

@@ -29,6 +29,7 @@ def collection(demo, tmp_path_factory):
     return out, demo.build_collection(out)
 
 
+@pytest.mark.slow
 def test_sample_collection_has_a_few_hundred_photos_and_procedural_images(collection):
     out, count = collection
     files = sorted(out.rglob("*.png"))

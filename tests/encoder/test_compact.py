@@ -174,6 +174,7 @@ def test_save_load_round_trip(encoder, images, tmp_path):
     assert torch.equal(before.tokens, after.tokens) and torch.equal(before.pooled, after.pooled)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_another_machine_resaves_cleanly(encoder, tmp_path):
     import warnings
 
@@ -237,6 +238,7 @@ def test_trunk_chunks_on_cpu_give_the_same_tokens(encoder, images):
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_earlier_trunk_levels_reach_the_tokens(images, tmp_path):
     torch.manual_seed(0)
     levels = ["head", "pixels", "stage4"]

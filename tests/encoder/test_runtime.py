@@ -46,12 +46,14 @@ def run_probe(**env: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_freed_blocks_are_reused_without_page_faults():
     tuned = run_probe()
     assert tuned["applied"] is True
     assert tuned["main"] < 100 and tuned["thread"] < 100  # the freed 48 MiB stays mapped and is reused
 
 
+@pytest.mark.slow
 def test_opting_out_leaves_malloc_alone():
     untouched = run_probe(OMNIATTR_KEEP_MALLOC="1")
     assert untouched["applied"] is False

@@ -7,9 +7,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_importing_api_and_indexer_modules_reads_no_settings_and_builds_no_celery_app():
     """Every module but the worker's entry module (`celery -A indexer.celery_app` imports it for its app)."""
     code = textwrap.dedent(

@@ -41,6 +41,7 @@ def setup_collection(context, tmp_path, count=10):
         return collection.id, encoder_model.id
 
 
+@pytest.mark.slow
 def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatcher, tmp_path):
     context = worker_context
     collection_id, encoder_model_id = setup_collection(context, tmp_path, count=10)

@@ -76,6 +76,7 @@ def shard_states(session_factory, job_id: int) -> list[tuple[int, str, int]]:
         return [(shard.id, shard.status, shard.attempts) for shard in job.shards]
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_resumes_and_indexes_everything_once(database, broker, tmp_path, tiny_encoder_dir):
     data_dir, photos = tmp_path / "data", tmp_path / "photos"
     paths = write_images(photos, IMAGES)

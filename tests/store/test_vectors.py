@@ -380,6 +380,7 @@ def test_server_reaches_its_collection_through_an_alias_that_persists(tmp_path):
         assert reopened.count(encoder_version=VERSION) == 10
 
 
+@pytest.mark.slow
 def test_edge_hnsw_recall_at_10_with_filters(tmp_path):
     """HNSW is really built (by the automatic optimisation) and filtered searches go through it."""
     dimension, images, attributes = 64, 2000, 2
@@ -433,6 +434,7 @@ def test_open_vector_index(tmp_path):
         open_vector_index(kind="cloud", url="http://qdrant:6333")
 
 
+@pytest.mark.slow
 def test_store_vectors_never_imports_torch():
     code = "import sys, store.vectors; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -107,6 +107,7 @@ def test_make_gallery_is_seeded_and_pins_unseen_combinations():
     assert make_gallery(6, seed=6, image_size=32).factors != gallery.factors
 
 
+@pytest.mark.slow
 def test_evaluate_tiny_end_to_end(tmp_path):
     torch.set_num_threads(1)
     generate_dataset(tmp_path / "pairs", 3, seed=4, config=ProceduralConfig(size=64))

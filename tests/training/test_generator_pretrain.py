@@ -48,6 +48,7 @@ def test_vocabulary_covers_captions_and_ends_with_eos(pair_dir):
     assert vocabulary.index("<unk>") not in ids  # every caption word is known
 
 
+@pytest.mark.slow
 def test_vae_loss_decreases_on_a_fixed_batch(pair_dir):
     images, _ = gp.load_examples(pair_dir, 32)
     vae = gp.build_vae(seed=0, channels=(8, 16))
@@ -110,6 +111,7 @@ def test_saved_generator_loads_and_generates_the_requested_size(generator_dir):
     assert image.size == (64, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["pair", "self"])
 def test_adapter_stage_trains_and_loads_with_the_generator(pair_dir, generator_dir, tmp_path, target):
     from encoder import AttributeEncoder

@@ -75,6 +75,7 @@ def test_unknown_config_key_fails_at_start_naming_it(tmp_path, pairs_dir):
         TrainConfig.from_dict(_config(pairs_dir, tmp_path, generator=None))
 
 
+@pytest.mark.slow
 def test_only_lora_connector_projector_and_adapter_train(tmp_path, pairs_dir):
     config = TrainConfig.from_dict(_config(pairs_dir, tmp_path / "run", steps=2, checkpoint_every=2))
     encoder = build_encoder(config, None)
@@ -113,6 +114,7 @@ def test_only_lora_connector_projector_and_adapter_train(tmp_path, pairs_dir):
     assert (checkpoint / "trainer_state.pt").is_file()
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(tmp_path, pairs_dir):
     # Both losses and gradient accumulation, so every source of randomness and every state file is covered.
     common = dict(grad_accum=2, batch_size=2, text_dropout=0.3, attribute_dropout=0.3)
@@ -136,6 +138,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, pairs_dir):
         torch.testing.assert_close(adapter_a[key], adapter_b[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_encoder_only_and_no_con_ablation(tmp_path, pairs_dir):
     seen: list[dict] = []
     checkpoint = train(
@@ -219,6 +222,7 @@ def test_factor_loss_with_the_shared_trunk_pass_equals_its_own(tmp_path, pairs_d
     assert losses["l_factor"].item() == pytest.approx(alone.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_grow_image_levels_starts_from_the_same_function_and_trains_the_new_projection(tmp_path, pairs_dir):
     from training.data.pairs import PairDataset
 

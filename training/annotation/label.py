@@ -1,4 +1,6 @@
-"""Pair annotation (DESIGN §4, paper §3.2): label image pairs with positive and negative attributes by a VLM.
+"""Pair annotation: label image pairs with positive and negative attributes by a VLM (paper §3.2).
+
+docs/architecture.md, "Training" and docs/annotation.md describe the two stages.
 
 `omniattr annotate label` (training.annotation.cli) runs `label_pairs`.
 

@@ -1,4 +1,4 @@
-"""What the pair annotator is asked and what it must answer (DESIGN §4, paper §3.2).
+"""What the pair annotator is asked and what it must answer (docs/architecture.md, "Training"; paper §3.2).
 
 Two instructions ask for the same thing about an image pair (image 1 = x, image 2 = y):
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -18,6 +19,7 @@ def _run(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *arguments], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_annotate_help_lists_the_subcommands():
     result = _run("annotate", "--help")
     assert result.returncode == 0, result.stderr
@@ -28,6 +30,7 @@ def test_annotate_help_lists_the_subcommands():
     assert "annotate" in _run("--help").stdout
 
 
+@pytest.mark.slow
 def test_annotate_label_against_a_closed_port_records_failures_and_exits_1(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -170,6 +170,7 @@ def _failures(out: Path) -> dict[str, dict]:
     return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_stage1_labels_good_pairs_retries_bad_answers_and_records_failures(server, tmp_path):
     images, out = tmp_path / "in", tmp_path / "dataset"
     not_json, wrong_schema = "Sure! Here are the attributes: dog pose, lighting", {"caption_x": "only one key"}

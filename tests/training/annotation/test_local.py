@@ -102,6 +102,7 @@ def test_local_annotator_garbage_is_recorded_as_a_bad_answer(tiny_base, stage1_d
     assert rows[0]["model"] == str(tiny_base) and rows[0]["prompt_version"] == SHORT_PROMPT_VERSION
 
 
+@pytest.mark.slow
 def test_lora_recipe_trains_saves_and_reloads(tiny_base, stage1_dataset, tmp_path):
     sft = export_sft(stage1_dataset, tmp_path / "sft" / "train.jsonl").path
     assert len(read_sft(sft)) == 3

@@ -201,6 +201,7 @@ def read_tree(directory: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_same_seed_writes_the_same_bytes_and_the_dataset_loads_clean(tmp_path: Path):
     config = ProceduralConfig(size=SIZE)
     assert generate_dataset(tmp_path / "a", 6, seed=3, config=config, flush_every=4) == 6
