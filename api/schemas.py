@@ -13,6 +13,7 @@ from omniattr.domain import (
     MAX_ATTRIBUTE_CHARS,
     MAX_NAME_CHARS,
     MAX_REFERENCES,
+    MAX_SEARCH_RESULTS,
     MAX_SEARCH_TERMS,
     GenerationStatus,
     ImageStatus,
@@ -138,7 +139,7 @@ class SearchRequest(BaseModel):
     collection_id: Id
     terms: list[SearchTermIn] = Field(min_length=1, max_length=MAX_SEARCH_TERMS)
     negatives: list[SearchTermIn] = Field(default=[], max_length=MAX_SEARCH_TERMS - 1)  # terms and negatives share it
-    limit: int = Field(default=20, ge=1, le=200)
+    limit: int = Field(default=20, ge=1, le=MAX_SEARCH_RESULTS)
     filters: dict[str, str | int | float | bool | list[str | int]] = Field(
         default={}, description='Exact-match filters on the vector payload, e.g. {"format": "PNG"}.'
     )

@@ -17,13 +17,12 @@ from omniattr.domain import ShardKind
 log = logging.getLogger(__name__)
 
 
-# Queries waiting together are encoded together, up to this many: per image the compact encoder costs
-# ~20 ms alone and ~13 ms in a batch of 4-8 on 2 CPU cores (bench/RESULTS.md, "Upload search after the CPU
-# encoding work").
+# Queries waiting together are encoded together, up to this many: a batch of 4-8 costs the compact encoder
+# less per image than one alone (bench/RESULTS.md, "Upload search after the CPU encoding work").
 MAX_QUERY_BATCH = 8
 # Threads that encode queries. Two batches in flight at once keep both cores busy through the serial parts
-# of a forward (Python between ops, small ops that run on one core): 78 images/s against 48 with one
-# thread on 2 cores, same batches (bench/RESULTS.md).
+# of a forward (Python between ops, small ops that run on one core); the figures against one thread are in
+# bench/RESULTS.md.
 QUERY_WORKERS = 2
 
 

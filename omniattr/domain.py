@@ -17,6 +17,8 @@ MAX_NAME_CHARS = 200
 # References one generation may compose (personalize is one); also the most terms one search may fuse.
 MAX_REFERENCES = 8
 MAX_SEARCH_TERMS = 8
+# The most results one search returns.
+MAX_SEARCH_RESULTS = 200
 
 
 class ImageStatus(StrEnum):

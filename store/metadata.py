@@ -154,8 +154,9 @@ def get_image(session: Session, *, image_id: int) -> Image:
     return _get(session, Image, image_id, "image")
 
 
-# Built once: constructing `Image.id.in_([...])` and its cache key on every call cost about 30 % of a
-# search's database time (an "expanding" parameter takes the list at execution instead).
+# Built once: constructing `Image.id.in_([...])` and its cache key on every call was a large share of a
+# search's database time (bench/RESULTS.md, API search by id); an "expanding" parameter takes the list at
+# execution instead.
 _IMAGES_BY_ID = select(Image).where(Image.id.in_(bindparam("image_ids", expanding=True)))
 _IMAGE_ROWS_BY_ID = select(Image.__table__).where(Image.__table__.c.id.in_(bindparam("image_ids", expanding=True)))
 

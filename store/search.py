@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from omniattr.domain import MAX_SEARCH_TERMS
+from omniattr.domain import MAX_SEARCH_RESULTS, MAX_SEARCH_TERMS
 from store.errors import InvalidInputError
 from store.vectors import VectorIndex, point_id
 
 # The most results one search returns.
-MAX_LIMIT = 200
 
 
 @dataclass(frozen=True)
@@ -61,8 +60,8 @@ def search_images(
         raise InvalidInputError("a search needs at least one positive term (an image and an attribute)")
     if len(terms) + len(negatives) > MAX_SEARCH_TERMS:
         raise InvalidInputError(f"at most {MAX_SEARCH_TERMS} terms in one search; got {len(terms) + len(negatives)}")
-    if not 1 <= limit <= MAX_LIMIT:
-        raise InvalidInputError(f"limit must be between 1 and {MAX_LIMIT}; got {limit}")
+    if not 1 <= limit <= MAX_SEARCH_RESULTS:
+        raise InvalidInputError(f"limit must be between 1 and {MAX_SEARCH_RESULTS}; got {limit}")
     for term in (*terms, *negatives):
         if not term.weight > 0:
             raise InvalidInputError(f"weights must be positive (negatives use the negative list); got {term.weight}")
@@ -88,7 +87,7 @@ def search_images(
             vector=term.vector,
             collection_id=collection_id,
             attribute_id=term.attribute_id,
-            limit=min(limit * overfetch, MAX_LIMIT * overfetch),
+            limit=min(limit * overfetch, MAX_SEARCH_RESULTS * overfetch),
             exclude_image_ids=excluded,
             payload_filter=payload_filter,
         )

@@ -13,7 +13,7 @@ from api.deps import ServicesDep
 from api.routes.views import image_public
 from api.usecases import search as search_cases
 from api.usecases.search import TermRequest
-from omniattr.domain import MAX_ATTRIBUTE_CHARS
+from omniattr.domain import MAX_ATTRIBUTE_CHARS, MAX_SEARCH_RESULTS
 from store.search import RankedImage
 
 router = APIRouter(prefix="/api/search", tags=["search"])
@@ -60,7 +60,7 @@ def search_by_upload(
     image: Annotated[UploadFile, File(description="The query image.")],
     collection_id: Annotated[int, Form(ge=1, le=schemas.MAX_ID)],
     attribute: Annotated[str, Form(min_length=1, max_length=MAX_ATTRIBUTE_CHARS)],
-    limit: Annotated[int, Form(ge=1, le=200)] = 20,
+    limit: Annotated[int, Form(ge=1, le=MAX_SEARCH_RESULTS)] = 20,
 ) -> Response:
     """Rank a collection by an uploaded image's embedding under one attribute."""
     started = time.perf_counter()
