@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,6 +46,7 @@ ALPHA_KINDS = frozenset({"cutout", "illustration"})
 # What the other kinds are flattened onto where a file has transparency: constellation art is drawn for a night sky.
 FLATTEN_ONTO = {"constellation-art": (0, 0, 0)}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".pat", ".npz")
+MAX_PIXELS = 40_000_000  # a few clip-art PNGs are rendered at 10k x 10k; decoding one costs more than it gives
 PATTERN_SWATCH = 256  # GIMP patterns smaller than this are tiled up to it
 MEMBER_SEPARATOR = "!"  # `outer.rcc!/inner/path`: a file inside a container file inside the package
 
@@ -547,6 +549,10 @@ def _may_hold(rule: Rule, container: str) -> bool:
     return any(pattern.startswith(container + MEMBER_SEPARATOR) for pattern in rule.include)
 
 
+class TooLarge(ValueError):
+    """An image with more pixels than the builder decodes (MAX_PIXELS)."""
+
+
 def decode_gimp_pattern(data: bytes) -> Image.Image:
     """Decode a GIMP .pat pattern: a big-endian header (size, version 1, width, height, bytes per pixel, 'GPAT',
     name) followed by width x height pixels of 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA) bytes."""
@@ -580,7 +586,11 @@ def decode(path: str, data: bytes) -> Image.Image:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             array = next(arrays[key] for key in sorted(arrays.files) if arrays[key].ndim in (2, 3))
         return Image.fromarray(_to_8bit(array))
-    image = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked just below
+        image = Image.open(io.BytesIO(data))
+    if image.width * image.height > MAX_PIXELS:
+        raise TooLarge(f"{image.width}x{image.height} (over {MAX_PIXELS} pixels)")
     image.load()  # the first frame of an animation
     image = ImageOps.exif_transpose(image)  # photos stored sideways with an orientation tag
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -628,6 +638,8 @@ def prepare(candidate: Candidate, max_side: int, min_side: int) -> Prepared:
     """Decode one candidate, drop it when it is too small, resize and encode it deterministically."""
     try:
         image = decode(candidate.path, candidate.data)
+    except TooLarge as error:
+        return Prepared(candidate, skipped=f"too large: {error}")
     except Exception as error:  # a broken file in a package is skipped, with the decoder's reason
         return Prepared(candidate, skipped=f"undecodable: {type(error).__name__}: {error}"[:300])
     width, height = image.size
@@ -784,7 +796,8 @@ def build(
                 summary.skipped[prepared.skipped.split(":")[0]] += 1
                 continue
             if len(kept_hashes):
-                distances = np.bitwise_count(kept_hashes ^ np.uint64(prepared.phash))
+                differing = (kept_hashes ^ np.uint64(prepared.phash)).view(np.uint8)  # (N * 8,)
+                distances = np.unpackbits(differing).reshape(-1, 64).sum(axis=1)  # (N,); numpy 1.26 has no popcount
                 nearest = int(np.argmin(distances))
                 if distances[nearest] <= dedup_distance:
                     original = kept_rows[nearest]
