@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from training.data.rcc import RccError, iter_rcc, write_rcc
 from training.data.realdata import (
@@ -46,7 +46,7 @@ DEB_SOURCE = Source(
     containers=("rcc",),
     rules=(
         Rule("painting", ("usr/share/testimages/res/art.rcc!/art/*",)),
-        Rule("cutout", ("usr/share/testimages/cutouts/*",)),
+        Rule("cutout", ("usr/share/testimages/cutouts/*",), flat_kind="illustration"),
         Rule("pattern", ("usr/share/testimages/patterns/*.pat",)),
         Rule("photo", ("usr/share/testimages/photos/*", "usr/share/testimages/big/*")),
     ),
@@ -100,12 +100,23 @@ def make_deb(directory: Path, package: str, version: str, files: dict[str, bytes
 @pytest.fixture(scope="module")
 def fixture_files() -> dict[str, bytes]:
     base = smooth_image(1, (320, 240))
-    disc = Image.new("RGBA", (200, 200), (0, 0, 0, 0))
-    disc.paste(smooth_image(2, (120, 120)).convert("RGBA"), (40, 40))
+    disc = Image.new("RGBA", (200, 200), (0, 0, 0, 0))  # a photo-like disc with a transparent margin
+    round_mask = Image.new("L", (120, 120), 0)
+    ImageDraw.Draw(round_mask).ellipse((0, 0, 119, 119), fill=255)
+    disc.paste(smooth_image(2, (120, 120)).convert("RGBA"), (40, 40), round_mask)
+    drawn = Image.new("RGBA", (150, 150), (0, 0, 0, 0))  # a drawing in two flat colours
+    ImageDraw.Draw(drawn).ellipse((10, 10, 140, 100), fill=(220, 30, 30, 255))
+    ImageDraw.Draw(drawn).rectangle((40, 90, 110, 140), fill=(30, 30, 200, 255))
+    tile = smooth_image(12, (200, 160)).convert("RGBA")  # a puzzle tile: a notch and a transparent margin
+    tile_alpha = Image.new("L", (200, 160), 255)
+    ImageDraw.Draw(tile_alpha).rectangle((0, 0, 29, 29), fill=0)
+    ImageDraw.Draw(tile_alpha).rectangle((180, 0, 199, 159), fill=0)
+    tile.putalpha(tile_alpha)
     brighter = Image.fromarray(np.clip(np.asarray(base, dtype=np.int16) + 12, 0, 255).astype(np.uint8))
     rcc = write_rcc(
         {
             "/art/painting.webp": encoded(smooth_image(3, (400, 300)), "WEBP", quality=90),
+            "/art/tile.png": encoded(tile, "PNG"),
             "/art/notes.txt": b"not an image",
             "/ui/button.png": encoded(smooth_image(4, (200, 200)), "PNG"),  # in the rcc, but no rule takes it
         }
@@ -117,6 +128,7 @@ def fixture_files() -> dict[str, bytes]:
         "usr/share/testimages/photos/d-broken.jpg": b"\xff\xd8\xff\xe0 this is not really a jpeg",
         "usr/share/testimages/big/large.jpg": encoded(smooth_image(6, (1200, 800)), "JPEG", quality=90),
         "usr/share/testimages/cutouts/disc.png": encoded(disc, "PNG"),
+        "usr/share/testimages/cutouts/drawn.png": encoded(drawn, "PNG"),
         "usr/share/testimages/patterns/weave.pat": gimp_pattern(smooth_image(7, (64, 48))),
         "usr/share/testimages/res/art.rcc": rcc,
         "usr/share/testimages/README": b"text, not taken",
@@ -164,8 +176,10 @@ def test_build_from_local_archives_is_deterministic_with_complete_manifest(tmp_p
         "usr/share/testimages/photos/a-scene.jpg",
         "usr/share/testimages/big/large.jpg",
         "usr/share/testimages/cutouts/disc.png",
+        "usr/share/testimages/cutouts/drawn.png",
         "usr/share/testimages/patterns/weave.pat",
         "usr/share/testimages/res/art.rcc!/art/painting.webp",
+        "usr/share/testimages/res/art.rcc!/art/tile.png",
         "testphotos/data/field.npz",
     }
     for row in rows:
@@ -195,8 +209,16 @@ def test_build_from_local_archives_is_deterministic_with_complete_manifest(tmp_p
     assert Image.open(tmp_path / "one" / large["file"]).size == (512, 341)
 
     disc = by_path["usr/share/testimages/cutouts/disc.png"]
-    assert disc["alpha"] and disc["kind"] == "cutout"
-    assert Image.open(tmp_path / "one" / disc["file"]).getchannel("A").getextrema() == (0, 255)
+    assert disc["alpha"] and disc["kind"] == "cutout" and (disc["width"], disc["height"]) == (200, 200)
+    with Image.open(tmp_path / "one" / disc["file"]) as written:
+        assert written.size == (120, 120)  # transparent margins trimmed
+        assert written.getchannel("A").getextrema() == (0, 255)
+    drawn = by_path["usr/share/testimages/cutouts/drawn.png"]
+    assert drawn["alpha"] and drawn["kind"] == "illustration"  # flat colours: a drawing, not a photo cut-out
+
+    tile = by_path["usr/share/testimages/res/art.rcc!/art/tile.png"]
+    assert tile["kind"] == "painting" and not tile["alpha"]
+    assert Image.open(tmp_path / "one" / tile["file"]).size == (150, 160)  # the largest opaque box
 
     pattern = by_path["usr/share/testimages/patterns/weave.pat"]
     assert (pattern["width"], pattern["height"]) == (64, 48)  # the original tile; written as a tiled swatch
@@ -217,8 +239,8 @@ def test_build_from_local_archives_is_deterministic_with_complete_manifest(tmp_p
     assert len(skipped) == 2
 
     summary = json.loads((tmp_path / "one/summary.json").read_text())
-    assert summary["images"] == 6 and summary["duplicates_dropped"] == 1
-    assert summary["per_kind"] == {"cutout": 1, "painting": 1, "pattern": 1, "photo": 3}
+    assert summary["images"] == 8 and summary["duplicates_dropped"] == 1
+    assert summary["per_kind"] == {"cutout": 1, "illustration": 1, "painting": 2, "pattern": 1, "photo": 3}
 
 
 def test_cli_builds_a_registry_source_from_archives_without_network(tmp_path):
@@ -296,3 +318,12 @@ def test_gimp_pattern_and_perceptual_hash():
     one, other = smooth_image(10, (200, 150)), smooth_image(11, (200, 150))
     assert perceptual_hash(one) == perceptual_hash(one.resize((100, 75)))
     assert bin(perceptual_hash(one) ^ perceptual_hash(other)).count("1") > 10
+
+
+def test_oversized_images_are_skipped_before_decoding(monkeypatch):
+    import training.data.realdata as realdata
+
+    monkeypatch.setattr(realdata, "MAX_PIXELS", 10_000)
+    data = encoded(smooth_image(13, (200, 100)), "PNG")
+    candidate = realdata.Candidate(0, "pkg", "1", "big.png", "photo", None, "MIT", data)
+    assert realdata.prepare(candidate, max_side=512, min_side=96).skipped.startswith("too large: 200x100")

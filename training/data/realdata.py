@@ -47,6 +47,7 @@ ALPHA_KINDS = frozenset({"cutout", "illustration"})
 FLATTEN_ONTO = {"constellation-art": (0, 0, 0)}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".pat", ".npz")
 MAX_PIXELS = 40_000_000  # a few clip-art PNGs are rendered at 10k x 10k; decoding one costs more than it gives
+FLAT_SHARE = 0.5  # drawings: the 8 commonest colours cover half the pixels or more (photos: 0.05-0.4)
 PATTERN_SWATCH = 256  # GIMP patterns smaller than this are tiled up to it
 MEMBER_SEPARATOR = "!"  # `outer.rcc!/inner/path`: a file inside a container file inside the package
 
@@ -95,6 +96,8 @@ class Rule:
     kind: str
     include: tuple[str, ...]
     exclude: tuple[str, ...] = ()
+    # Where a folder mixes photo cut-outs and drawings: files drawn in flat colours (FLAT_SHARE) get this kind.
+    flat_kind: str | None = None
 
     def matches(self, path: str) -> bool:
         """Whether `path` (inside the package) belongs to this rule."""
@@ -115,9 +118,9 @@ class Source:
     licence: str | None = None  # stated here where debian/copyright is not machine-readable (says which file)
     containers: tuple[str, ...] = ()  # container formats to open inside the package: "rcc"
 
-    def kind_of(self, path: str) -> str | None:
-        """The content kind of the file at `path`, or None when the source does not take it."""
-        return next((rule.kind for rule in self.rules if rule.matches(path)), None)
+    def rule_for(self, path: str) -> Rule | None:
+        """The rule that takes the file at `path`, or None when the source does not take it."""
+        return next((rule for rule in self.rules if rule.matches(path)), None)
 
 
 def _gcompris(activity_glob: str) -> str:
@@ -142,7 +145,6 @@ _OPENCV_PHOTOS = [
     "fruits.jpg",
     "graf1.png",
     "graf3.png",
-    "HappyFish.jpg",
     "home.jpg",
     "left.jpg",
     "leuvenA.jpg",
@@ -222,15 +224,35 @@ SOURCES: tuple[Source, ...] = (
         "1.4.0.6~dfsg1-6.1",
         licence_stanza="Help/* Media/* Projects",
         rules=(
-            Rule("photo", ("usr/share/scratch/Media/Backgrounds/*/*.jpg",)),
+            Rule(  # backgrounds drawn, not photographed, though saved as JPEG (checked on a contact sheet)
+                "illustration",
+                tuple(
+                    f"usr/share/scratch/Media/Backgrounds/*/{name}.jpg"
+                    for name in (
+                        "brick-wall1",
+                        "graffiti",
+                        "kitchen",
+                        "party-room",
+                        "room1",
+                        "room2",
+                        "room3",
+                        "school2",
+                        "spotlight-stage",
+                        "woods-and-bench",
+                    )
+                ),
+            ),
+            Rule("photo", ("usr/share/scratch/Media/Backgrounds/*/*.jpg", "*/Backgrounds/Nature/flowers.gif")),
             Rule("illustration", ("usr/share/scratch/Media/Backgrounds/*/*.gif",)),
-            Rule(
+            Rule("illustration", ("usr/share/scratch/Media/Costumes/Fantasy/*",)),
+            Rule(  # photo cut-outs of people, animals, things and vehicles, mixed with cartoons
                 "cutout",
                 tuple(
                     f"usr/share/scratch/Media/Costumes/{group}/*.{ext}"
-                    for group in ("Animals", "People", "Things", "Transportation", "Fantasy")
+                    for group in ("Animals", "People", "Things", "Transportation")
                     for ext in ("gif", "png", "jpg")
                 ),
+                flat_kind="illustration",
             ),
         ),
     ),
@@ -283,7 +305,13 @@ SOURCES: tuple[Source, ...] = (
             Rule(
                 "constellation-art",
                 ("usr/share/stellarium/skycultures/*/*.png", "usr/share/stellarium/skycultures/*/*.jpg"),
-                exclude=("*/logo*", "*/chart*", "*/*thumb*", "*/*/*/*/*/*/*"),  # logos, star charts, descr_pics/
+                exclude=(
+                    "*/logo*",
+                    "*/chart*",
+                    "*/*thumb*",
+                    "*/xyxfy.png",
+                    "*/*/*/*/*/*/*",
+                ),  # logos, charts, descr_pics/
             ),
         ),
     ),
@@ -302,7 +330,6 @@ SOURCES: tuple[Source, ...] = (
                         "animals",
                         "buildings",
                         "food",
-                        "geography",
                         "people",
                         "plants",
                         "recreation",
@@ -310,6 +337,7 @@ SOURCES: tuple[Source, ...] = (
                         "transportation",
                     )
                 ),
+                exclude=("*/roadsigns/*", "*/games/cards/*", "*/smilies/*"),  # symbols, and 200 near-identical cards
             ),
         ),
     ),
@@ -318,10 +346,11 @@ SOURCES: tuple[Source, ...] = (
         "deb",
         "2022.06.04-1",
         rules=(
-            Rule(
-                "illustration",
+            Rule(  # about half are photo cut-outs (animals, plants, objects), the rest clip art
+                "cutout",
                 ("usr/share/tuxpaint/stamps/*.png",),
-                exclude=("usr/share/tuxpaint/stamps/symbols/*", "*_mirror.png"),
+                exclude=("usr/share/tuxpaint/stamps/symbols/*", "*/roadsigns/*", "*_mirror.png"),
+                flat_kind="illustration",
             ),
         ),
     ),
@@ -519,6 +548,7 @@ class Candidate:
     version: str
     path: str
     kind: str
+    flat_kind: str | None
     licence: str
     data: bytes
 
@@ -538,10 +568,12 @@ def candidates(package: Package, start: int = 0) -> Iterator[Candidate]:
         for member, load in entries:
             if not member.lower().endswith(IMAGE_SUFFIXES):
                 continue
-            kind = source.kind_of(member)
-            if kind is None:
+            rule = source.rule_for(member)
+            if rule is None:
                 continue
-            yield Candidate(order, source.name, package.version, member, kind, package.licence, load())
+            yield Candidate(
+                order, source.name, package.version, member, rule.kind, rule.flat_kind, package.licence, load()
+            )
             order += 1
 
 
@@ -588,7 +620,10 @@ def decode(path: str, data: bytes) -> Image.Image:
         return Image.fromarray(_to_8bit(array))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked just below
-        image = Image.open(io.BytesIO(data))
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as error:
+            raise TooLarge(str(error)) from error
     if image.width * image.height > MAX_PIXELS:
         raise TooLarge(f"{image.width}x{image.height} (over {MAX_PIXELS} pixels)")
     image.load()  # the first frame of an animation
@@ -620,12 +655,43 @@ def perceptual_hash(image: Image.Image) -> int:
     return int("".join("1" if bit else "0" for bit in bits), 2)
 
 
+def flat_colour_share(image: Image.Image) -> float:
+    """Share of the (opaque) pixels taken by the 8 most common colours at 5 bits a channel: high for drawings in
+    flat fills, low for photos."""
+    pixels = np.asarray(image.convert("RGBA"))  # (H, W, 4)
+    opaque = pixels[..., :3][pixels[..., 3] >= 128] >> 3  # (N, 3)
+    if len(opaque) == 0:
+        return 1.0
+    codes = (opaque[:, 0].astype(np.int64) << 10) | (opaque[:, 1].astype(np.int64) << 5) | opaque[:, 2]
+    counts = np.sort(np.bincount(codes, minlength=1 << 15))
+    return float(counts[-8:].sum() / len(opaque))
+
+
+def largest_opaque_rectangle(alpha: Image.Image) -> tuple[int, int, int, int]:
+    """The largest axis-aligned box (left, top, right, bottom) of opaque pixels: the body of a puzzle-piece tile."""
+    mask = np.asarray(alpha) >= 250  # (H, W)
+    heights = np.zeros(mask.shape[1], dtype=np.int64)  # (W,) opaque run ending at the current row
+    best_area, best_box = 0, (0, 0, 0, 0)
+    for row in range(mask.shape[0]):
+        heights = np.where(mask[row], heights + 1, 0)
+        stack: list[tuple[int, int]] = []  # (start column, height), heights increasing
+        for column, height in enumerate([*heights.tolist(), 0]):
+            start = column
+            while stack and stack[-1][1] >= height:
+                start, top = stack.pop()
+                if top * (column - start) > best_area:
+                    best_area, best_box = top * (column - start), (start, row - top + 1, column, row + 1)
+            stack.append((start, height))
+    return best_box
+
+
 @dataclass
 class Prepared:
     """A decoded, resized and encoded image, or the reason it was skipped."""
 
     candidate: Candidate
     skipped: str | None = None
+    kind: str = ""
     width: int = 0
     height: int = 0
     alpha: bool = False
@@ -635,7 +701,7 @@ class Prepared:
 
 
 def prepare(candidate: Candidate, max_side: int, min_side: int) -> Prepared:
-    """Decode one candidate, drop it when it is too small, resize and encode it deterministically."""
+    """Decode one candidate, settle its kind and transparency, drop it when too small, resize and encode it."""
     try:
         image = decode(candidate.path, candidate.data)
     except TooLarge as error:
@@ -643,36 +709,42 @@ def prepare(candidate: Candidate, max_side: int, min_side: int) -> Prepared:
     except Exception as error:  # a broken file in a package is skipped, with the decoder's reason
         return Prepared(candidate, skipped=f"undecodable: {type(error).__name__}: {error}"[:300])
     width, height = image.size
-    if candidate.kind == "pattern":  # a seamless tile: repeat small ones into a swatch rather than dropping them
-        image = _tile(image, max(PATTERN_SWATCH, width), max(PATTERN_SWATCH, height))
-    elif min(width, height) < min_side:
-        return Prepared(candidate, skipped=f"too small: {width}x{height} (shorter side under {min_side})")
     if image.mode == "CMYK":
         image = image.convert("RGB")
     rgba = image.convert("RGBA") if _has_alpha(image) else None
     alpha = rgba is not None and rgba.getchannel("A").getextrema()[0] < 255
-    if alpha and candidate.kind in ALPHA_KINDS:
-        image = rgba
+    kind = candidate.kind
+    if candidate.flat_kind is not None and flat_colour_share(image) >= FLAT_SHARE:
+        kind = candidate.flat_kind
+    if alpha and kind in ALPHA_KINDS:
+        image = rgba.crop(rgba.getchannel("A").getbbox())  # trim transparent margins around the subject
+    elif alpha and kind in ("photo", "painting"):
+        image = rgba.crop(largest_opaque_rectangle(rgba.getchannel("A"))).convert("RGB")
     elif alpha:
-        background = Image.new("RGBA", rgba.size, FLATTEN_ONTO.get(candidate.kind, (255, 255, 255)) + (255,))
+        background = Image.new("RGBA", rgba.size, FLATTEN_ONTO.get(kind, (255, 255, 255)) + (255,))
         image = Image.alpha_composite(background, rgba).convert("RGB")
     else:
         image = image.convert("RGB")
+    if kind == "pattern":  # a seamless tile: repeat small ones into a swatch rather than dropping them
+        image = _tile(image, max(PATTERN_SWATCH, image.width), max(PATTERN_SWATCH, image.height))
+    elif min(image.size) < min_side:
+        used = "" if image.size == (width, height) else f", {image.width}x{image.height} after trimming transparency"
+        return Prepared(candidate, skipped=f"too small: {width}x{height}{used} (shorter side under {min_side})")
     keep_alpha = image.mode == "RGBA"
-    scale = max_side / max(width, height)
+    scale = max_side / max(image.size)
     if scale < 1:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     if keep_alpha:
         image.save(buffer, format="PNG", optimize=False, compress_level=9)
+        flat = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     else:
         image.save(buffer, format="JPEG", quality=92, optimize=False, progressive=False, subsampling=0)
-    flat = (
-        image if not keep_alpha else Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    )
+        flat = image
     return Prepared(
         candidate,
+        kind=kind,
         width=width,
         height=height,
         alpha=keep_alpha,
@@ -825,7 +897,7 @@ def build(
                 "version": candidate.version,
                 "path": candidate.path,
                 "licence": candidate.licence,
-                "kind": candidate.kind,
+                "kind": prepared.kind,
                 "alpha": prepared.alpha,
                 "sha256": sha,
                 "file_sha256": hashlib.sha256(prepared.encoded).hexdigest(),
@@ -836,7 +908,7 @@ def build(
             kept_rows.append(row)
             kept_hashes = np.append(kept_hashes, np.uint64(prepared.phash))
             manifest.append(row)
-            summary.kept[(candidate.source, candidate.kind)] += 1
+            summary.kept[(candidate.source, prepared.kind)] += 1
             summary.bytes_written += len(prepared.encoded)
     finally:
         if executor:
