@@ -45,13 +45,24 @@ DEB_SOURCE = Source(
     "1.0-1",
     containers=("rcc",),
     rules=(
-        Rule("painting", ("usr/share/testimages/res/art.rcc!/art/*",)),
+        Rule(
+            "painting",
+            ("usr/share/testimages/res/art.rcc!/art/*", "usr/share/testimages/res/art.rcc!/puzzle/resource/board/*"),
+        ),
         Rule("cutout", ("usr/share/testimages/cutouts/*",), flat_kind="illustration"),
         Rule("pattern", ("usr/share/testimages/patterns/*.pat",)),
         Rule("photo", ("usr/share/testimages/photos/*", "usr/share/testimages/big/*")),
     ),
 )
 WHEEL_SOURCE = Source("testphotos", "wheel", "2.0", rules=(Rule("photo", ("testphotos/data/*.npz",)),))
+PUZZLE_BOARD = """QtObject {
+   property var levels : [
+      {"pixmapfile" : "image/bg.svg", "type" : "SHAPE_BACKGROUND_IMAGE", "width": 200, "height": 120},
+      {"pixmapfile" : "image/right.png", "x" : "0.75", "y" : "0.5"},
+      {"pixmapfile" : "image/left.png", "x" : "0.25", "y" : "0.5"}
+   ]
+}
+"""
 COPYRIGHT = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 
 Files: *
@@ -113,8 +124,12 @@ def fixture_files() -> dict[str, bytes]:
     ImageDraw.Draw(tile_alpha).rectangle((180, 0, 199, 159), fill=0)
     tile.putalpha(tile_alpha)
     brighter = Image.fromarray(np.clip(np.asarray(base, dtype=np.int16) + 12, 0, 255).astype(np.uint8))
+    whole = smooth_image(14, (200, 120))  # a painting shipped as two puzzle pieces and a board
     rcc = write_rcc(
         {
+            "/puzzle/resource/board/board1_0.qml": PUZZLE_BOARD.encode(),
+            "/puzzle/resource/image/left.png": encoded(whole.crop((0, 0, 100, 120)), "PNG"),
+            "/puzzle/resource/image/right.png": encoded(whole.crop((100, 0, 200, 120)), "PNG"),
             "/art/painting.webp": encoded(smooth_image(3, (400, 300)), "WEBP", quality=90),
             "/art/tile.png": encoded(tile, "PNG"),
             "/art/notes.txt": b"not an image",
@@ -180,6 +195,7 @@ def test_build_from_local_archives_is_deterministic_with_complete_manifest(tmp_p
         "usr/share/testimages/patterns/weave.pat",
         "usr/share/testimages/res/art.rcc!/art/painting.webp",
         "usr/share/testimages/res/art.rcc!/art/tile.png",
+        "usr/share/testimages/res/art.rcc!/puzzle/resource/board/board1_0.qml",
         "testphotos/data/field.npz",
     }
     for row in rows:
@@ -203,6 +219,12 @@ def test_build_from_local_archives_is_deterministic_with_complete_manifest(tmp_p
         "painting",
     )
     assert (painting["width"], painting["height"]) == (400, 300)
+
+    puzzle = by_path["usr/share/testimages/res/art.rcc!/puzzle/resource/board/board1_0.qml"]
+    assert (puzzle["kind"], puzzle["width"], puzzle["height"], puzzle["alpha"]) == ("painting", 200, 120, False)
+    assembled = np.asarray(Image.open(tmp_path / "one" / puzzle["file"]), dtype=np.float32)
+    whole = np.asarray(smooth_image(14, (200, 120)), dtype=np.float32)
+    assert np.abs(assembled - whole).mean() < 3  # the pieces back in place (JPEG error only)
 
     large = by_path["usr/share/testimages/big/large.jpg"]
     assert (large["width"], large["height"]) == (1200, 800)
@@ -239,8 +261,8 @@ def test_build_from_local_archives_is_deterministic_with_complete_manifest(tmp_p
     assert len(skipped) == 2
 
     summary = json.loads((tmp_path / "one/summary.json").read_text())
-    assert summary["images"] == 8 and summary["duplicates_dropped"] == 1
-    assert summary["per_kind"] == {"cutout": 1, "illustration": 1, "painting": 2, "pattern": 1, "photo": 3}
+    assert summary["images"] == 9 and summary["duplicates_dropped"] == 1
+    assert summary["per_kind"] == {"cutout": 1, "illustration": 1, "painting": 3, "pattern": 1, "photo": 3}
 
 
 def test_cli_builds_a_registry_source_from_archives_without_network(tmp_path):

@@ -187,7 +187,7 @@ SOURCES: tuple[Source, ...] = (
             Rule(
                 "painting",
                 (
-                    _gcompris("paintings/resource/image/*.webp"),  # puzzle tiles of 30-odd old-master paintings
+                    _gcompris("paintings/resource/board/*.qml"),  # 22 old masters, put together from puzzle pieces
                     _gcompris("babyshapes/resource/image/*_background.webp"),
                     _gcompris("details/resource/image/*Gogh*_background.webp"),
                     _gcompris("details/resource/image/PortraitOfPereTanguy_background.webp"),
@@ -550,27 +550,57 @@ class Candidate:
 
 
 def candidates(package: Package, start: int = 0) -> Iterator[Candidate]:
-    """Every file `package` takes (opening .rcc containers), in path order, numbered from `start`."""
+    """Every file `package` takes (opening .rcc containers, assembling puzzles), in path order, from `start`."""
     source = package.source
     order = start
     for path in package.paths:
         if "rcc" in source.containers and path.endswith(".rcc"):
             if not any(_may_hold(rule, path) for rule in source.rules):
                 continue
-            members = list(iter_rcc(package.read(path)))
-            entries = [(f"{path}{MEMBER_SEPARATOR}{inner}", lambda data=data: data) for inner, data in members]
+            files = dict(iter_rcc(package.read(path)))
+            members = [(f"{path}{MEMBER_SEPARATOR}{inner}", inner) for inner in files]
+
+            def load(inner: str, files: dict[str, bytes] = files) -> bytes:
+                return assemble_puzzle(inner, files) if inner.endswith(".qml") else files[inner]
         else:
-            entries = [(path, lambda path=path: package.read(path))]
-        for member, load in entries:
-            if not member.lower().endswith(IMAGE_SUFFIXES):
+            members, load = [(path, path)], package.read
+        for member, key in members:
+            if not member.lower().endswith((*IMAGE_SUFFIXES, ".qml")):
                 continue
             rule = source.rule_for(member)
             if rule is None:
                 continue
             yield Candidate(
-                order, source.name, package.version, member, rule.kind, rule.flat_kind, package.licence, load()
+                order, source.name, package.version, member, rule.kind, rule.flat_kind, package.licence, load(key)
             )
             order += 1
+
+
+_PUZZLE_PIECE = re.compile(r'"pixmapfile"\s*:\s*"([^"]+)"\s*,\s*"x"\s*:\s*"?([\d.]+)"?\s*,\s*"y"\s*:\s*"?([\d.]+)"?')
+
+
+def assemble_puzzle(board_path: str, files: dict[str, bytes]) -> bytes:
+    """Put a GCompris puzzle back together: its board .qml names each piece with the position of its centre as a
+    fraction of the board's width and height. Returns the assembled picture as PNG bytes (transparent around it)."""
+    board = files[board_path].decode("utf-8")
+    size = re.search(r'"width"\s*:\s*(\d+)\s*,\s*"height"\s*:\s*(\d+)', board)
+    if size is None:
+        raise RealDataError(f"{board_path}: no board width and height, not a GCompris puzzle board")
+    width, height = int(size.group(1)), int(size.group(2))
+    folder = board_path.rsplit("/", 2)[0]  # .../resource
+    pieces = [
+        (Image.open(io.BytesIO(files[f"{folder}/{name}"])).convert("RGBA"), float(x), float(y))
+        for name, x, y in _PUZZLE_PIECE.findall(board)
+    ]
+    margin = max(max(piece.size) for piece, _, _ in pieces)  # pieces may reach past the board's edge
+    canvas = Image.new("RGBA", (width + 2 * margin, height + 2 * margin), (0, 0, 0, 0))
+    for piece, x, y in pieces:
+        canvas.alpha_composite(
+            piece, (margin + round(x * width - piece.width / 2), margin + round(y * height - piece.height / 2))
+        )
+    buffer = io.BytesIO()
+    canvas.crop(canvas.getchannel("A").getbbox()).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
 
 
 def _may_hold(rule: Rule, container: str) -> bool:
