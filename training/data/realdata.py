@@ -188,7 +188,6 @@ SOURCES: tuple[Source, ...] = (
                 "painting",
                 (
                     _gcompris("paintings/resource/board/*.qml"),  # 22 old masters, put together from puzzle pieces
-                    _gcompris("babyshapes/resource/image/*_background.webp"),
                     _gcompris("details/resource/image/*Gogh*_background.webp"),
                     _gcompris("details/resource/image/PortraitOfPereTanguy_background.webp"),
                     _gcompris("details/resource/image/Eglise_dAuvers-sur-Oise_background.webp"),
