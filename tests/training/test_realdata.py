@@ -124,6 +124,10 @@ def fixture_files() -> dict[str, bytes]:
     ImageDraw.Draw(tile_alpha).rectangle((180, 0, 199, 159), fill=0)
     tile.putalpha(tile_alpha)
     brighter = Image.fromarray(np.clip(np.asarray(base, dtype=np.int16) + 12, 0, 255).astype(np.uint8))
+    # Warmer: every channel scaled by 0.7 and lifted by its own offset, so the grey structure (all pHash sees)
+    # stays and the mean colour moves by ~40 in red and blue.
+    offsets = np.asarray([76, 38, 0], dtype=np.float32)
+    recoloured = Image.fromarray(np.round(np.asarray(base, dtype=np.float32) * 0.7 + offsets).astype(np.uint8))
     whole = smooth_image(14, (200, 120))  # a painting shipped as two puzzle pieces and a board
     rcc = write_rcc(
         {
@@ -139,6 +143,7 @@ def fixture_files() -> dict[str, bytes]:
     return {
         "usr/share/testimages/photos/a-scene.jpg": encoded(base, "JPEG", quality=95),
         "usr/share/testimages/photos/b-scene-brighter.png": encoded(brighter, "PNG"),  # near-duplicate of a-scene
+        "usr/share/testimages/photos/bb-scene-recoloured.png": encoded(recoloured, "PNG"),  # a colour variant
         "usr/share/testimages/photos/c-icon.png": encoded(smooth_image(5, (32, 32)), "PNG"),  # too small
         "usr/share/testimages/photos/d-broken.jpg": b"\xff\xd8\xff\xe0 this is not really a jpeg",
         "usr/share/testimages/big/large.jpg": encoded(smooth_image(6, (1200, 800)), "JPEG", quality=90),
@@ -189,6 +194,7 @@ def test_build_from_local_archives_is_deterministic_with_complete_manifest(tmp_p
     by_path = {row["path"]: row for row in rows}
     assert set(by_path) == {
         "usr/share/testimages/photos/a-scene.jpg",
+        "usr/share/testimages/photos/bb-scene-recoloured.png",
         "usr/share/testimages/big/large.jpg",
         "usr/share/testimages/cutouts/disc.png",
         "usr/share/testimages/cutouts/drawn.png",
@@ -253,7 +259,12 @@ def test_build_from_local_archives_is_deterministic_with_complete_manifest(tmp_p
     assert duplicate["path"] == "usr/share/testimages/photos/b-scene-brighter.png"
     assert duplicate["duplicate_of_path"] == "usr/share/testimages/photos/a-scene.jpg"
     assert duplicate["duplicate_of"] == by_path["usr/share/testimages/photos/a-scene.jpg"]["id"]
-    assert duplicate["distance"] <= 4
+    assert duplicate["distance"] <= 4 and duplicate["colour_gap"] <= 16
+    scene, recoloured = (
+        by_path["usr/share/testimages/photos/a-scene.jpg"],
+        by_path["usr/share/testimages/photos/bb-scene-recoloured.png"],
+    )
+    assert bin(int(scene["phash"], 16) ^ int(recoloured["phash"], 16)).count("1") <= 4  # same shapes, kept
 
     skipped = {row["path"]: row["reason"] for row in read_jsonl(tmp_path / "one/skipped.jsonl")}
     assert skipped["usr/share/testimages/photos/c-icon.png"].startswith("too small: 32x32")
@@ -261,8 +272,8 @@ def test_build_from_local_archives_is_deterministic_with_complete_manifest(tmp_p
     assert len(skipped) == 2
 
     summary = json.loads((tmp_path / "one/summary.json").read_text())
-    assert summary["images"] == 9 and summary["duplicates_dropped"] == 1
-    assert summary["per_kind"] == {"cutout": 1, "illustration": 1, "painting": 3, "pattern": 1, "photo": 3}
+    assert summary["images"] == 10 and summary["duplicates_dropped"] == 1
+    assert summary["per_kind"] == {"cutout": 1, "illustration": 1, "painting": 3, "pattern": 1, "photo": 4}
 
 
 def test_cli_builds_a_registry_source_from_archives_without_network(tmp_path):

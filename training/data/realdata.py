@@ -47,6 +47,7 @@ ALPHA_KINDS = frozenset({"cutout", "illustration"})
 FLATTEN_ONTO = {"constellation-art": (0, 0, 0)}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".pat", ".npz")
 MAX_PIXELS = 40_000_000  # a few clip-art PNGs are rendered at 10k x 10k; decoding one costs more than it gives
+COLOUR_TOLERANCE = 16  # duplicates also agree on mean colour within this, per channel (0-255)
 FLAT_SHARE = 0.5  # drawings: the 8 commonest colours cover half the pixels or more (photos: 0.05-0.4)
 PATTERN_SWATCH = 256  # GIMP patterns smaller than this are tiled up to it
 MEMBER_SEPARATOR = "!"  # `outer.rcc!/inner/path`: a file inside a container file inside the package
@@ -721,6 +722,7 @@ class Prepared:
     height: int = 0
     alpha: bool = False
     phash: int = 0
+    mean_rgb: tuple[int, int, int] = (0, 0, 0)  # on white where transparent
     encoded: bytes = b""
     suffix: str = ""
 
@@ -774,6 +776,7 @@ def prepare(candidate: Candidate, max_side: int, min_side: int) -> Prepared:
         height=height,
         alpha=keep_alpha,
         phash=perceptual_hash(flat),
+        mean_rgb=tuple(int(v) for v in np.asarray(flat.convert("RGB")).reshape(-1, 3).mean(axis=0).round()),
         encoded=buffer.getvalue(),
         suffix="png" if keep_alpha else "jpg",
     )
@@ -880,6 +883,7 @@ def build(
     duplicates: list[dict] = []
     skipped: list[dict] = []
     kept_hashes = np.zeros(0, dtype=np.uint64)
+    kept_colours = np.zeros((0, 3), dtype=np.int64)
     kept_rows: list[dict] = []
     work = ((candidate, max_side, min_side) for candidate in all_candidates())
     executor = ProcessPoolExecutor(jobs) if jobs > 1 else None
@@ -895,6 +899,9 @@ def build(
             if len(kept_hashes):
                 differing = (kept_hashes ^ np.uint64(prepared.phash)).view(np.uint8)  # (N * 8,)
                 distances = np.unpackbits(differing).reshape(-1, 64).sum(axis=1)  # (N,); numpy 1.26 has no popcount
+                # pHash sees grey only: a recoloured copy (red hat, blue hat) is a colour variant, not a duplicate.
+                colour_gaps = np.abs(kept_colours - np.asarray(prepared.mean_rgb)).max(axis=1)  # (N,)
+                distances = np.where(colour_gaps <= COLOUR_TOLERANCE, distances, 64 + 1)
                 nearest = int(np.argmin(distances))
                 if distances[nearest] <= dedup_distance:
                     original = kept_rows[nearest]
@@ -907,6 +914,7 @@ def build(
                             "duplicate_of_source": original["source"],
                             "duplicate_of_path": original["path"],
                             "distance": int(distances[nearest]),
+                            "colour_gap": int(colour_gaps[nearest]),
                         }
                     )
                     summary.duplicates += 1
@@ -929,9 +937,11 @@ def build(
                 "width": prepared.width,
                 "height": prepared.height,
                 "phash": f"{prepared.phash:016x}",
+                "mean_rgb": list(prepared.mean_rgb),
             }
             kept_rows.append(row)
             kept_hashes = np.append(kept_hashes, np.uint64(prepared.phash))
+            kept_colours = np.vstack([kept_colours, np.asarray(prepared.mean_rgb)[None, :]])
             manifest.append(row)
             summary.kept[(candidate.source, prepared.kind)] += 1
             summary.bytes_written += len(prepared.encoded)
