@@ -360,3 +360,9 @@ def test_oversized_images_are_skipped_before_decoding(monkeypatch):
     data = encoded(smooth_image(13, (200, 100)), "PNG")
     candidate = realdata.Candidate(0, "pkg", "1", "big.png", "photo", None, "MIT", data)
     assert realdata.prepare(candidate, max_side=512, min_side=96).skipped.startswith("too large: 200x100")
+
+
+def test_missing_apt_tools_give_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get, no dpkg
+    with pytest.raises(RealDataError, match="apt-get is not installed.*--archives"):
+        build(tmp_path / "out", select_sources(["scribus-template"]), cache=tmp_path / "cache", log=lambda line: None)
