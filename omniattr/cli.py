@@ -351,6 +351,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return evaluate_main(args.arguments)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Real-image training data: `data build --out DIR` fetches and extracts it; `data --help` lists the options."""
+    from training.data.realdata import main as realdata_main
+
+    return realdata_main(args.arguments)
+
+
 def cmd_annotate(args: argparse.Namespace) -> int:
     """Pair annotation by a VLM: label (stage 1/2), export-sft, finetune, mine; `annotate --help` lists them."""
     from training.annotation.cli import main as annotate_main
@@ -486,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     # annotate forwards everything, --help included, to training.annotation.cli (its subcommands have their own help).
     annotate = commands.add_parser("annotate", add_help=False, help=cmd_annotate.__doc__)
     annotate.set_defaults(run=cmd_annotate, passthrough=True)
+    # data forwards everything, likewise, to training.data.realdata (build, sources).
+    data = commands.add_parser("data", add_help=False, help=cmd_data.__doc__)
+    data.set_defaults(run=cmd_data, passthrough=True)
 
     bench = command("bench", cmd_bench)
     bench.add_argument("name", choices=sorted(BENCHES))

@@ -366,3 +366,12 @@ def test_missing_apt_tools_give_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get, no dpkg
     with pytest.raises(RealDataError, match="apt-get is not installed.*--archives"):
         build(tmp_path / "out", select_sources(["scribus-template"]), cache=tmp_path / "cache", log=lambda line: None)
+
+
+def test_the_omniattr_command_reaches_the_builder(capsys):
+    from omniattr.cli import main as omniattr_main
+
+    assert omniattr_main(["data", "sources"]) == 0
+    listed = capsys.readouterr().out
+    assert "gcompris-qt-data" in listed and "stellarium-data" in listed
+    assert reserved_pattern("tuxtype-data") and "tuxtype" not in listed
