@@ -178,6 +178,7 @@ def test_errors_are_json_with_the_right_status(client):
     assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
 
 
+@pytest.mark.slow
 def test_ingest_from_path_as_a_job(client, tmp_path):
     photos = tmp_path / "photos"
     for i in range(3):

@@ -79,6 +79,7 @@ def test_personalize_and_compose(tmp_path, tiny_encoder_dir, generator_dir, monk
         }
 
 
+@pytest.mark.slow
 def test_generation_errors(tmp_path, tiny_encoder_dir, generator_dir, monkeypatch):
     with client_for(tmp_path, tiny_encoder_dir, monkeypatch, generator_path=generator_dir) as client:
         ids = upload(client, count=1)

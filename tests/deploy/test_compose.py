@@ -63,11 +63,13 @@ def test_the_compose_files_are_found():
     assert {p.name for p in COMPOSE_FILES} >= {"docker-compose.workers.yml", "docker-compose.qdrant-cluster.yml"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_compose_file_is_valid_against_the_compose_specification(path, compose_schema):
     assert schema_errors(compose_schema, load(path)) == []
 
 
+@pytest.mark.slow
 def test_check_jsonschema_cli_accepts_the_compose_files():
     """The same check as a user would run it: check-jsonschema --builtin-schema vendor.compose-spec."""
     executable = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
@@ -113,6 +115,7 @@ def _commands(path: Path):
             yield f"{name} healthcheck", shell_command(test[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_every_service_command_exists_in_the_package(path):
     problems = {name: command_problems(argv) for name, argv in _commands(path)}

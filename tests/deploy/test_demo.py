@@ -42,6 +42,7 @@ def test_sample_collection_has_a_few_hundred_photos_and_procedural_images(collec
             assert image.mode == "RGB" and min(image.size) >= 64
 
 
+@pytest.mark.slow
 def test_example_queries_name_images_of_the_collection(demo, collection):
     out, _ = collection
     for example in demo.EXAMPLES:

@@ -52,6 +52,7 @@ def test_the_dockerfiles_are_found():
     assert {path.name for path in DOCKERFILES} == {"Dockerfile", "Dockerfile.cuda"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_passes(path):
     result = subprocess.run([hadolint(), str(path)], capture_output=True, text=True, check=False)

@@ -31,6 +31,7 @@ def encoder():
     return model
 
 
+@pytest.mark.slow
 def test_shapes_and_normalisation(encoder, images):
     with torch.no_grad():
         out = encoder.encode(images, ATTRIBUTES)
@@ -42,6 +43,7 @@ def test_shapes_and_normalisation(encoder, images):
     torch.testing.assert_close(out.pooled, mean)
 
 
+@pytest.mark.slow
 def test_attribute_changes_what_is_read(encoder, images):
     with torch.no_grad():
         a = encoder.encode(images[:1], ["image lighting"]).pooled
@@ -50,6 +52,7 @@ def test_attribute_changes_what_is_read(encoder, images):
     assert (a - b).abs().max() > 1e-3 and (a - c).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_grid_equals_encode_pair_by_pair(encoder, images):
     with torch.no_grad():
         grid = encoder.encode_grid(images, ATTRIBUTES)
@@ -60,6 +63,7 @@ def test_grid_equals_encode_pair_by_pair(encoder, images):
             assert (grid.pooled[:, k] - single.pooled).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_grid_runs_trunk_per_image_and_text_per_attribute(encoder, images):
     encoder.eval()  # (re)entering eval mode empties the text cache that earlier tests filled
     rows = {"trunk": [], "text": []}
@@ -81,6 +85,7 @@ def test_grid_runs_trunk_per_image_and_text_per_attribute(encoder, images):
     assert rows == {"trunk": [3], "text": [4]}
 
 
+@pytest.mark.slow
 def test_cached_text_states_equal_fresh_ones_and_follow_weight_changes(encoder, images):
     backbone = encoder.backbone
     encoder.eval()
@@ -103,6 +108,7 @@ def test_cached_text_states_equal_fresh_ones_and_follow_weight_changes(encoder, 
     torch.testing.assert_close(changed, recomputed, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_encoder_built_in_inference_mode_encodes_twice(images):
     with torch.inference_mode():  # its weights are inference tensors, without version counters
         model = AttributeEncoder(tiny_compact_config()).eval()
@@ -111,6 +117,7 @@ def test_an_encoder_built_in_inference_mode_encodes_twice(images):
     torch.testing.assert_close(first, second)
 
 
+@pytest.mark.slow
 def test_text_cache_is_bounded_and_skipped_when_training(encoder):
     from encoder.compact import TextStateCache
 
@@ -141,6 +148,7 @@ def test_text_cache_is_bounded_and_skipped_when_training(encoder):
     assert runs == [1, 1]  # training reads MiniLM every time (its LoRA weights change), never the cache
 
 
+@pytest.mark.slow
 def test_gradients_reach_lora_projector_connector_only(encoder, images):
     encoder.train()
     encoder.zero_grad()
@@ -158,6 +166,7 @@ def test_gradients_reach_lora_projector_connector_only(encoder, images):
     assert not encoder.backbone.trunk.training  # batch-norm statistics stay frozen in train mode
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(encoder, images, tmp_path):
     encoder.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"encoder_config.json", "encoder.safetensors", "lora"}
@@ -193,6 +202,7 @@ def test_a_checkpoint_from_another_machine_resaves_cleanly(encoder, tmp_path):
     assert loaded.version == encoder.version
 
 
+@pytest.mark.slow
 def test_checkpoint_mismatches_fail_clearly(encoder, tmp_path):
     encoder.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="is a 'compact' encoder, not 'mllm'"):
@@ -228,6 +238,7 @@ def test_config_validation():
         EncoderConfig.compact(prompt="describe:")
 
 
+@pytest.mark.slow
 def test_trunk_chunks_on_cpu_give_the_same_tokens(encoder, images):
     from encoder.compact import CPU_TRUNK_CHUNK
 
@@ -279,6 +290,7 @@ def test_image_levels_are_validated():
     assert EncoderConfig.compact().image_levels == ["head"]  # the shipped starter's input
 
 
+@pytest.mark.slow
 def test_sincos_cell_positions_are_as_loud_as_content_and_local():
     from encoder.compact import sincos_cell_positions
 
@@ -297,6 +309,7 @@ def test_sincos_cell_positions_are_as_loud_as_content_and_local():
         EncoderConfig.compact(cell_position_init="fourier")
 
 
+@pytest.mark.slow
 def test_encode_pairs_shares_image_and_text_work_and_matches_encode(encoder, images):
     """The backbone protocol's `encode_pairs`: any (image, phrase) pairs in one call, image tokens reusable."""
     image_index, phrase_index = [0, 1, 2, 0, 2], [1, 0, 1, 0, 0]

@@ -39,6 +39,7 @@ def classifier():
         ("rocket", {MISSILE, PROJECTILE}, None),
     ],
 )
+@pytest.mark.slow
 def test_top5_contains_the_right_class(classifier, photo, expected, top1):
     pixels = to_pixels([center_crop(getattr(data, photo)())], IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD)
     with torch.no_grad():
@@ -50,11 +51,13 @@ def test_top5_contains_the_right_class(classifier, photo, expected, top1):
         assert probabilities[sorted(top1)].sum() > 0.5  # confident, not a lucky 5th place
 
 
+@pytest.mark.slow
 def test_feature_map_shape(classifier):
     with torch.no_grad():
         assert classifier.features(torch.zeros(2, 3, 224, 224)).shape == (2, 1280, 7, 7)
 
 
+@pytest.mark.slow
 def test_folding_batch_norm_keeps_features_and_logits():
     photo = to_pixels([center_crop(data.chelsea())], IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD)
     plain = load_efficientnet_lite0()
@@ -84,6 +87,7 @@ def test_same_padding_matches_tensorflow(kernel, stride, size):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.slow
 def test_feature_levels_are_the_trunk_maps_at_their_strides(classifier):
     from encoder.config import TRUNK_LEVELS
     from encoder.efficientnet_lite import LEVELS

@@ -100,6 +100,7 @@ def test_too_many_pixels_is_refused_before_decoding(tmp_path):
         load_rgb(Image.new("RGB", (300, 200)), max_pixels=50_000)
 
 
+@pytest.mark.slow
 def test_one_pixel_and_huge_images_are_resized():
     pixels = to_pixels([Image.new("RGB", (1, 1), (255, 0, 0))], 32, (0, 0, 0), (1, 1, 1))
     assert pixels.shape == (1, 3, 32, 32)

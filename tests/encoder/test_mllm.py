@@ -29,6 +29,7 @@ def encoder(request, tmp_path_factory):
     return model
 
 
+@pytest.mark.slow
 def test_shapes(encoder, images):
     with torch.no_grad():
         out = encoder.encode(images, ATTRIBUTES)
@@ -37,6 +38,7 @@ def test_shapes(encoder, images):
     assert (out.pooled[0] - out.pooled[1]).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_grid_equals_encode_pair_by_pair(encoder, images):
     with torch.no_grad():
         grid = encoder.encode_grid(images, ATTRIBUTES)
@@ -75,6 +77,7 @@ def test_lora_only_on_language_model_attention(encoder):
     assert {n.split(".")[-2] for n in wrapped} == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
+@pytest.mark.slow
 def test_gradients_reach_lora_and_connector_not_frozen_weights(encoder, images):
     encoder.zero_grad()
     out = encoder.encode_grid(images[:2], ATTRIBUTES[:2])  # through the shared, repeated KV cache
@@ -89,6 +92,7 @@ def test_gradients_reach_lora_and_connector_not_frozen_weights(encoder, images):
     encoder.zero_grad()
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(encoder, images, tmp_path):
     encoder.save_pretrained(tmp_path)
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
@@ -102,6 +106,7 @@ def test_save_load_round_trip(encoder, images, tmp_path):
         AttributeEncoder.from_pretrained(tmp_path, backend="compact")
 
 
+@pytest.mark.slow
 def test_bf16(encoder, images):
     with torch.no_grad():
         reference = encoder.encode(images[:2], ATTRIBUTES[:2]).pooled
@@ -124,6 +129,7 @@ def test_bad_images_name_the_problem(encoder):
         encoder.encode([np.zeros((3, 30, 30), np.uint8)], ["lighting"])
 
 
+@pytest.mark.slow
 def test_backbone_protocol_defaults(encoder, images):
     """mllm keeps no per-image tokens between calls, encodes pairs as `encode` does, and has no trunk levels."""
     backbone = encoder.backbone

@@ -65,6 +65,7 @@ def initial_latents(seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(seed))  # (B, S, 4 * C_lat)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("num_refs", "guidance_scale"), [(1, 1.0), (3, 1.0), (4, 2.5)])
 def test_batched_composition_equals_the_sequential_reference(pipe, prompt, num_refs, guidance_scale):
     tokens = random_attribute_tokens(num_refs, seed=num_refs)
@@ -98,6 +99,7 @@ def test_batched_forward_runs_all_conditions_at_once(pipe, prompt):
     assert batch_sizes == [3 + 2] * STEPS
 
 
+@pytest.mark.slow
 def test_one_reference_with_weight_one_equals_personalization(pipe, prompt):
     tokens = random_attribute_tokens(1)
     for guidance_scale in (1.0, 3.0):
@@ -142,6 +144,7 @@ def test_several_images_per_prompt_match_single_runs(pipe, prompt):
         assert np.abs(pair[index] - single[0]).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_text_encoder_seam_matches_precomputed_embeddings():
     pipe = tiny_generator(seed=0)
     with_text = AttributePipeline(pipe.transformer, pipe.vae, pipe.scheduler, **tiny_text_encoders(seed=0))

@@ -36,6 +36,7 @@ def collection(session):
     return metadata.create_collection(session, name="ingest")
 
 
+@pytest.mark.slow
 def test_good_files_are_stored_and_duplicates_recognised(session, collection, tmp_path):
     media = MediaStore(tmp_path / "media")
     data = encode(photo(1), "JPEG")
@@ -60,6 +61,7 @@ def test_good_files_are_stored_and_duplicates_recognised(session, collection, tm
         ("bomb.png", lambda: encode(Image.new("1", (9000, 9000)), "PNG"), "decompression bomb"),
     ],
 )
+@pytest.mark.slow
 def test_bad_files_fail_alone_with_a_reason(session, collection, tmp_path, name, make_data, reason):
     media = MediaStore(tmp_path / "media")
     bad = ingest_bytes(session, media, collection_id=collection.id, source=name, data=make_data())

@@ -107,6 +107,7 @@ def test_ingest_then_index_then_backfill_then_new_images(worker_context, dispatc
         assert metadata.count_images(session, collection_id=collection_id) == 13  # the 10 old ones deduplicated
 
 
+@pytest.mark.slow
 def test_indexed_vectors_match_the_encoder_and_queries(worker_context, dispatcher, tmp_path):
     context = worker_context
     collection_id, encoder_model_id = setup_collection(context, tmp_path, count=4)
@@ -141,6 +142,7 @@ def test_indexed_vectors_match_the_encoder_and_queries(worker_context, dispatche
     assert hits[0].image_id == image.id and hits[0].score == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_deleted_images_are_skipped_and_bad_files_fail_alone(worker_context, dispatcher, tmp_path):
     context = worker_context
     collection_id, encoder_model_id = setup_collection(context, tmp_path, count=5)
@@ -225,6 +227,7 @@ def test_encoder_description_matches_the_loaded_model(tiny_encoder_dir):
         describe_encoder(tiny_encoder_dir.parent)
 
 
+@pytest.mark.slow
 def test_concurrent_queries_are_batched_and_a_bad_one_fails_alone(worker_context, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -22,6 +22,7 @@ def add(session, collection_id: int, name: str, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_collections_create_find_list_and_conflict(session):
     first = metadata.create_collection(session, name="  holiday   photos ", description="2024")
     assert first.name == "holiday photos"

@@ -42,6 +42,7 @@ def _drift(engine) -> list:
         return compare_metadata(context, Base.metadata)
 
 
+@pytest.mark.slow
 def test_upgrade_creates_every_table_with_no_drift(empty_database_url):
     upgrade_database(empty_database_url)
     engine = make_engine(empty_database_url)
@@ -55,6 +56,7 @@ def test_upgrade_creates_every_table_with_no_drift(empty_database_url):
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_downgrade_to_base_and_upgrade_again(empty_database_url):
     upgrade_database(empty_database_url)
     downgrade_database(empty_database_url, revision="base")
@@ -94,6 +96,7 @@ def test_unmigrated_database_is_reported_at_startup(empty_database_url):
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_migrated_status_checks_allow_exactly_the_domain_statuses(empty_database_url):
     """A status added to an omniattr.domain enum without a migration fails here (autogenerate ignores CHECKs)."""
     upgrade_database(empty_database_url)

@@ -95,6 +95,7 @@ def test_safe_version_names_are_reversible_and_distinct():
         safe_version_name("")
 
 
+@pytest.mark.slow
 def test_upsert_count_fetch_delete_round_trip(index):
     rng = np.random.default_rng(0)
     points = make_points(rng, images=12, attributes=3, collections=2)
@@ -130,6 +131,7 @@ def test_upsert_count_fetch_delete_round_trip(index):
     assert index.count(encoder_version=VERSION) == 27
 
 
+@pytest.mark.slow
 def test_ensure_collection_is_idempotent_and_keeps_its_dimension(index):
     index.ensure_collection(encoder_version=VERSION, dimension=DIMENSION)
     index.upsert(
@@ -145,6 +147,7 @@ def test_ensure_collection_is_idempotent_and_keeps_its_dimension(index):
     assert index.count(encoder_version="a.b") == 0
 
 
+@pytest.mark.slow
 def test_reupsert_overwrites_instead_of_duplicating(index):
     rng = np.random.default_rng(2)
     points = make_points(rng, images=5, attributes=2, collections=1)
@@ -175,6 +178,7 @@ def test_reupsert_overwrites_instead_of_duplicating(index):
     assert hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_search_filters_match_numpy_ground_truth(index):
     rng = np.random.default_rng(3)
     points = make_points(rng, images=60, attributes=3, collections=3)
@@ -295,6 +299,7 @@ def test_unknown_encoder_version_is_not_found(index):
     assert index.list_encoder_versions() == [VERSION]
 
 
+@pytest.mark.slow
 def test_search_agrees_with_exact_ground_truth(index):
     rng = np.random.default_rng(6)
     points = make_points(rng, images=200, attributes=2, collections=2)
@@ -310,6 +315,7 @@ def test_search_agrees_with_exact_ground_truth(index):
             np.testing.assert_allclose([hit.score for hit in hits], expected_scores, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_both_backends_return_the_same_hits(tmp_path):
     rng = np.random.default_rng(7)
     points = make_points(rng, images=150, attributes=2, collections=3)
@@ -341,6 +347,7 @@ def test_both_backends_return_the_same_hits(tmp_path):
     assert all(len(hits) == 10 for hits in answers["edge"][1])
 
 
+@pytest.mark.slow
 def test_edge_reopen_after_close_keeps_points_and_dimension(tmp_path):
     points = make_points(np.random.default_rng(8), images=30, attributes=2, collections=2)
     query = np.random.default_rng(9).standard_normal(DIMENSION)

@@ -62,6 +62,7 @@ def test_vae_loss_decreases_on_a_fixed_batch(pair_dir):
     assert abs(float(latents.std()) - 1.0) < 1e-3 and abs(float(latents.mean())) < 1e-3
 
 
+@pytest.mark.slow
 def test_transformer_loss_decreases_on_a_fixed_batch():
     transformer = gp.build_transformer(seed=0, num_layers=1, num_single_layers=1, heads=2, head_dim=16)
     generator = torch.Generator().manual_seed(0)
@@ -95,6 +96,7 @@ def generator_dir(pair_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_saved_generator_loads_and_generates_the_requested_size(generator_dir):
     record = gp.PRETRAIN_CONFIG_NAME
     assert (generator_dir / record).is_file()
@@ -141,6 +143,7 @@ def test_adapter_stage_trains_and_loads_with_the_generator(pair_dir, generator_d
     assert float(sum(weights)) > 0  # moved away from the zero initialisation
 
 
+@pytest.mark.slow
 def test_transfer_score_identical_reference_wins_and_scores_are_cosines():
     from encoder import AttributeEncoder
     from encoder.config import EncoderConfig

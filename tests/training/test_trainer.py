@@ -158,6 +158,7 @@ def test_encoder_only_and_no_con_ablation(tmp_path, pairs_dir):
     assert all("l_con" not in losses and losses["loss"] == pytest.approx(losses["l_gen"]) for losses in seen)
 
 
+@pytest.mark.slow
 def test_contrastive_embeddings_fast_path_equals_encode(pairs_dir):
     from training.data.pairs import PairDataset
 
@@ -173,6 +174,7 @@ def test_contrastive_embeddings_fast_path_equals_encode(pairs_dir):
             torch.testing.assert_close(got, encoder.encode(images, attributes).pooled, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_factor_loss_trains_on_recorded_factors_and_max_seconds_stops_with_a_checkpoint(tmp_path, pairs_dir):
     seen: list[dict] = []
     checkpoint = train(
@@ -202,6 +204,7 @@ def test_factor_loss_on_pairs_without_factors_says_what_to_do(tmp_path, pairs_di
         train(_config(plain, tmp_path / "run", lambda_gen=0.0, generator=None, lambda_con=0.0, lambda_factor=1.0))
 
 
+@pytest.mark.slow
 def test_factor_loss_with_the_shared_trunk_pass_equals_its_own(tmp_path, pairs_dir):
     """forward runs the frozen trunk once for L_con and the factor loss; the loss must not change."""
     import random

@@ -232,6 +232,7 @@ def test_stage1_labels_good_pairs_retries_bad_answers_and_records_failures(serve
     assert summary.failures_by_kind == {"not_json": 1, "schema": 1, "bad_response": 1, "timeout": 1, "missing_image": 1}
 
 
+@pytest.mark.slow
 def test_resume_skips_labelled_pairs_and_retries_failed_ones(server, tmp_path):
     images, out = tmp_path / "in", tmp_path / "dataset"
     tasks = [server.pair(images, f"pair{i}", [GOOD]) for i in range(3)]
@@ -249,6 +250,7 @@ def test_resume_skips_labelled_pairs_and_retries_failed_ones(server, tmp_path):
     assert sorted(ids) == ["flaky", "pair0", "pair1", "pair2"]  # each once
 
 
+@pytest.mark.slow
 def test_a_crash_loses_no_finished_label_and_a_torn_line_is_relabelled(server, tmp_path):
     images, out = tmp_path / "in", tmp_path / "dataset"
     tasks = [server.pair(images, f"pair{i}", [GOOD]) for i in range(4)]
@@ -304,6 +306,7 @@ def test_unreachable_endpoint_fails_each_pair_and_stops_early(tmp_path):
     assert not (out / PAIRS_FILENAME).exists()
 
 
+@pytest.mark.slow
 def test_stage2_short_prompt_goes_through_the_same_path(server, tmp_path):
     images, out = tmp_path / "in", tmp_path / "dataset"
     compact = {key: GOOD[key] for key in ("caption_x", "caption_y")}
@@ -318,6 +321,7 @@ def test_stage2_short_prompt_goes_through_the_same_path(server, tmp_path):
     assert record.source == "annotator-stage2" and record.meta["prompt_version"] == SHORT_PROMPT_VERSION
 
 
+@pytest.mark.slow
 def test_concurrency_is_bounded(server, tmp_path):
     images, out = tmp_path / "in", tmp_path / "dataset"
     delayed = [server.pair(images, f"pair{i}", [GOOD]) for i in range(6)]

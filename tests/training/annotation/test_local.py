@@ -68,6 +68,7 @@ def _request(path) -> AnnotationRequest:
     return AnnotationRequest((blob, blob), SHORT_INSTRUCTION)
 
 
+@pytest.mark.slow
 def test_chat_inputs_expand_image_tokens_and_mask_the_prompt(tiny_base, stage1_dataset):
     annotator = LocalVLMAnnotator(tiny_base, min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS, max_new_tokens=4)
     chat: QwenChatInputs = annotator.inputs
@@ -85,6 +86,7 @@ def test_chat_inputs_expand_image_tokens_and_mask_the_prompt(tiny_base, stage1_d
     assert torch.equal(labels[answer], inputs["input_ids"][0][answer])
 
 
+@pytest.mark.slow
 def test_local_annotator_garbage_is_recorded_as_a_bad_answer(tiny_base, stage1_dataset, tmp_path):
     annotator = LocalVLMAnnotator(tiny_base, min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS, max_new_tokens=12)
     reply = annotator.complete(_request(stage1_dataset / "images" / "0x.png"))

@@ -34,6 +34,7 @@ def test_band_neighbours_keeps_pairs_inside_the_band_only():
     assert [(i, j) for i, j, _ in grouped] == [(0, 2), (2, 3)]  # 1 and 2 are the same file
 
 
+@pytest.mark.slow
 def test_mine_pairs_from_a_directory_skips_unreadable_and_identical_files(tmp_path):
     torch.set_num_threads(1)
     generate_dataset(tmp_path / "proc", 6, seed=5, config=ProceduralConfig(size=64))

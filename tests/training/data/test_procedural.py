@@ -67,6 +67,7 @@ def test_render_gives_an_rgb_image_of_the_asked_size():
     assert np.asarray(image).std() > 5  # not a blank frame
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in FACTORS])
 def test_every_value_of_every_factor_changes_the_pixels(name):
     base = pixels(BASE)
