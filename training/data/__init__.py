@@ -1,1 +1,1 @@
-"""Training data: the pair dataset format and the seeded procedural pair generator."""
+"""Training data: the pair format, the procedural pair generator and the real-photo builder."""
