@@ -16,7 +16,7 @@ generator where the meaning is the same, so the trainer's `lambda_factor` and it
     background  which photo is behind ("photo:<id>"), or "plain" paper behind an illustration
     layout      scale and position bucket of a placed subject (procedural LAYOUTS values)
     pose        mirrored or not (procedural POSES values "rot000" / "rot000-mirrored")
-    material    the gimp pattern that re-surfaces the subject ("pattern:<id>"); absent when untextured
+    material    the gimp pattern that re-surfaces a cut-out ("pattern:<id>"), or "natural:<id>" for its own surface
     palette     a named palette, or "natural:<content>" for unrecoloured content (equal only for the same content)
     lighting    "<exposure>/<direction>/<temperature>/<contrast>/<condition>" (factor_parts splits it), or
                 "natural:<content>" when no light is changed
@@ -272,6 +272,8 @@ def recorded_factors(spec: ImageSpec, library: Library) -> dict[str, str]:
         values["pose"] = spec.pose
     if spec.material is not None:
         values["material"] = f"pattern:{spec.material}"
+    elif spec.mode == "composite":
+        values["material"] = NATURAL + spec.identity  # the cut-out's own surface
     content = _content_key(spec)
     values["palette"] = spec.palette if spec.palette != "natural" else NATURAL + content
     values["lighting"] = spec.lighting if spec.lighting != NEUTRAL_LIGHT else NATURAL + content
@@ -287,9 +289,9 @@ def recorded_factors(spec: ImageSpec, library: Library) -> dict[str, str]:
 DEFAULT_CHANGE_WEIGHTS = {
     "identity": 1.0,
     "background": 1.0,
-    "layout": 0.6,
-    "pose": 0.3,
-    "material": 0.6,
+    "layout": 0.8,
+    "pose": 0.4,
+    "material": 0.8,
     "palette": 1.0,
     "lighting": 2.0,
     "style": 1.5,
@@ -622,18 +624,22 @@ def describe_lighting(value: str) -> str:
     return ", ".join(words)
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def caption_for(spec: ImageSpec, library: Library) -> str:
     """A caption describing an image from its specification."""
     subject = library.by_id[spec.identity].noun
     text = f"{STYLE_OPENINGS[spec.style]} {subject}"
     if spec.mode == "composite":
-        text += f" in front of a {library.by_id[spec.background].noun}"
+        text += f" in front of {_a(library.by_id[spec.background].noun)}"
         if spec.material is not None:
             text += f", made of {library.by_id[spec.material].noun}"
     if spec.layout is not None:
         text += f", {describe_layout(spec.layout)}, {describe_pose(spec.pose)}"
     if spec.palette != "natural":
-        text += f", in a {spec.palette} palette"
+        text += f", in {_a(spec.palette)} palette"
     if spec.lighting != NEUTRAL_LIGHT:
         text += f", {describe_lighting(spec.lighting)}"
     return text + "."
