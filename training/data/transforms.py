@@ -255,7 +255,7 @@ def edges(gray: np.ndarray) -> np.ndarray:
 
 
 def oil_paint(image: np.ndarray, radius: int) -> np.ndarray:
-    """Oil paint: a Kuwahara filter (each pixel takes the mean of its least-varied quadrant, radius 3-5); (H, W, 3)."""
+    """Oil paint: a Kuwahara filter (each pixel takes the mean of its least-varied quadrant, radius 4-7); (H, W, 3)."""
     size = radius + 1
     luma = luminance(image)
     best_mean = np.zeros_like(image)
@@ -297,10 +297,20 @@ def pencil(image: np.ndarray, blur: float) -> np.ndarray:
 
 
 def cartoon(image: np.ndarray, levels: int) -> np.ndarray:
-    """Cartoon: bilateral smoothing, colours quantised to `levels` (4-6) per channel and black edges; (H, W, 3)."""
+    """Cartoon: bilateral smoothing, flat tone bands (`levels` 4-6 over the image's own range), black edges; (H, W, 3).
+
+    Banding the luminance within the image's own range (not fixed steps of each channel) keeps a dark or hazy
+    picture from collapsing into one or two flat colours; the colour keeps its hue in coarse steps.
+    """
     smooth = _half_res_smooth(image, passes=2)
-    flat = np.round(smooth * (levels - 1)) / (levels - 1)
-    outline = edges(ndimage.gaussian_filter(luminance(smooth), 0.7)) > 0.5  # (H, W)
+    luma = luminance(smooth)  # (H, W)
+    low, high = np.percentile(luma, (2, 98))
+    span = max(float(high - low), 0.05)
+    position = np.clip((luma - low) / span, 0.0, 0.999)
+    banded = low + (np.floor(position * levels) + 0.5) / levels * span  # (H, W)
+    flat = np.clip(smooth * (banded / np.maximum(luma, 1e-3))[:, :, None], 0.0, 1.0)
+    flat = np.round(flat * 7.0) / 7.0
+    outline = edges(ndimage.gaussian_filter(luma, 0.7)) > 0.5  # (H, W)
     return np.where(outline[:, :, None], 0.05, flat).astype(np.float32)
 
 
