@@ -535,7 +535,7 @@ def _relight(
 
 def _stylise(image: np.ndarray, style: str, jitter: np.random.Generator, params: dict) -> np.ndarray:
     if style == "oil":
-        params["radius"] = int(jitter.integers(4, 8))
+        params["radius"] = int(jitter.integers(3, 7))
         return transforms.oil_paint(image, params["radius"])
     if style == "watercolor":
         params["paper_seed"] = int(jitter.integers(0, 2**16))
