@@ -136,7 +136,8 @@ for _angle in (0, 30, 60, 90, 180, 270, 300, 330):
         POSES[f"rot{_angle:03d}{'-mirrored' if _mirrored else ''}"] = (_angle, _mirrored)
 
 
-def _describe_pose(value: str) -> str:
+def describe_pose(value: str) -> str:
+    """Caption words for a POSES value, e.g. "mirrored and upright"."""
     angle, mirrored = POSES[value]
     if angle == 0:
         text = "upright"
@@ -176,21 +177,27 @@ _SCALES = {"small": 0.36, "medium": 0.54, "large": 0.76}  # side of the subject'
 LAYOUTS = {f"{scale}-{position}": (scale, position) for scale in _SCALES for position in _POSITIONS}
 
 
-def _describe_layout(value: str) -> str:
+def describe_layout(value: str) -> str:
+    """Caption words for a LAYOUTS value, e.g. "small and at the top left of the frame"."""
     scale, position = LAYOUTS[value]
     where = "in the center" if position == "center" else f"at the {position.replace('-', ' ')} of the frame"
     return f"{scale} and {where}"
 
 
 def _render_layout(scene: Scene, value: str) -> None:
+    scene.canvas_rgb, scene.canvas_alpha = place_layer(scene.subject_layer, value, scene.size, scene.jitter)
+
+
+def place_layer(
+    layer: Image.Image, value: str, size: int, jitter: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """An RGBA layer scaled and placed in a (size, size) frame by a LAYOUTS value: its rgb (size, size, 3), alpha."""
     scale_name, position = LAYOUTS[value]
-    size = scene.size
     scale = _SCALES[scale_name]
     shift_x = shift_y = 0.0
-    if scene.jitter is not None:
-        scale *= scene.jitter.uniform(0.93, 1.07)
-        shift_x, shift_y = scene.jitter.uniform(-0.03, 0.03, size=2) * size
-    layer = scene.subject_layer
+    if jitter is not None:
+        scale *= jitter.uniform(0.93, 1.07)
+        shift_x, shift_y = jitter.uniform(-0.03, 0.03, size=2) * size
     fit = scale * size / max(layer.size)
     width, height = max(1, round(layer.size[0] * fit)), max(1, round(layer.size[1] * fit))
     layer = layer.resize((width, height), Image.Resampling.BILINEAR)
@@ -201,8 +208,7 @@ def _render_layout(scene: Scene, value: str) -> None:
     canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     canvas.paste(layer, (left, top))
     pixels = np.asarray(canvas, dtype=np.float32) / 255.0
-    scene.canvas_rgb = pixels[:, :, :3]
-    scene.canvas_alpha = pixels[:, :, 3]
+    return pixels[:, :, :3], pixels[:, :, 3]
 
 
 def _render_background(scene: Scene, value: str) -> None:
@@ -486,7 +492,7 @@ FACTORS: dict[str, Factor] = {
                 "angle of the object",
                 "tilt and mirroring",
             ),
-            describe=_describe_pose,
+            describe=describe_pose,
             render=_render_pose,
             choices=_static(POSES),
         ),
@@ -503,7 +509,7 @@ FACTORS: dict[str, Factor] = {
                 "spatial arrangement",
                 "object scale and position",
             ),
-            describe=_describe_layout,
+            describe=describe_layout,
             render=_render_layout,
             choices=_static(LAYOUTS),
         ),
@@ -750,10 +756,7 @@ def sample_pair(rng: np.random.Generator, config: ProceduralConfig = ProceduralC
             break
     else:
         raise ValueError("could not draw a pair outside the held-out combinations in 1000 tries; hold out fewer")
-    # Name a few of the shared factors (not always all, as a human annotator would) and every differing one.
-    kept = rng.permutation(shared)[: int(rng.integers(1, len(shared) + 1))]
-    positive = tuple((str(rng.choice(FACTORS[name].paraphrases)), str(name)) for name in kept)
-    negative = tuple((str(rng.choice(FACTORS[name].paraphrases)), str(name)) for name in rng.permutation(differing))
+    positive, negative = name_attributes(rng, shared, differing, FACTORS)
     templates = rng.integers(0, 3, size=2)
     jitters = rng.integers(0, 2**31 - 1, size=2)
     return PairSpec(
@@ -766,6 +769,19 @@ def sample_pair(rng: np.random.Generator, config: ProceduralConfig = ProceduralC
         jitter_x=int(jitters[0]),
         jitter_y=int(jitters[1]),
     )
+
+
+def name_attributes(
+    rng: np.random.Generator, shared: Sequence[str], differing: Sequence[str], factors: Mapping[str, Factor]
+) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """(phrase, factor) positives and negatives of a pair, each phrase one of its factor's paraphrases.
+
+    A few of the shared factors are named (not always all, as a human annotator would) and every differing one.
+    """
+    kept = rng.permutation(shared)[: int(rng.integers(1, len(shared) + 1))]
+    positive = tuple((str(rng.choice(factors[name].paraphrases)), str(name)) for name in kept)
+    negative = tuple((str(rng.choice(factors[name].paraphrases)), str(name)) for name in rng.permutation(differing))
+    return positive, negative
 
 
 def pair_rng(seed: int, index: int) -> np.random.Generator:
@@ -826,13 +842,24 @@ def generate_dataset(
     `workers` > 1 renders in that many processes; the bytes written are the same for any number of workers.
     """
     out = Path(out)
+    render = functools.partial(render_pair, out, seed, config=config)
+    return write_dataset(out, num_pairs, render, flush_every=flush_every, workers=workers)
+
+
+def write_dataset(
+    out: Path, num_pairs: int, render: Callable[[int], PairRecord], *, flush_every: int = 500, workers: int = 1
+) -> int:
+    """Call render(i) for i < num_pairs (it writes pair i's images) and append the records in index order.
+
+    `render` must be picklable (a module-level function or a partial of one) when `workers` > 1; the records
+    and so pairs.jsonl are the same for any number of workers. Refuses a directory that already has pairs.
+    """
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be at least 1, got {num_pairs}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if (out / PAIRS_FILENAME).exists():
         raise FileExistsError(f"{out / PAIRS_FILENAME} exists; pass a new --out directory (pairs are never mixed)")
-    render = functools.partial(render_pair, out, seed, config=config)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         records = pool.imap(render, range(num_pairs), chunksize=16) if pool else map(render, range(num_pairs))
