@@ -46,6 +46,7 @@ from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from encoder.runtime import reuse_freed_memory  # noqa: E402
 from training.data.splits import HELDOUT_SOURCES, split_of  # noqa: E402
 from training.evaluate import (  # noqa: E402
     DEFAULT_K,
@@ -675,6 +676,7 @@ def main(argv: Sequence[str] | None = None, sizes: Sizes = Sizes()) -> int:
     parser.add_argument("--no-sheets", action="store_true", help="skip the contact sheet PNGs")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # before the trunk baseline runs too (the encoder sets it when built)
     started = time.perf_counter()
     benchmark = build_benchmark(args.manifest, seed=args.seed, sizes=sizes)
     print(
