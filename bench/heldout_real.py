@@ -1,12 +1,12 @@
 """Attribute retrieval on held-out real images: packages no training run reads, under transforms no training run uses.
 
-Only images of training.data.splits.HELDOUT_SOURCES enter (any other row of the manifest is refused), minus
-scikit-image's bundled photos (training/data/procedural_assets.py renders its subjects and backgrounds from them)
-and the second view of a stereo / near-identical pair (so one scene is never two "different" photos). The
-transforms are written here, independently of training/data/transforms.py, with the operations and ranges of the
-held-out column of the agreed split (issue 17): gamma curves, off-centre radial spotlights, channel-mixer casts,
-local contrast, blue-white vertical haze; palettes of other images (k-means) and their hue rotations; ink wash,
-mosaic, emboss, engraving and crayon filters.
+Only images of training.data.splits.HELDOUT_SOURCES enter (any other row of the manifest is refused; scikit-image's
+bundled photos are a training source, since training/data/procedural_assets.py renders from them), minus the
+second view of a stereo / near-identical pair (so one scene is never two "different" photos). The transforms are
+written here, independently of training/data/transforms.py, with the operations and ranges of the held-out column
+of the agreed split (issue 17): gamma curves, off-centre radial spotlights, channel-mixer casts, local contrast,
+blue-white vertical haze; palettes of other images (k-means) and their hue rotations; ink wash, mosaic, emboss,
+engraving and crayon filters.
 
 Galleries (every image a query against the rest of its gallery; relevant = same group; mAP@10 / P@10 as in
 training/evaluate.py, ties in expectation, so chance comes exactly from the group sizes):
@@ -65,9 +65,8 @@ ATTRIBUTES: dict[str, tuple[str, str]] = {
     "art style": ("art style", "painting style"),
     "subject": ("subject", "the main subject"),
 }
-# Held-out photos left out: scikit-image's are inputs of the procedural training assets; these files are the
-# second view of a stereo pair or a copy of another photo in the manifest (same scene, other camera / b&w).
-EXCLUDED_PHOTO_SOURCES = frozenset({"scikit-image"})
+# Held-out photos left out: the second view of a stereo pair or a copy of another photo in the manifest (same
+# scene, other camera / b&w). (scikit-image's photos are a training source: training/data/splits.py.)
 NEAR_COPIES = frozenset({"aloeR.jpg", "right.jpg", "leuvenB.jpg", "graf3.png", "aero3.jpg", "teriyaki-bw.png"})
 MIN_CULTURE, CULTURE_CAP = 8, 8
 MIN_STAMP_GROUP, STAMP_CAP = 6, 10
@@ -105,13 +104,7 @@ def check_heldout(rows: Sequence[Mapping]) -> None:
 
 def heldout_photos(rows: Sequence[Mapping]) -> list[dict]:
     """Held-out photos usable as transform inputs, in a fixed order."""
-    photos = [
-        row
-        for row in rows
-        if row["kind"] == "photo"
-        and row["source"] not in EXCLUDED_PHOTO_SOURCES
-        and PurePosixPath(row["path"]).name not in NEAR_COPIES
-    ]
+    photos = [row for row in rows if row["kind"] == "photo" and PurePosixPath(row["path"]).name not in NEAR_COPIES]
     return sorted(photos, key=lambda row: row["id"])
 
 

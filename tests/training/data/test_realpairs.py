@@ -84,8 +84,8 @@ def manifest(tmp_path_factory) -> Path:
     add("c000000000000001", "gcompris-qt-data", "painting", _photo(7, 100, 100), "paintings/board1_0.qml")
     add("d000000000000001", "openclipart-png", "illustration", _cutout().rotate(90, expand=True), "png/food/egg.png")
     add("e000000000000001", "gimp-data", "pattern", _pattern(), "patterns/Wood/wood1.pat")
-    add(HELD_OUT_ID, "scikit-image", "photo", _photo(9), "skimage/data/astronaut.png")
-    assert {row["source"] for row in rows} - {"scikit-image"} <= TRAIN_SOURCES and "scikit-image" in HELDOUT_SOURCES
+    add(HELD_OUT_ID, "opencv-doc", "photo", _photo(9), "usr/share/doc/opencv-doc/examples/data/baboon.jpg")
+    assert {row["source"] for row in rows} - {"opencv-doc"} <= TRAIN_SOURCES and "opencv-doc" in HELDOUT_SOURCES
     path = root / "manifest.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
