@@ -31,6 +31,12 @@ class TrainConfig:
     # Trunk levels to add to init_encoder's image tokens (encoder image_levels names), through a zero-initialised
     # projection: training starts from exactly init_encoder's function. Compact encoders only.
     grow_image_levels: list[str] = field(default_factory=list)
+    # Add the floor (encoder/floor.py) to init_encoder, at its initialisation; compact encoders only.
+    grow_floor: bool = False
+    # A directory of cached frozen-trunk features (training/feature_cache.py): filled at start with the images
+    # it lacks, then training reads the trunk's output from it instead of running the trunk. Compact encoders
+    # and encoder-only training (lambda_gen = 0) only. None: the trunk runs every step.
+    feature_cache: str | None = None
     # Generator for L_gen: a diffusers FLUX-layout directory (loaded by the `generator_plugin` plugin), or
     # "tiny" for the tiny random generator built in code (tests, smoke runs). Unused when lambda_gen = 0.
     generator: str | None = None
@@ -95,6 +101,13 @@ class TrainConfig:
             raise ValueError(
                 "grow_image_levels adds levels to init_encoder: set init_encoder, or put the levels in "
                 "encoder.image_levels for a fresh encoder"
+            )
+        if self.grow_floor and not self.init_encoder:
+            raise ValueError("grow_floor adds the floor to init_encoder: set init_encoder, or encoder.floor: true")
+        if self.feature_cache and self.lambda_gen > 0:
+            raise ValueError(
+                "feature_cache replaces the images by cached trunk features, but L_gen needs the images; "
+                "set lambda_gen: 0 or drop feature_cache"
             )
         for name in (
             "steps",
