@@ -46,7 +46,9 @@ def measure(module: AttributeTrainingModule, batches: list, warmup: int) -> tupl
         forward_start = time.perf_counter()
         losses = module(batch, random.Random(index))
         forward_s = time.perf_counter() - forward_start
-        _, backward_s = _timed(lambda losses=losses: (losses["loss"].backward(), optimizer.step(), optimizer.zero_grad()))
+        _, backward_s = _timed(
+            lambda losses=losses: (losses["loss"].backward(), optimizer.step(), optimizer.zero_grad())
+        )
         total = time.perf_counter() - start - features_s  # the step itself computes the features once
         if index >= warmup:
             totals.append(total)
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         batches = [[dataset[i] for i in pick] for pick in picks]
         rows[name] = measure(module, batches, args.warmup)
     print(f"config {args.config}, batch {args.batch} pairs ({2 * args.batch} images), {args.threads} threads, ")
-    print(f"median of {args.steps} steps after {args.warmup} warm-up; cache fill {fill_s:.1f} s for {len(cache)} images\n")
+    print(
+        f"median of {args.steps} steps after {args.warmup} warm-up; cache fill {fill_s:.1f} s for {len(cache)} images\n"
+    )
     print("| path | s / step | pairs / s | features | rest of forward | backward + step |")
     print("|---|---|---|---|---|---|")
     for name, (seconds, parts) in rows.items():
