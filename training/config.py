@@ -58,6 +58,10 @@ class TrainConfig:
     # Not in the paper: supervised contrastive loss over the factor values that procedural pairs record
     # (training.losses.factor_contrastive_loss); 0 trains with the paper's two losses only.
     lambda_factor: float = 0.0
+    # Factors read per step by the factor loss: None reads every factor the batch's records name (procedural
+    # pairs: 9, so the factor loss runs the connector 9 times per image, most of a CPU step); k draws k of them
+    # per step (from the step's seeded rng, so a resumed run draws the same ones).
+    factor_sample: int | None = None
     # Optimisation
     steps: int = 1000  # optimizer steps
     batch_size: int = 16  # pairs per micro-batch per process
@@ -102,6 +106,8 @@ class TrainConfig:
                 "grow_image_levels adds levels to init_encoder: set init_encoder, or put the levels in "
                 "encoder.image_levels for a fresh encoder"
             )
+        if self.factor_sample is not None and self.factor_sample < 1:
+            raise ValueError(f"factor_sample must be a positive integer or null, got {self.factor_sample}")
         if self.grow_floor and not self.init_encoder:
             raise ValueError("grow_floor adds the floor to init_encoder: set init_encoder, or encoder.floor: true")
         if self.feature_cache and self.lambda_gen > 0:

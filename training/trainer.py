@@ -177,6 +177,8 @@ class AttributeTrainingModule(nn.Module):
                 "lambda_factor > 0 needs pairs that record factors_x / factors_y (procedural pairs); "
                 "set lambda_factor: 0 for annotated pairs"
             )
+        if self.config.factor_sample is not None and len(names) > self.config.factor_sample:
+            names = sorted(rng.sample(names, self.config.factor_sample))
         phrases = [rng.choice(FACTORS[name].paraphrases) if name in FACTORS else name for name in names]
         if image_tokens is not None:
             _, pooled = self.encoder.backbone.encode_grid(images, phrases, image_tokens)  # (2P, F, d)

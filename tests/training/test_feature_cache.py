@@ -92,3 +92,29 @@ def test_grow_floor_adds_the_floor_to_a_trained_encoder(tmp_path, pairs_dir):
     assert grown.config.floor and "floor" in grown.backbone.trainable_modules()
     with pytest.raises(ValueError, match="grow_floor"):
         train(_config(pairs_dir, tmp_path / "x", grow_floor=True))
+
+
+def test_factor_sample_reads_k_factors_per_step(pairs_dir):
+    import random
+
+    from training.config import TrainConfig
+    from training.data.pairs import PairDataset, load_pairs
+    from training.trainer import AttributeTrainingModule
+
+    config = TrainConfig.from_dict(_config(pairs_dir, pairs_dir / "unused", factor_sample=2))
+    encoder = AttributeEncoder(tiny_compact_config(image_size=64)).eval()
+    module = AttributeTrainingModule(config, encoder)
+    dataset = PairDataset(pairs_dir, load_pairs(pairs_dir, verify_images=False).records)
+    batch = [dataset[i] for i in range(4)]
+    seen = []
+    grid = encoder.backbone.encode_grid
+    encoder.backbone.encode_grid = lambda images, phrases, tokens=None: (
+        seen.append(phrases) or grid(images, phrases, tokens)
+    )
+    with torch.no_grad():
+        loss = module.factor_loss(
+            batch,
+            random.Random(0),
+            encoder.backbone.image_features([s.image_x for s in batch] + [s.image_y for s in batch]),
+        )
+    assert torch.isfinite(loss) and len(seen) == 1 and len(seen[0]) == 2
