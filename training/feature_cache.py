@@ -57,9 +57,10 @@ class FeatureCache:
         self._shards: list[dict[str, np.ndarray | None]] = []
         self._rows: dict[str, tuple[int, int]] = {}  # sha256 -> (shard, row)
         self._keys: dict[str, str] = {}  # absolute image path -> sha256
-        self._open_shards()
+        self.reload()
 
-    def _open_shards(self) -> None:
+    def reload(self) -> None:
+        """Re-read the shard list (another process may have filled the cache)."""
         self._shards, self._rows = [], {}
         if not self.directory.is_dir():
             return
@@ -130,7 +131,7 @@ class FeatureCache:
         del arrays
         (partial / KEYS_NAME).write_text(json.dumps(keys))
         partial.rename(final)
-        self._open_shards()
+        self.reload()
         return len(keys)
 
     def trunk_features(self, paths: Sequence[str | Path]) -> TrunkFeatures:

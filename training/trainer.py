@@ -549,7 +549,7 @@ def train(
         if accelerator.is_main_process:
             feature_cache.fill(paths, progress=config.progress)
         accelerator.wait_for_everyone()
-        feature_cache = FeatureCache(config.feature_cache, encoder.backbone)  # every process sees the new shard
+        feature_cache.reload()  # every process sees the new shard
     module = AttributeTrainingModule(config, encoder, pipeline, feature_cache)
     named = trainable_parameters(module)
     optimizer = torch.optim.AdamW(
