@@ -3,7 +3,8 @@
 Both backends subclass it explicitly, so a feature one backend lacks has a default here instead of being
 probed for with `hasattr`: per-image work that can be kept between calls (`image_tokens`; the compact
 trunk's tokens, nothing for mllm, whose prefix cache lives inside one call), any (image, phrase) pairs in
-one call (`encode_pairs`), and growing trunk levels (`add_image_levels`, compact only).
+one call (`encode_pairs`), and growing trunk levels and the floor (`add_image_levels`, `add_floor`,
+compact only).
 
 Phrases reaching a backbone are already normalised (`encoder.attributes.attribute_phrases`).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ class EncoderBackbone(Protocol):
         ...
 
     def encode_grid(
-        self, images: Sequence[ImageInput], phrases: Sequence[str], image_tokens: torch.Tensor | None = None
+        self, images: Sequence[ImageInput], phrases: Sequence[str], image_tokens: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every image under every phrase -> tokens (B, K, l, d_ctx), pooled (B, K, d_ctx).
 
@@ -46,13 +47,20 @@ class EncoderBackbone(Protocol):
         """Per-image work that later calls can reuse (B, cells, d), or None where a backend keeps none."""
         return None
 
+    def image_features(self, images: Sequence[ImageInput]) -> Any:
+        """Per-image work including the floor's descriptors (compact: `ImageFeatures`), or None where none is kept.
+
+        Pass it wherever `image_tokens` is accepted; an encoder with the floor needs this, not `image_tokens`.
+        """
+        return None
+
     def encode_pairs(
         self,
         images: Sequence[ImageInput],
         phrases: Sequence[str],
         image_index: Sequence[int],
         phrase_index: Sequence[int],
-        image_tokens: torch.Tensor | None = None,
+        image_tokens: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pairs (images[image_index[p]], phrases[phrase_index[p]]) -> tokens (P, l, d_ctx), pooled (P, d_ctx).
 
@@ -66,6 +74,13 @@ class EncoderBackbone(Protocol):
         raise ValueError(
             f"image levels {list(levels)} can only be added to a compact encoder, not a {self.config.backend!r} one; "
             "start from a compact init_encoder or drop grow_image_levels"
+        )
+
+    def add_floor(self) -> None:
+        """Add the floor (compact only, encoder/floor.py); other backends have no trunk descriptors."""
+        raise ValueError(
+            f"the floor can only be added to a compact encoder, not a {self.config.backend!r} one; "
+            "start from a compact init_encoder or drop grow_floor"
         )
 
     def trainable_modules(self) -> dict[str, nn.Module]:

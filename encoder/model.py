@@ -87,6 +87,8 @@ class AttributeEncoder(nn.Module):
     def _weights_version(self) -> str:
         digest = hashlib.sha256()
         settings = {k: v for k, v in self.config.to_dict().items() if k != "version"}
+        if not self.config.floor:  # an encoder without the floor hashes as it did before the floor existed
+            settings = {k: v for k, v in settings.items() if k not in ("floor", "floor_connector_weight")}
         digest.update(json.dumps(settings, sort_keys=True).encode())
         for name, tensor in sorted(self.trainable_state_dict().items()):
             digest.update(name.encode())

@@ -31,6 +31,12 @@ class TrainConfig:
     # Trunk levels to add to init_encoder's image tokens (encoder image_levels names), through a zero-initialised
     # projection: training starts from exactly init_encoder's function. Compact encoders only.
     grow_image_levels: list[str] = field(default_factory=list)
+    # Add the floor (encoder/floor.py) to init_encoder, at its initialisation; compact encoders only.
+    grow_floor: bool = False
+    # A directory of cached frozen-trunk features (training/feature_cache.py): filled at start with the images
+    # it lacks, then training reads the trunk's output from it instead of running the trunk. Compact encoders
+    # and encoder-only training (lambda_gen = 0) only. None: the trunk runs every step.
+    feature_cache: str | None = None
     # Generator for L_gen: a diffusers FLUX-layout directory (loaded by the `generator_plugin` plugin), or
     # "tiny" for the tiny random generator built in code (tests, smoke runs). Unused when lambda_gen = 0.
     generator: str | None = None
@@ -52,6 +58,10 @@ class TrainConfig:
     # Not in the paper: supervised contrastive loss over the factor values that procedural pairs record
     # (training.losses.factor_contrastive_loss); 0 trains with the paper's two losses only.
     lambda_factor: float = 0.0
+    # Factors read per step by the factor loss: None reads every factor the batch's records name (procedural
+    # pairs: 9, so the factor loss runs the connector 9 times per image, most of a CPU step); k draws k of them
+    # per step (from the step's seeded rng, so a resumed run draws the same ones).
+    factor_sample: int | None = None
     # Optimisation
     steps: int = 1000  # optimizer steps
     batch_size: int = 16  # pairs per micro-batch per process
@@ -95,6 +105,15 @@ class TrainConfig:
             raise ValueError(
                 "grow_image_levels adds levels to init_encoder: set init_encoder, or put the levels in "
                 "encoder.image_levels for a fresh encoder"
+            )
+        if self.factor_sample is not None and self.factor_sample < 1:
+            raise ValueError(f"factor_sample must be a positive integer or null, got {self.factor_sample}")
+        if self.grow_floor and not self.init_encoder:
+            raise ValueError("grow_floor adds the floor to init_encoder: set init_encoder, or encoder.floor: true")
+        if self.feature_cache and self.lambda_gen > 0:
+            raise ValueError(
+                "feature_cache replaces the images by cached trunk features, but L_gen needs the images; "
+                "set lambda_gen: 0 or drop feature_cache"
             )
         for name in (
             "steps",

@@ -44,6 +44,7 @@ from encoder.config import EncoderConfig
 from training.config import TrainConfig, load_train_config
 from training.data.pairs import PairDataset, PairSample, load_pairs, records_with_both
 from training.data.procedural import FACTORS
+from training.feature_cache import FeatureCache
 from training.losses import (
     contrastive_loss,
     factor_contrastive_loss,
@@ -98,10 +99,18 @@ def contrastive_embeddings(
 class AttributeTrainingModule(nn.Module):
     """Encoder + (optional) frozen generator with its trainable adapter; `forward(batch)` returns the losses."""
 
-    def __init__(self, config: TrainConfig, encoder: AttributeEncoder, pipeline: Any = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        encoder: AttributeEncoder,
+        pipeline: Any = None,
+        feature_cache: FeatureCache | None = None,
+    ) -> None:
+        """`feature_cache`: the batches' images are then paths, read from the cache instead of the trunk."""
         super().__init__()
         self.config = config
         self.encoder = encoder
+        self.feature_cache = feature_cache
         # The pipeline (VAE, text encoders, scheduler) is a plain attribute, not a submodule: it is frozen and
         # runs without gradients. The transformer and the adapter are registered so DDP / .to() see them.
         self.pipeline = pipeline
@@ -120,9 +129,8 @@ class AttributeTrainingModule(nn.Module):
         total = None
         images = [s.image_x for s in batch] + [s.image_y for s in batch]  # (2P,): every x, then every y
         image_tokens = None
-        both = self.config.lambda_con > 0 and self.config.lambda_factor > 0
-        if both:
-            image_tokens = self.encoder.backbone.image_tokens(images)  # per-image work once for both losses
+        if self.config.lambda_con > 0 or self.config.lambda_factor > 0:
+            image_tokens = self.image_features(images)  # per-image work once for both losses
         if self.config.lambda_con > 0:
             embeddings = contrastive_embeddings(
                 self.encoder,
@@ -145,6 +153,13 @@ class AttributeTrainingModule(nn.Module):
         losses["loss"] = total
         return losses
 
+    def image_features(self, images: Sequence[Any]) -> Any:
+        """The backbone's per-image features (None for mllm): from the feature cache when there is one."""
+        backbone = self.encoder.backbone
+        if self.feature_cache is not None:
+            return backbone.project(self.feature_cache.trunk_features(images))  # images are paths here
+        return backbone.image_features(images)
+
     def factor_loss(
         self, batch: Sequence[PairSample], rng: random.Random, image_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -162,6 +177,8 @@ class AttributeTrainingModule(nn.Module):
                 "lambda_factor > 0 needs pairs that record factors_x / factors_y (procedural pairs); "
                 "set lambda_factor: 0 for annotated pairs"
             )
+        if self.config.factor_sample is not None and len(names) > self.config.factor_sample:
+            names = sorted(rng.sample(names, self.config.factor_sample))
         phrases = [rng.choice(FACTORS[name].paraphrases) if name in FACTORS else name for name in names]
         if image_tokens is not None:
             _, pooled = self.encoder.backbone.encode_grid(images, phrases, image_tokens)  # (2P, F, d)
@@ -266,6 +283,8 @@ def build_encoder(config: TrainConfig, checkpoint: Path | None) -> AttributeEnco
         encoder = AttributeEncoder.from_pretrained(config.init_encoder)
         if config.grow_image_levels:
             encoder.backbone.add_image_levels(config.grow_image_levels)  # refused unless compact
+        if config.grow_floor:
+            encoder.backbone.add_floor()  # refused unless compact; its initialisation has a fixed seed
         return encoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -367,6 +386,13 @@ class MicroBatches:
             self._permutation = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs))
         start = (position * self.num_processes + self.process_index) * self.batch_size
         return epoch, [int(i) for i in self._permutation[1][start : start + self.batch_size]]
+
+
+class _CachedPairDataset(PairDataset):
+    """PairDataset whose images are their absolute paths: the feature cache supplies what the trunk would."""
+
+    def load_image(self, relative: str) -> str:
+        return str(self.directory / relative)
 
 
 class _EpochPairs(torch.utils.data.Dataset):
@@ -506,7 +532,8 @@ def train(
     records = records_with_both(report.records) if config.lambda_con > 0 else report.records
     if config.max_pairs is not None:
         records = records[: config.max_pairs]
-    pairs = PairDataset(config.data_dir, records, seed=config.seed)
+    dataset_class = _CachedPairDataset if config.feature_cache else PairDataset
+    pairs = dataset_class(config.data_dir, records, seed=config.seed)
     batches = MicroBatches(
         len(pairs), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed
     )
@@ -515,7 +542,15 @@ def train(
     pipeline = None
     if config.lambda_gen > 0:
         pipeline = build_generator(config, encoder.dimension, accelerator.device, resume)
-    module = AttributeTrainingModule(config, encoder, pipeline)
+    feature_cache = None
+    if config.feature_cache:
+        feature_cache = FeatureCache(config.feature_cache, encoder.backbone)
+        paths = sorted({str(Path(config.data_dir) / p) for r in records for p in (r.image_x, r.image_y)})
+        if accelerator.is_main_process:
+            feature_cache.fill(paths, progress=config.progress)
+        accelerator.wait_for_everyone()
+        feature_cache.reload()  # every process sees the new shard
+    module = AttributeTrainingModule(config, encoder, pipeline, feature_cache)
     named = trainable_parameters(module)
     optimizer = torch.optim.AdamW(
         [param for _, param in named],
