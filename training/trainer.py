@@ -44,6 +44,7 @@ from encoder.config import EncoderConfig
 from training.config import TrainConfig, load_train_config
 from training.data.pairs import PairDataset, PairSample, load_pairs, records_with_both
 from training.data.procedural import FACTORS
+from training.data.realpairs import REAL_FACTORS, factor_label
 from training.feature_cache import FeatureCache
 from training.losses import (
     contrastive_loss,
@@ -59,6 +60,12 @@ ENCODER_DIR = "encoder"
 ADAPTER_DIR = "attribute_adapter"
 TRAIN_LOG_NAME = "train_log.jsonl"
 TRAINER_STATE_VERSION = 1
+# The phrases a factor is read under in the factor loss: procedural factors, then the real-content pairs' own
+# (whose "palette" has colour-palette paraphrases); a factor named by neither is read as its own name.
+FACTOR_PARAPHRASES: dict[str, tuple[str, ...]] = {
+    **{name: factor.paraphrases for name, factor in FACTORS.items()},
+    **{name: factor.paraphrases for name, factor in REAL_FACTORS.items()},
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,18 +186,22 @@ class AttributeTrainingModule(nn.Module):
             )
         if self.config.factor_sample is not None and len(names) > self.config.factor_sample:
             names = sorted(rng.sample(names, self.config.factor_sample))
-        phrases = [rng.choice(FACTORS[name].paraphrases) if name in FACTORS else name for name in names]
+        phrases = [rng.choice(FACTOR_PARAPHRASES[name]) if name in FACTOR_PARAPHRASES else name for name in names]
         if image_tokens is not None:
             _, pooled = self.encoder.backbone.encode_grid(images, phrases, image_tokens)  # (2P, F, d)
         else:
             pooled = self.encoder.encode_grid(images, phrases).pooled  # (2P, F, d)
         value_ids: dict[tuple[str, str], int] = {}
+        known = [{name: factor_label(name, value) for name, value in values.items()} for values in assignments]
         labels = torch.tensor(
             [
-                [value_ids.setdefault((name, values[name]), len(value_ids)) if name in values else -1 for name in names]
-                for values in assignments
+                [
+                    value_ids.setdefault((name, values[name]), len(value_ids)) if values.get(name) else -1
+                    for name in names
+                ]
+                for values in known
             ]
-        )  # (2P, F)
+        )  # (2P, F): -1 where an image has no (known) value for the factor
         return factor_contrastive_loss(pooled, labels, tau=self.config.tau)
 
     def generative_loss(self, batch: Sequence[PairSample], rng: random.Random) -> torch.Tensor:

@@ -117,6 +117,17 @@ PALETTE_PARAPHRASES = (
     "dominant colors of the image",
     "tones of the picture",
 )
+# An untransformed image's lighting or palette is recorded as natural:<content>: equal for two images of the same
+# content, but two different photos' natural light may or may not match, so a supervised loss must not read two
+# different natural values as a known difference (factor_label).
+UNKNOWN_WHEN_NATURAL = frozenset({"lighting", "palette"})
+
+
+def factor_label(name: str, value: str) -> str | None:
+    """The value a supervised factor loss may compare, or None where the recorded value does not say."""
+    return None if name in UNKNOWN_WHEN_NATURAL and value.startswith(NATURAL) else value
+
+
 REAL_FACTORS: dict[str, RealFactor] = {
     name: RealFactor(name, PALETTE_PARAPHRASES if name == "palette" else FACTORS[name].paraphrases)
     for name in FACTOR_NAMES

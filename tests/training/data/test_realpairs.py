@@ -20,6 +20,7 @@ from training.data.realpairs import (
     REAL_FACTORS,
     ImageSpec,
     RealPairsConfig,
+    factor_label,
     factor_parts,
     generate_dataset,
     load_library,
@@ -342,3 +343,10 @@ def test_texture_changes_only_the_subject(photo):
     surfaced = transforms.apply_texture(photo, alpha, texture, 0.7)
     assert np.array_equal(surfaced[alpha == 0], photo[alpha == 0])
     assert np.abs(surfaced[alpha == 1] - photo[alpha == 1]).mean() > 0.05
+
+
+def test_natural_lighting_and_palette_are_unknown_to_the_factor_loss():
+    """Two different photos' own light may match or not: the factor loss must not read them as different."""
+    assert factor_label("lighting", "natural:photo:a") is None and factor_label("palette", "natural:photo:a") is None
+    assert factor_label("material", "natural:cutout:b") == "natural:cutout:b"  # a cut-out's own surface is known
+    assert factor_label("lighting", "bright/left/warm/hard/none") == "bright/left/warm/hard/none"
