@@ -97,5 +97,6 @@ def delete_image(services: Services, *, image_id: int) -> None:
     """Delete an image's vectors and row (its content-addressed file may be shared and is kept)."""
     with services.session_factory.begin() as session:
         metadata.delete_image(session, image_id=image_id)
-        for version in services.vectors.list_encoder_versions():
-            services.vectors.delete_images(encoder_version=version, image_ids=[image_id])
+    # After the commit, like a collection's: a shard writing meanwhile sees the row gone and removes its points.
+    for version in services.vectors.list_encoder_versions():
+        services.vectors.delete_images(encoder_version=version, image_ids=[image_id])
