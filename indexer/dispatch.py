@@ -35,6 +35,8 @@ MAX_QUERY_BATCH = 8
 # of a forward (Python between ops, small ops that run on one core); the figures against one thread are in
 # bench/RESULTS.md.
 QUERY_WORKERS = 2
+# How long closing waits for a sweep in progress; a daemon thread, it does not hold the process after that.
+CLOSE_WAIT_S = 10.0
 
 
 class QueryBatcher:
@@ -208,13 +210,13 @@ class StaleWorkSweeper:
 
     def sweep_unindexed(self) -> list[PlannedJob]:
         """Plan and dispatch index jobs for ready images lacking vectors under their collection's attributes."""
-        return self._submit(plan_unindexed_images(self.context))
+        return self._submit(plan_unindexed_images(self.context, stop=self._stop.is_set))
 
     def close(self) -> None:
         """Stop sweeping (a sweep in progress finishes first)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout=CLOSE_WAIT_S)
 
     def _submit(self, plans: list[PlannedJob]) -> list[PlannedJob]:
         for plan in plans:

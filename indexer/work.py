@@ -221,10 +221,12 @@ def plan_stale_shards(session: Session, *, older_than_s: float | None) -> list[P
     return [PlannedJob(job_id, kinds[job_id], ids) for job_id, ids in by_job.items()]
 
 
-def plan_unindexed_images(context: WorkerContext, *, chunk: int = 512) -> list[PlannedJob]:
+def plan_unindexed_images(
+    context: WorkerContext, *, chunk: int = 512, stop: Callable[[], bool] = lambda: False
+) -> list[PlannedJob]:
     """Index jobs for ready images that lack a vector (or hold a stale one) under an attribute indexed for their
     collection and that no open index job covers: what a crash between an upload's commits and its index job
-    left behind. Commits its own transactions; dispatch the result."""
+    left behind. Commits its own transactions; dispatch the result. `stop` is asked between collections."""
     with context.session_factory() as session:
         try:
             encoder_model_id = metadata.get_encoder_model(session, version=context.encoder_info.version).id
@@ -244,6 +246,8 @@ def plan_unindexed_images(context: WorkerContext, *, chunk: int = 512) -> list[P
             todo[collection_id] = [image_id for image_id in ready if image_id not in covered]
     plans = []
     for collection_id, image_ids in todo.items():
+        if stop():  # the process is shutting down: the next start sweeps again
+            break
         missing = [
             image_id
             for start in range(0, len(image_ids), chunk)
