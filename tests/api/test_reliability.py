@@ -150,6 +150,11 @@ def test_broker_down_index_answers_503_and_a_repost_is_not_refused(broker_down_s
         assert job["status"] == "pending"  # saved, visible, for the sweeper or a repost
         again = client.post(f"/api/collections/{collection_id}/attributes", json={"attributes": ["lighting"]})
         assert again.status_code == 503, again.text  # retried, not "already being indexed"
+        # An upload meanwhile stores its files and answers with them; its index job waits for the sweeper.
+        files = [("files", ("late.png", png(7), "image/png"))]
+        late = client.post(f"/api/collections/{collection_id}/images", files=files)
+        assert late.status_code == 200, late.text
+        assert late.json()["index_job_id"] is not None
         health = client.get("/api/health")
         assert health.status_code == 503
         assert "broker" in health.json()["worker"]
