@@ -74,16 +74,27 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     for router in (collections.router, images.router, jobs.router, search.router, generations.router):
         app.include_router(router, dependencies=protected)
 
-    @app.get("/api/health", response_model=schemas.HealthPublic, tags=["meta"])
-    def health(services_: ServicesDep) -> schemas.HealthPublic:
-        """Liveness and what is running (no key needed)."""
-        return schemas.HealthPublic(
-            status="ok",
+    @app.get(
+        "/api/health",
+        response_model=schemas.HealthPublic,
+        tags=["meta"],
+        responses={503: {"model": schemas.HealthPublic, "description": "The workers cannot take work."}},
+    )
+    def health(services_: ServicesDep) -> schemas.HealthPublic | JSONResponse:
+        """Liveness and what is running (no key needed); 503 when the workers cannot run jobs (embedded: the
+        worker thread is dead or stuck; server: the broker is unreachable or no worker answers a ping)."""
+        problem = services_.dispatcher.problem()
+        body = schemas.HealthPublic(
+            status="ok" if problem is None else "degraded",
+            worker=problem or "ok",
             profile=settings.profile.value,
             encoder_version=services_.encoder_info.version,
             generator=services_.generator_plugin,
             version=__version__,
         )
+        if problem is not None:
+            return JSONResponse(body.model_dump(), status_code=503)
+        return body
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -7,13 +7,22 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from store.errors import ConflictError, InvalidInputError, NotFoundError, SchemaVersionError, StoreError
+from store.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    SchemaVersionError,
+    ServiceUnavailableError,
+    StoreError,
+)
 
+RETRY_AFTER_S = 30  # what a 503 for an unreachable service suggests (Retry-After)
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (NotFoundError, 404),
     (ConflictError, 409),
     (InvalidInputError, 400),
     (SchemaVersionError, 503),
+    (ServiceUnavailableError, 503),
     (TimeoutError, 504),
 ]
 
@@ -29,7 +38,11 @@ def install_error_handlers(app: FastAPI) -> None:
     """Map store errors and validation errors to JSON responses with the right status."""
 
     async def store_error(_request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=_status_for(error))
+        code = _status_for(error)
+        if isinstance(error, ServiceUnavailableError):  # worth a retry: say when
+            body = {"detail": str(error), "retry_after_s": RETRY_AFTER_S}
+            return JSONResponse(body, status_code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse({"detail": str(error)}, status_code=code)
 
     async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}" for e in error.errors()]

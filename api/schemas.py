@@ -186,7 +186,8 @@ class GenerationPublic(BaseModel):
 
 
 class HealthPublic(BaseModel):
-    status: str
+    status: str = Field(description="ok, or degraded when the workers cannot run jobs (then HTTP 503).")
+    worker: str = Field(default="ok", description="ok, or what is wrong with the workers.")
     profile: str
     encoder_version: str
     generator: str | None = Field(description="The generator plugin in use, or null when generation is off.")

@@ -31,11 +31,17 @@ class Dispatcher(Protocol):
     """Where work goes: the Celery queues (server profile) or the in-process worker (embedded profile)."""
 
     def submit(self, kind: ShardKind, shard_ids: Sequence[int]) -> None:
-        """Queue shards by id; call after the transaction that created them has committed."""
+        """Queue shards by id; call after the transaction that created them has committed.
+
+        ServiceUnavailableError when the queue cannot be reached: the shards stay open for a sweeper."""
         ...
 
     def encode_query(self, *, image_bytes: bytes, attribute: str, timeout: float) -> list[float]:
         """Encode a query image under one attribute; TimeoutError after `timeout` seconds."""
+        ...
+
+    def problem(self) -> str | None:
+        """None when workers can take work as far as this process can tell, else what is wrong (for health)."""
         ...
 
 

@@ -62,7 +62,14 @@ def read_images(
         rows = metadata.get_images(session, image_ids=image_ids)
         wanted = [rows[i] for i in image_ids if i in rows and rows[i].status == ImageStatus.READY]
         described = [
-            (row.id, row.collection_id, row.sha256, row.format, {**row.metadata_, "format": row.format})
+            # sha256 ties the point to the content it encodes (checked by `work._images_missing_vectors`).
+            (
+                row.id,
+                row.collection_id,
+                row.sha256,
+                row.format,
+                {**row.metadata_, "format": row.format, "sha256": row.sha256},
+            )
             for row in wanted
         ]
     loaded, failures = [], []

@@ -15,14 +15,17 @@ from typing import TYPE_CHECKING
 
 from celery import Celery, Task
 from kombu import Queue
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from indexer import queries, work
 from indexer.context import WorkerContext, build_worker_context
 from omniattr.domain import ShardKind
+from store.errors import ServiceUnavailableError
 
 if TYPE_CHECKING:
     from omniattr.settings import Settings
 
+HEALTH_TIMEOUT_S = 1.0  # /api/health waits this long for the broker and for a worker's ping
 QUEUES = ("ingest", "encode", "query", "generate")
 ENCODE_QUERY_TASK = "omniattr.encode_query"
 TASK_BY_KIND: dict[ShardKind, str] = {
@@ -125,10 +128,29 @@ class CeleryDispatcher:
         self.app = celery_app
 
     def submit(self, kind: ShardKind, shard_ids: Sequence[int]) -> None:
-        """Send each shard to its task's queue; call after the transaction that created them has committed."""
+        """Send each shard to its task's queue; call after the transaction that created them has committed.
+
+        ServiceUnavailableError when the broker cannot be reached (after kombu's own short retries).
+        """
         task = TASK_BY_KIND[kind]
-        for shard_id in shard_ids:
-            self.app.send_task(task, args=[shard_id], queue=TASK_QUEUES[task])
+        try:
+            for shard_id in shard_ids:
+                # No result: progress lives in the database, and a result subscription would retry a down
+                # broker for 20 s before failing.
+                self.app.send_task(task, args=[shard_id], queue=TASK_QUEUES[task], ignore_result=True)
+        except (KombuOperationalError, OSError) as error:
+            raise ServiceUnavailableError(f"the job queue's broker cannot be reached ({error})") from error
+
+    def problem(self) -> str | None:
+        """None when the broker answers and at least one worker answers a ping, else which of them does not."""
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=HEALTH_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - any failure to connect is the answer
+            return f"the job queue's broker cannot be reached: {error}"
+        if not self.app.control.ping(timeout=HEALTH_TIMEOUT_S):
+            return f"no Celery worker answered a ping within {HEALTH_TIMEOUT_S} s; jobs wait until one runs"
+        return None
 
     def encode_query(self, *, image_bytes: bytes, attribute: str, timeout: float) -> list[float]:
         """Encode a query image on the `query` queue and wait for the vector."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from indexer.models import EncoderInfo
 from indexer.runner import index_images
 from omniattr.domain import ImageStatus, IndexStatus, JobKind, JobStatus, ShardKind
 from store import metadata
-from store.errors import InvalidInputError, NotFoundError
+from store.errors import InvalidInputError, NotFoundError, ServiceUnavailableError
+from store.tables import utcnow
 from store.vectors import point_id
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,20 @@ def plan_index_attributes(
             session, collection_id=collection_id, encoder_model_id=encoder_model_id
         )
     }
-    new = [a for a in attributes if existing.get(a.id) not in (IndexStatus.READY, IndexStatus.INDEXING)]
+    # An attribute left `indexing` by a job that is over (cancelled, or lost before its status was set) is
+    # planned again, so a repost never answers "already being indexed" forever.
+    in_progress = {
+        attribute_id
+        for job in metadata.open_index_jobs(session, collection_id=collection_id, encoder_model_id=encoder_model_id)
+        if job.kind == JobKind.INDEX
+        for attribute_id in job.params.get("attribute_ids", [])
+    }
+    new = [
+        a
+        for a in attributes
+        if existing.get(a.id) != IndexStatus.READY
+        and not (existing.get(a.id) == IndexStatus.INDEXING and a.id in in_progress)
+    ]
     if not new:
         return None
     for attribute in new:
@@ -190,6 +205,69 @@ def resume_job(session: Session, *, job_id: int) -> PlannedJob:
     return PlannedJob(job.id, kind, [shard.id for shard in metadata.unfinished_shards(session, job_id=job_id)])
 
 
+def plan_stale_shards(session: Session, *, older_than_s: float | None) -> list[PlannedJob]:
+    """Open shards of open jobs untouched for `older_than_s` seconds (all when None), to dispatch again.
+
+    Their shards are marked as just dispatched, so the next sweep waits the timeout again. Running them twice
+    is safe: shard bodies skip finished shards and write idempotently.
+    """
+    cutoff = None if older_than_s is None else utcnow() - timedelta(seconds=older_than_s)
+    by_job: dict[int, list[int]] = {}
+    kinds: dict[int, ShardKind] = {}
+    for shard in metadata.stale_shards(session, updated_before=cutoff):
+        by_job.setdefault(shard.job_id, []).append(shard.id)
+        kinds[shard.job_id] = JobKind(shard.job.kind).shard_kind
+    metadata.touch_shards(session, shard_ids=[shard_id for ids in by_job.values() for shard_id in ids])
+    return [PlannedJob(job_id, kinds[job_id], ids) for job_id, ids in by_job.items()]
+
+
+def plan_unindexed_images(
+    context: WorkerContext, *, chunk: int = 512, stop: Callable[[], bool] = lambda: False
+) -> list[PlannedJob]:
+    """Index jobs for ready images that lack a vector (or hold a stale one) under an attribute indexed for their
+    collection and that no open index job covers: what a crash between an upload's commits and its index job
+    left behind. Commits its own transactions; dispatch the result. `stop` is asked between collections."""
+    with context.session_factory() as session:
+        try:
+            encoder_model_id = metadata.get_encoder_model(session, version=context.encoder_info.version).id
+        except NotFoundError:
+            return []
+        todo = {}
+        for collection_id in metadata.indexed_collection_ids(session, encoder_model_id=encoder_model_id):
+            covered = {
+                item
+                for job in metadata.open_index_jobs(
+                    session, collection_id=collection_id, encoder_model_id=encoder_model_id
+                )
+                for shard in job.shards
+                for item in shard.items
+            }
+            ready = metadata.list_image_ids(session, collection_id=collection_id)
+            todo[collection_id] = [image_id for image_id in ready if image_id not in covered]
+    plans = []
+    for collection_id, image_ids in todo.items():
+        if stop():  # the process is shutting down: the next start sweeps again
+            break
+        missing = [
+            image_id
+            for start in range(0, len(image_ids), chunk)
+            for image_id in _images_missing_vectors(context, image_ids[start : start + chunk], collection_id)
+        ]
+        if not missing:
+            continue
+        with context.session_factory.begin() as session:
+            try:
+                plan = plan_index_new_images(
+                    session, collection_id=collection_id, image_ids=missing, encoder_model_id=encoder_model_id
+                )
+            except NotFoundError:  # deleted meanwhile
+                continue
+        if plan is not None:
+            log.warning("collection %s: %s ready images lacked vectors; indexing them", collection_id, len(missing))
+            plans.append(plan)
+    return plans
+
+
 # --- shard bodies (run by a worker) ------------------------------------------------------------------
 
 
@@ -247,13 +325,17 @@ def run_ingest_shard(context: WorkerContext, shard_id: int, dispatcher: Dispatch
                 encoder_model_id=metadata.get_encoder_model(session, version=context.encoder_info.version).id,
             )
     if follow_up and dispatcher is not None:
-        dispatcher.submit(follow_up.kind, follow_up.shard_ids)
+        try:
+            dispatcher.submit(follow_up.kind, follow_up.shard_ids)
+        except ServiceUnavailableError as error:  # the job is committed: the stale-job sweeper sends it later
+            log.warning("index job %s planned but not queued: %s", follow_up.job_id, error)
     log.info("ingest shard %s of job %s: %s ready, %s failed", shard_id, job_id, done, failed)
     return "done"
 
 
 def _images_missing_vectors(context: WorkerContext, image_ids: Sequence[int], collection_id: int) -> list[int]:
-    """Those of `image_ids` lacking a vector for some attribute indexed for the collection."""
+    """Those of `image_ids` lacking a vector for some attribute indexed for the collection, or holding one that
+    encodes other content (its payload's sha256 is not the image row's)."""
     version = context.encoder_info.version
     with context.session_factory() as session:
         try:
@@ -266,17 +348,22 @@ def _images_missing_vectors(context: WorkerContext, image_ids: Sequence[int], co
                 session, collection_id=collection_id, encoder_model_id=encoder_model.id
             )
         ]
+        sha256 = {image_id: row.sha256 for image_id, row in metadata.get_images(session, image_ids=image_ids).items()}
     if not attribute_ids or not image_ids:
         return []
     wanted = {
         image_id: [str(point_id(image_id=image_id, attribute_id=a, encoder_version=version)) for a in attribute_ids]
         for image_id in image_ids
+        if image_id in sha256  # deleted meanwhile: nothing to index
     }
-    try:
-        present = context.vectors.fetch(encoder_version=version, point_ids=[p for ids in wanted.values() for p in ids])
-    except NotFoundError:
-        return list(image_ids)
-    return [image_id for image_id, ids in wanted.items() if not all(p in present for p in ids)]
+    present = context.vectors.fetch_payloads(
+        encoder_version=version, point_ids=[p for ids in wanted.values() for p in ids]
+    )
+    return [
+        image_id
+        for image_id, ids in wanted.items()
+        if not all(p in present and present[p].get("sha256") == sha256[image_id] for p in ids)
+    ]
 
 
 def run_index_shard(context: WorkerContext, shard_id: int) -> str:
@@ -307,7 +394,17 @@ def run_index_shard(context: WorkerContext, shard_id: int) -> str:
         attributes=attributes,
         batch_size=context.index_batch_size,
     )
+    # Checked after the write: a delete that committed before this read is seen here and its images' points go
+    # (the deleting request may have removed the vectors before ours landed); one that commits later removes
+    # them itself, after its commit.
+    with context.session_factory() as session:
+        gone = set(image_ids) - set(metadata.get_images(session, image_ids=image_ids))
+    if gone:
+        context.vectors.delete_images(encoder_version=encoder_version, image_ids=gone)
     with context.session_factory.begin() as session:
+        if session.get(metadata.JobShard, shard_id) is None:
+            log.info("index shard %s: its collection was deleted meanwhile", shard_id)
+            return "collection deleted"
         # Images deleted (or failed) since planning need no work: they count as done so progress reaches 100%.
         skipped = len(image_ids) * len(attributes) - result.done - result.failed
         finished = metadata.finish_shard(
@@ -336,15 +433,26 @@ def run_index_shard(context: WorkerContext, shard_id: int) -> str:
     return "done"
 
 
-def fail_shard_attempt(context: WorkerContext, shard_id: int, error: BaseException, *, retryable: bool) -> None:
-    """Record a failed attempt: back to pending while a retryable error has tries left, else failed for good."""
-    with context.session_factory.begin() as session:
-        metadata.fail_shard(
-            session,
-            shard_id=shard_id,
-            error=f"{type(error).__name__}: {error}",
-            max_attempts=MAX_SHARD_ATTEMPTS if retryable else 0,
-        )
+def fail_shard_attempt(context: WorkerContext, shard_id: int, error: BaseException, *, retryable: bool) -> bool:
+    """Record a failed attempt: back to pending while a retryable error has tries left, else failed for good.
+
+    Never raises (it runs in a worker's error path): a shard deleted with its collection has nothing to record,
+    and when the database itself fails the shard stays open for the stale-job sweeper. True if recorded.
+    """
+    try:
+        with context.session_factory.begin() as session:
+            metadata.fail_shard(
+                session,
+                shard_id=shard_id,
+                error=f"{type(error).__name__}: {error}",
+                max_attempts=MAX_SHARD_ATTEMPTS if retryable else 0,
+            )
+        return True
+    except NotFoundError:
+        log.info("shard %s is gone (its collection was deleted); nothing to record", shard_id)
+    except Exception:  # noqa: BLE001 - e.g. the database is down or full; logged, the sweeper retries later
+        log.exception("could not record the failure of shard %s", shard_id)
+    return False
 
 
 def run_shard(context: WorkerContext, kind: ShardKind, shard_id: int, dispatcher: Dispatcher | None = None) -> str:

@@ -34,6 +34,11 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(_database_url())
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch mode rebuilds a table by copy, drop and rename; with foreign keys on, the drop would cascade
+            # to the child rows (images of a rebuilt collections table). The pragma only works outside a
+            # transaction, so it goes to the driver connection before Alembic begins one.
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

@@ -58,6 +58,13 @@ class Settings(BaseSettings):
         description="A task unacknowledged this long (its worker died) is delivered again; "
         "must exceed the longest shard's run time.",
     )
+    stale_shard_timeout_s: float = Field(
+        default=1800,
+        gt=0,
+        description="An open shard untouched this long (never queued, or its worker was lost) is dispatched again "
+        "by the API's sweeper; the embedded profile also resumes every open shard at start-up.",
+    )
+    stale_sweep_interval_s: float = Field(default=60, gt=0, description="How often the API looks for stale shards.")
     query_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a query image's encoding.")
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -28,3 +28,7 @@ class DimensionMismatchError(InvalidInputError):
 
 class SchemaVersionError(StoreError):
     """The database's schema revision is not the one this code was built for."""
+
+
+class ServiceUnavailableError(StoreError):
+    """A service the request needs (e.g. the job queue's broker) cannot be reached; worth a retry (HTTP 503)."""

@@ -431,6 +431,50 @@ def unfinished_shards(session: Session, *, job_id: int) -> list[JobShard]:
     return list(session.scalars(query.order_by(JobShard.position)))
 
 
+def stale_shards(session: Session, *, updated_before: datetime | None = None) -> list[JobShard]:
+    """Open shards of open jobs not touched since `updated_before` (all of them when None): what a sweeper
+    dispatches again when no live worker holds them (never queued, or their worker or message was lost)."""
+    query = (
+        select(JobShard)
+        .join(Job, Job.id == JobShard.job_id)
+        .where(JobShard.status.in_(_OPEN_SHARD_STATUSES), Job.status.in_(_OPEN_JOB_STATUSES))
+    )
+    if updated_before is not None:
+        query = query.where(JobShard.updated_at < updated_before)
+    return list(session.scalars(query.order_by(JobShard.job_id, JobShard.position)))
+
+
+def touch_shards(session: Session, *, shard_ids: Sequence[int]) -> None:
+    """Mark shards as just dispatched, so a sweeper waits its timeout again before it sends them once more."""
+    for shard in session.scalars(select(JobShard).where(JobShard.id.in_(list(shard_ids)))):
+        shard.updated_at = utcnow()
+    session.flush()
+
+
+def open_index_jobs(session: Session, *, collection_id: int, encoder_model_id: int) -> list[Job]:
+    """A collection's pending or running index jobs (either kind) under one encoder, oldest first."""
+    query = select(Job).where(
+        Job.collection_id == collection_id,
+        Job.encoder_model_id == encoder_model_id,
+        Job.kind.in_([JobKind.INDEX, JobKind.INDEX_NEW_IMAGES]),
+        Job.status.in_(_OPEN_JOB_STATUSES),
+    )
+    return list(session.scalars(query.order_by(Job.id)))
+
+
+def indexed_collection_ids(session: Session, *, encoder_model_id: int) -> list[int]:
+    """Collections with an attribute indexed (or indexing) under an encoder."""
+    query = (
+        select(CollectionAttribute.collection_id)
+        .where(
+            CollectionAttribute.encoder_model_id == encoder_model_id,
+            CollectionAttribute.status.in_([IndexStatus.READY, IndexStatus.INDEXING]),
+        )
+        .distinct()
+    )
+    return sorted(session.scalars(query))
+
+
 def start_shard(session: Session, *, shard_id: int) -> JobShard | None:
     """Mark a shard running (one more attempt); None if it is already done or its job is over."""
     shard = session.scalar(select(JobShard).where(JobShard.id == shard_id).with_for_update())
@@ -461,8 +505,13 @@ def finish_shard(session: Session, *, shard_id: int, done: int, failed: int, err
 
 
 def fail_shard(session: Session, *, shard_id: int, error: str, max_attempts: int) -> JobShard:
-    """Record a failed attempt: back to pending while attempts remain, else failed for good."""
+    """Record a failed attempt: back to pending while attempts remain, else failed for good.
+
+    A shard that already finished keeps its result (the failure came after it, e.g. queueing a follow-up job).
+    """
     shard = get_shard(session, shard_id=shard_id)
+    if shard.status in _FINISHED_SHARD_STATUSES:
+        return shard
     shard.error = error
     shard.status = ShardStatus.PENDING if shard.attempts < max_attempts else ShardStatus.FAILED
     if shard.status == ShardStatus.FAILED:

@@ -90,6 +90,10 @@ class Collection(TimestampMixin, Base):
     """A named set of images that is searched together."""
 
     __tablename__ = "collections"
+    # Ids are never reused (SQLite reuses the highest deleted rowid without AUTOINCREMENT; PostgreSQL
+    # sequences never do): a vector left behind by a deleted collection or image can never be taken for a
+    # new one's.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(MAX_NAME_CHARS), unique=True)
@@ -106,6 +110,7 @@ class Image(TimestampMixin, Base):
         UniqueConstraint("collection_id", "sha256", name="uq_images_collection_sha256"),
         CheckConstraint(_one_of("status", ImageStatus), name="status"),
         Index("ix_images_collection_status", "collection_id", "status"),
+        {"sqlite_autoincrement": True},  # ids never reused, like the collections'
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -289,7 +289,9 @@ async function init() {
   }));
   $("more-images").addEventListener("click", () => guarded(loadImages));
   $("personalize").addEventListener("click", () => guarded(personalize));
-  const health = await api("GET", "/api/health");
+  // 503 while the workers cannot run jobs: say why, and keep the page usable for browsing and search.
+  const health = await fetch("/api/health").then((response) => response.json()).catch(() => ({}));
+  if (health.worker && health.worker !== "ok") showError(new Error(health.worker));
   state.generatorAvailable = Boolean(health.generator);
   await guarded(loadCollections);
 }

@@ -9,8 +9,9 @@ from sqlalchemy.orm import Session
 
 from api.usecases.context import Services, dispatch, encoder_model_id
 from api.usecases.jobs import JobDetail, job_detail
+from indexer.context import PlannedJob
 from indexer.work import plan_index_attributes
-from omniattr.domain import ImageStatus, IndexStatus
+from omniattr.domain import ImageStatus, IndexStatus, JobKind, ShardStatus
 from store import metadata
 from store.tables import Collection
 
@@ -62,23 +63,41 @@ def get_collection(services: Services, *, collection_id: int) -> CollectionDetai
 
 
 def delete_collection(services: Services, *, collection_id: int) -> None:
-    """Delete a collection's vectors, then its rows."""
+    """Delete a collection's rows, then every vector of it.
+
+    The vectors go after the commit and by collection, so a shard of a running index job that wrote before the
+    commit loses its points here, and one that writes after it finds its images gone and removes its own
+    (`indexer.work.run_index_shard`). Collection ids are never reused, so nothing left can be mistaken.
+    """
     with services.session_factory.begin() as session:
-        image_ids = metadata.list_image_ids(session, collection_id=collection_id, status=ImageStatus.READY)
         metadata.delete_collection(session, collection_id=collection_id)
-        for version in services.vectors.list_encoder_versions():
-            services.vectors.delete_images(encoder_version=version, image_ids=image_ids)
+    for version in services.vectors.list_encoder_versions():
+        services.vectors.delete_collection(encoder_version=version, collection_id=collection_id)
 
 
 def index_attributes(services: Services, *, collection_id: int, attributes: Sequence[str]) -> JobDetail | None:
     """Start indexing (or backfilling) attributes for a collection; None when all are indexed already."""
     with services.session_factory.begin() as session:
+        model_id = encoder_model_id(session, services)
         plan = plan_index_attributes(
-            session,
-            collection_id=collection_id,
-            attribute_texts=attributes,
-            encoder_model_id=encoder_model_id(session, services),
+            session, collection_id=collection_id, attribute_texts=attributes, encoder_model_id=model_id
         )
+        if plan is None:
+            # Already being indexed: send again the shards of that job that never started (their dispatch may
+            # have failed with the broker down), so a repost is how a user retries. Running twice is harmless.
+            plan = _unstarted_index_shards(session, collection_id, attributes, model_id)
         detail = job_detail(session, metadata.get_job(session, job_id=plan.job_id)) if plan else None
     dispatch(services, plan)
     return detail
+
+
+def _unstarted_index_shards(
+    session: Session, collection_id: int, attributes: Sequence[str], model_id: int
+) -> PlannedJob | None:
+    wanted = {a.id for text in attributes if (a := metadata.find_attribute(session, text=text)) is not None}
+    for job in metadata.open_index_jobs(session, collection_id=collection_id, encoder_model_id=model_id):
+        if job.kind == JobKind.INDEX and wanted & set(job.params.get("attribute_ids", [])):
+            shards = [s.id for s in job.shards if s.status == ShardStatus.PENDING and s.attempts == 0]
+            if shards:
+                return PlannedJob(job.id, JobKind(job.kind).shard_kind, shards)
+    return None

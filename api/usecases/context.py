@@ -18,6 +18,7 @@ from indexer.models import EncoderInfo
 from indexer.work import register_encoder
 from store import metadata
 from store.database import make_session_factory
+from store.errors import ServiceUnavailableError
 from store.vectors import VectorIndex
 
 if TYPE_CHECKING:
@@ -94,11 +95,23 @@ def build_services(settings: Settings) -> Services:
     else:
         from indexer.dispatch import InProcessDispatcher
 
-        in_process = InProcessDispatcher(context)
+        in_process = InProcessDispatcher(context, wedged_after_s=settings.stale_shard_timeout_s)
         closers.append(in_process.close)
         dispatcher = in_process
     with context.session_factory.begin() as session:
         encoder_model_id = register_encoder(session, context.encoder_info).id
+    from indexer.dispatch import StaleWorkSweeper
+
+    # Re-sends what no live worker holds and indexes images a crash left without vectors (issue 16).
+    sweeper = StaleWorkSweeper(
+        context,
+        dispatcher,
+        stale_after_s=settings.stale_shard_timeout_s,
+        interval_s=settings.stale_sweep_interval_s,
+        resume_all_at_start=not settings.broker_url,  # embedded: this process owns every shard
+    )
+    sweeper.start()
+    closers.append(sweeper.close)
     return Services(
         encoder_model_id=encoder_model_id,
         generator_plugin=settings.generator_plugin if settings.generator_path else None,
@@ -123,6 +136,13 @@ def encoder_model_id(session: Session, services: Services) -> int:
 
 
 def dispatch(services: Services, plan: PlannedJob | None) -> None:
-    """Send a committed plan's shards to the workers."""
+    """Send a committed plan's shards to the workers; ServiceUnavailableError (naming the job) if the queue is
+    down: the job stays committed, not yet queued, and the stale-job sweeper sends it once the queue is back."""
     if plan is not None and plan.shard_ids:
-        services.dispatcher.submit(plan.kind, plan.shard_ids)
+        try:
+            services.dispatcher.submit(plan.kind, plan.shard_ids)
+        except ServiceUnavailableError as error:
+            raise ServiceUnavailableError(
+                f"job {plan.job_id} is saved but not yet queued: {error}. It is queued automatically once the "
+                f"queue is back, or retry the request (or POST /api/jobs/{plan.job_id}/resume) in a minute."
+            ) from error

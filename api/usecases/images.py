@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,10 @@ from indexer.ingest import IngestOutcome, ingest_bytes
 from indexer.work import plan_index_new_images, plan_ingest_directory
 from omniattr.domain import ImageStatus
 from store import metadata
-from store.errors import NotFoundError
+from store.errors import NotFoundError, ServiceUnavailableError
 from store.tables import Image
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,11 @@ def upload_images(services: Services, *, collection_id: int, files: Sequence[tup
             image_ids=new_ids,
             encoder_model_id=encoder_model_id(session, services),
         )
-    dispatch(services, plan)
+    try:
+        dispatch(services, plan)
+    except ServiceUnavailableError as error:
+        # The files are stored and the job is saved: answer with them; the stale-job sweeper queues the job.
+        log.warning("upload to collection %s: %s", collection_id, error)
     return Uploaded(outcomes, plan.job_id if plan else None)
 
 
@@ -97,5 +104,6 @@ def delete_image(services: Services, *, image_id: int) -> None:
     """Delete an image's vectors and row (its content-addressed file may be shared and is kept)."""
     with services.session_factory.begin() as session:
         metadata.delete_image(session, image_id=image_id)
-        for version in services.vectors.list_encoder_versions():
-            services.vectors.delete_images(encoder_version=version, image_ids=[image_id])
+    # After the commit, like a collection's: a shard writing meanwhile sees the row gone and removes its points.
+    for version in services.vectors.list_encoder_versions():
+        services.vectors.delete_images(encoder_version=version, image_ids=[image_id])

@@ -252,9 +252,20 @@ class QdrantEdgeIndex(VectorIndex):
                 found[str(record.id)] = np.asarray(record.vector, dtype=np.float32)
         return found
 
-    def _delete_images(self, encoder_version: str, image_ids: list[int]) -> None:
+    def _fetch_payloads(self, encoder_version: str, ids: list[uuid.UUID]) -> dict[str, dict]:
+        """Look in every attribute shard until each id is found."""
+        found: dict[str, dict] = {}
         for shard in self._partitions(encoder_version):
-            shard.update(qe.UpdateOperation.delete_points_by_filter(self._filter([("image_id", image_ids)], [])))
+            missing = [id_ for id_ in ids if str(id_) not in found]
+            if not missing:
+                break
+            for record in shard.retrieve(missing, with_payload=True, with_vector=False):
+                found[str(record.id)] = dict(record.payload)
+        return found
+
+    def _delete_where(self, encoder_version: str, terms: list[FilterTerm]) -> None:
+        for shard in self._partitions(encoder_version):
+            shard.update(qe.UpdateOperation.delete_points_by_filter(self._filter(terms, [])))
 
     def _count(self, encoder_version: str, *, terms: list[FilterTerm], attribute_id: int | None) -> int:
         request = qe.CountRequest(exact=True, filter=self._filter(terms, []))

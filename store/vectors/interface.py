@@ -166,11 +166,24 @@ class VectorIndex(abc.ABC):
         ids = [_as_uuid(id_) for id_ in point_ids]
         return self._fetch(encoder_version, ids) if ids else {}
 
+    def fetch_payloads(self, *, encoder_version: str, point_ids: Iterable[str | uuid.UUID]) -> dict[str, dict]:
+        """Stored payloads by point id (e.g. to check the image content a point encodes); missing ids absent."""
+        if self._dimension_or_none(encoder_version) is None:
+            return {}
+        ids = [_as_uuid(id_) for id_ in point_ids]
+        return self._fetch_payloads(encoder_version, ids) if ids else {}
+
     def delete_images(self, *, encoder_version: str, image_ids: Iterable[int]) -> None:
         """Delete every point of these images; a version that was never indexed holds nothing to delete."""
         image_ids = _image_ids(image_ids)
         if image_ids and self._dimension_or_none(encoder_version) is not None:
-            self._delete_images(encoder_version, image_ids)
+            self._delete_where(encoder_version, [("image_id", image_ids)])
+
+    def delete_collection(self, *, encoder_version: str, collection_id: int) -> None:
+        """Delete every point of an image collection, whatever its images' rows say (they may be gone)."""
+        collection_id = _as_int(collection_id, "collection_id")
+        if self._dimension_or_none(encoder_version) is not None:
+            self._delete_where(encoder_version, [("collection_id", collection_id)])
 
     def count(self, *, encoder_version: str, collection_id: int | None = None, attribute_id: int | None = None) -> int:
         """The exact number of points, optionally only one image collection's and/or one attribute's."""
@@ -234,8 +247,12 @@ class VectorIndex(abc.ABC):
         """Stored vectors of the points among `ids` (at least one) that exist, by id."""
 
     @abc.abstractmethod
-    def _delete_images(self, encoder_version: str, image_ids: list[int]) -> None:
-        """Delete every point of these images (at least one) from an existing version."""
+    def _fetch_payloads(self, encoder_version: str, ids: list[uuid.UUID]) -> dict[str, dict]:
+        """Stored payloads of the points among `ids` (at least one) that exist, by id."""
+
+    @abc.abstractmethod
+    def _delete_where(self, encoder_version: str, terms: list[FilterTerm]) -> None:
+        """Delete every point that matches every term (at least one) from an existing version."""
 
     @abc.abstractmethod
     def _count(self, encoder_version: str, *, terms: list[FilterTerm], attribute_id: int | None) -> int:

@@ -171,11 +171,20 @@ class QdrantServerIndex(VectorIndex):
         )
         return {str(record.id): np.asarray(record.vector, dtype=np.float32) for record in records}
 
-    def _delete_images(self, encoder_version: str, image_ids: list[int]) -> None:
-        """Delete by an image-id filter and wait until it is done."""
+    def _fetch_payloads(self, encoder_version: str, ids: list[uuid.UUID]) -> dict[str, dict]:
+        records = self.client.retrieve(
+            collection_name=self.alias_name(encoder_version),
+            ids=[str(id_) for id_ in ids],
+            with_payload=True,
+            with_vectors=False,
+        )
+        return {str(record.id): dict(record.payload or {}) for record in records}
+
+    def _delete_where(self, encoder_version: str, terms: list[FilterTerm]) -> None:
+        """Delete by a filter and wait until it is done."""
         self.client.delete(
             collection_name=self.alias_name(encoder_version),
-            points_selector=qm.FilterSelector(filter=self._filter([("image_id", image_ids)], [])),
+            points_selector=qm.FilterSelector(filter=self._filter(terms, [])),
             wait=True,
         )
 
