@@ -110,7 +110,8 @@ def _fail(context: WorkerContext, *, shard_id: int, generation_id: int, error: s
     """Record a failed generation and its shard, so the page and the CLI show the error."""
     with context.session_factory.begin() as session:
         metadata.fail_generation(session, generation_id=generation_id, error=error)
-        metadata.finish_shard(session, shard_id=shard_id, done=0, failed=1, error=error)
+        # Failed for good (no retry: a generation that failed once fails again): the job ends failed too.
+        metadata.fail_shard(session, shard_id=shard_id, error=error, max_attempts=0)
 
 
 def _render(
