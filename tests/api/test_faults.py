@@ -71,6 +71,7 @@ def upload_until_refused(client: TestClient, collection_id: int) -> httpx.Respon
     raise AssertionError("400 uploads fitted on a 1 MiB disk")
 
 
+@pytest.mark.slow
 def test_disk_reserve_refuses_uploads_with_507(tmp_path, tiny_encoder_dir, small_disk, clean_env):
     media, mounted = small_disk
     free_mb = shutil.disk_usage(media).free // 2**20
@@ -90,6 +91,7 @@ def test_disk_reserve_refuses_uploads_with_507(tmp_path, tiny_encoder_dir, small
     assert temporary_files(media) == []
 
 
+@pytest.mark.slow
 def test_disk_full_mid_write_gives_507_and_leaves_no_temporary_files(tmp_path, tiny_encoder_dir, small_disk, clean_env):
     media, mounted = small_disk
     if not mounted:
@@ -105,6 +107,7 @@ def test_disk_full_mid_write_gives_507_and_leaves_no_temporary_files(tmp_path, t
     assert temporary_files(media) == []
 
 
+@pytest.mark.slow
 def test_stale_temporary_files_are_swept_at_start_up(tmp_path, tiny_encoder_dir, clean_env):
     settings = make_settings(tmp_path, tiny_encoder_dir)
     folder = settings.media_dir / "originals" / "ab"
@@ -198,6 +201,7 @@ def postgres_database(postgres_server) -> Iterator[str]:
         drop_throwaway_postgres(postgres_server, url)
 
 
+@pytest.mark.slow
 def test_stopped_postgres_gives_503_json_with_a_retry_hint(tmp_path, tiny_encoder_dir, postgres_database, clean_env):
     direct = make_url(postgres_database)
     proxy = TcpProxy((direct.host or "127.0.0.1", direct.port or 5432))
@@ -220,6 +224,7 @@ def test_stopped_postgres_gives_503_json_with_a_retry_hint(tmp_path, tiny_encode
         assert httpx.get(f"{url}/api/health", timeout=5).status_code == 200
 
 
+@pytest.mark.slow
 def test_hung_postgres_holds_only_its_request(tmp_path, tiny_encoder_dir, postgres_database, clean_env):
     settings = make_settings(tmp_path, tiny_encoder_dir, database_url=postgres_database, database_statement_timeout_s=3)
     locker = create_engine(postgres_database)

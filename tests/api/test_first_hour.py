@@ -43,6 +43,7 @@ def broken_generator(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_failed_generation_is_shown_failed_by_the_cli(embedded_env, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMNIATTR_GENERATOR_PATH", str(broken_generator(tmp_path)))
     assert main(["ingest", str(embedded_env), "--collection", "demo", "--json"]) == 0
@@ -56,6 +57,7 @@ def test_failed_generation_is_shown_failed_by_the_cli(embedded_env, tmp_path, mo
     assert time.monotonic() - started < 120  # it ended, it did not spin
 
 
+@pytest.mark.slow
 def test_generator_path_that_does_not_exist_stops_up_at_once(embedded_env, tmp_path):
     env = {**os.environ, "OMNIATTR_GENERATOR_PATH": str(tmp_path / "no-such-generator")}
     env["OMNIATTR_API_PORT"] = "1"  # never reached: the check comes first
@@ -65,6 +67,7 @@ def test_generator_path_that_does_not_exist_stops_up_at_once(embedded_env, tmp_p
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_ingest_reports_failures_and_duplicates(embedded_env, capsys):
     (embedded_env / "broken.png").write_bytes(b"not an image at all")
     assert main(["ingest", str(embedded_env), "--collection", "demo"]) == 0
@@ -76,6 +79,7 @@ def test_ingest_reports_failures_and_duplicates(embedded_env, capsys):
     assert "0 new images ingested, 5 duplicates" in again
 
 
+@pytest.mark.slow
 def test_images_lists_ids_and_search_echoes_the_query(embedded_env, capsys):
     assert main(["ingest", str(embedded_env), "--collection", "demo", "--json"]) == 0
     capsys.readouterr()
@@ -93,6 +97,7 @@ def test_images_lists_ids_and_search_echoes_the_query(embedded_env, capsys):
     assert len(out) == 3
 
 
+@pytest.mark.slow
 def test_missing_query_image_is_one_line(embedded_env, capsys):
     assert main(["ingest", str(embedded_env), "--collection", "demo", "--json"]) == 0
     capsys.readouterr()
@@ -102,6 +107,7 @@ def test_missing_query_image_is_one_line(embedded_env, capsys):
     assert err.strip() == "omniattr: --image nope.png: no such file"
 
 
+@pytest.mark.slow
 def test_help_texts(capsys):
     with pytest.raises(SystemExit):
         main(["up", "--help"])
@@ -124,6 +130,7 @@ def test_settings_shows_the_encoder_in_use(tmp_path, monkeypatch, capsys):
     assert shown["encoder_path_from"] == "the shipped starter encoder"
 
 
+@pytest.mark.slow
 def test_search_by_id_does_not_load_the_model(embedded_env, capsys):
     """A search by stored id needs no encoder: torch (and qdrant-client, the server backend) stay unimported."""
     assert main(["ingest", str(embedded_env), "--collection", "demo", "--json"]) == 0
@@ -144,6 +151,7 @@ def test_search_by_id_does_not_load_the_model(embedded_env, capsys):
     print(f"search by id, embedded, in-process: {float(seconds):.2f} s")  # reported, not asserted: shared CPUs
 
 
+@pytest.mark.slow
 def test_encoder_load_prints_no_future_warning(tiny_encoder_dir):
     from encoder import AttributeEncoder
 
