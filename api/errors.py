@@ -6,9 +6,12 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from store.errors import (
     ConflictError,
+    InsufficientStorageError,
     InvalidInputError,
     NotFoundError,
     SchemaVersionError,
@@ -16,11 +19,15 @@ from store.errors import (
     StoreError,
 )
 
-RETRY_AFTER_S = 30  # what a 503 for an unreachable service suggests (Retry-After)
+# What a 503 suggests (body `retry_after_s` and the Retry-After header): the broker or another service, or the
+# metadata database (down, hung or overloaded; it usually answers again sooner).
+SERVICE_RETRY_AFTER_S = 30
+DATABASE_RETRY_AFTER_S = 5
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (NotFoundError, 404),
     (ConflictError, 409),
     (InvalidInputError, 400),
+    (InsufficientStorageError, 507),
     (SchemaVersionError, 503),
     (ServiceUnavailableError, 503),
     (TimeoutError, 504),
@@ -34,15 +41,42 @@ def _status_for(error: Exception) -> int:
     return 500
 
 
+def _retry_later(detail: str, retry_after_s: int) -> JSONResponse:
+    """A 503 that says when to try again."""
+    body = {"detail": detail, "retry_after_s": retry_after_s}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(retry_after_s)})
+
+
+def _database_error_response(error: Exception) -> JSONResponse:
+    """503 with a retry hint for a database that is down, hung or too slow; 507 for SQLite's disk full."""
+    if "disk is full" in str(error):  # sqlite3.OperationalError: database or disk is full
+        return JSONResponse(
+            {
+                "detail": "the database could not write: its disk is full. Free space on the disk that holds "
+                "OMNIATTR_DATA_DIR (delete collections or other files), then try again."
+            },
+            status_code=507,
+        )
+    return _retry_later(
+        "the metadata database is unavailable or did not answer in time "
+        f"({error.__class__.__name__}); try again in a few seconds. If it persists, check that the "
+        "database server is running and reachable (OMNIATTR_DATABASE_URL).",
+        DATABASE_RETRY_AFTER_S,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Map store errors and validation errors to JSON responses with the right status."""
+    """Map store, database and validation errors to JSON responses with the right status."""
 
     async def store_error(_request: Request, error: Exception) -> JSONResponse:
-        code = _status_for(error)
         if isinstance(error, ServiceUnavailableError):  # worth a retry: say when
-            body = {"detail": str(error), "retry_after_s": RETRY_AFTER_S}
-            return JSONResponse(body, status_code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
-        return JSONResponse({"detail": str(error)}, status_code=code)
+            return _retry_later(str(error), SERVICE_RETRY_AFTER_S)
+        return JSONResponse({"detail": str(error)}, status_code=_status_for(error))
+
+    # Only the database's availability errors (server down, connection lost, statement timeout, pool
+    # exhausted): an integrity or programming error is a bug and stays a 500 with its traceback.
+    async def database_error(_request: Request, error: Exception) -> JSONResponse:
+        return _database_error_response(error)
 
     async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}" for e in error.errors()]
@@ -55,5 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(StoreError, store_error)
+    for database_unavailable in (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError):
+        app.add_exception_handler(database_unavailable, database_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(TimeoutError, timeout_error)

@@ -18,6 +18,7 @@ reads the last-layer states of the whole sequence (prefix states repeated, suffi
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,17 +94,21 @@ class MllmBackbone(nn.Module, EncoderBackbone):
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-        if lora_path is None:
-            lora = LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=0.0,
-                target_modules=lora_target_pattern(config.lora_targets),
-                bias="none",
-            )
-            self.backbone = get_peft_model(model, lora)  # freezes every base weight
-        else:
-            self.backbone = PeftModel.from_pretrained(model, str(lora_path), is_trainable=True)
+        # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping a model: silence just
+        # that FutureWarning (peft's to fix), so encoder commands print nothing alarming.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            if lora_path is None:
+                lora = LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_alpha,
+                    lora_dropout=0.0,
+                    target_modules=lora_target_pattern(config.lora_targets),
+                    bias="none",
+                )
+                self.backbone = get_peft_model(model, lora)  # freezes every base weight
+            else:
+                self.backbone = PeftModel.from_pretrained(model, str(lora_path), is_trainable=True)
         hidden = model_config.text_config.hidden_size
         self.connector = Connector(
             input_dim=hidden,

@@ -106,7 +106,11 @@ def build_worker_context(settings: Settings) -> WorkerContext:
             "AttributeEncoder.save_pretrained (a source checkout ships one in models/starter/encoder), or run "
             f"`omniattr init-encoder` to write an untrained one to {settings.default_encoder_path}"
         )
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(
+        settings.resolved_database_url,
+        connect_timeout_s=settings.database_connect_timeout_s,
+        statement_timeout_s=settings.database_statement_timeout_s,
+    )
     check_schema_current(engine)
     lock = None
     if settings.qdrant_url:
@@ -114,24 +118,26 @@ def build_worker_context(settings: Settings) -> WorkerContext:
     else:
         lock = DataDirLock(settings.data_dir)
         vectors = open_vector_index(kind="embedded", data_dir=settings.vectors_dir)
+    generator = None
+    if settings.generator_path:
+        generator = GeneratorProvider(
+            settings.generator_plugin,
+            settings.generator_path,
+            device=settings.device,
+            steps=settings.generation_steps,
+            size=settings.generation_size,
+        )
+        generator.check()
+    media = MediaStore(settings.media_dir, reserve_bytes=settings.disk_reserve_mb * 1024 * 1024)
+    media.sweep_temporary_files()  # left by a process killed mid-write
     return WorkerContext(
         session_factory=make_session_factory(engine),
         vectors=vectors,
-        media=MediaStore(settings.media_dir),
+        media=media,
         encoder=EncoderProvider(encoder_path, device=settings.device),
         encoder_info=describe_encoder(encoder_path),
         allowed_roots=list(settings.allowed_roots),
         index_batch_size=settings.index_batch_size,
-        generator=(
-            GeneratorProvider(
-                settings.generator_plugin,
-                settings.generator_path,
-                device=settings.device,
-                steps=settings.generation_steps,
-                size=settings.generation_size,
-            )
-            if settings.generator_path
-            else None
-        ),
+        generator=generator,
         lock=lock,
     )

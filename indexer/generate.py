@@ -7,6 +7,7 @@ image and stores each attribute's transfer score (re-encoding of the output vs. 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from indexer.context import PlannedJob, WorkerContext
+from indexer.models import GeneratorProvider
 from omniattr.domain import MAX_REFERENCES, ImageStatus, JobKind
 from store import metadata
-from store.errors import ConflictError, InvalidInputError
+from store.errors import ConflictError, InvalidInputError, StoreError
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,7 @@ def output_path(context: WorkerContext, generation_id: int) -> Path:
 
 
 def run_generate_shard(context: WorkerContext, shard_id: int) -> str:
-    """Render one generation request and store its image and transfer scores."""
-    from PIL import Image
-
+    """Render one generation request and store its image and transfer scores; a failure is recorded on it."""
     with context.session_factory.begin() as session:
         shard = metadata.start_shard(session, shard_id=shard_id)
         if shard is None:
@@ -92,19 +92,45 @@ def run_generate_shard(context: WorkerContext, shard_id: int) -> str:
     missing = [r["image_id"] for r in request["refs"] if r["image_id"] not in sources]
     if missing or context.generator is None:
         error = f"reference images {missing} were deleted" if missing else "no generator is configured"
-        with context.session_factory.begin() as session:
-            metadata.fail_generation(session, generation_id=generation_id, error=error)
-            metadata.finish_shard(session, shard_id=shard_id, done=0, failed=1, error=error)
+        _fail(context, shard_id=shard_id, generation_id=generation_id, error=error)
         return "failed"
+    try:
+        path, scores = _render(context, context.generator, generation_id, request, sources)
+    except Exception as error:  # noqa: BLE001 - any failure (weights, plugin, disk) is the generation's, shown to its user
+        message = str(error) if isinstance(error, StoreError) else f"{error.__class__.__name__}: {error}"
+        _fail(context, shard_id=shard_id, generation_id=generation_id, error=message)
+        return "failed"
+    with context.session_factory.begin() as session:
+        metadata.finish_generation(session, generation_id=generation_id, output_path=str(path), transfer_scores=scores)
+        metadata.finish_shard(session, shard_id=shard_id, done=1, failed=0, error=None)
+    return "done"
+
+
+def _fail(context: WorkerContext, *, shard_id: int, generation_id: int, error: str) -> None:
+    """Record a failed generation and its shard, so the page and the CLI show the error."""
+    with context.session_factory.begin() as session:
+        metadata.fail_generation(session, generation_id=generation_id, error=error)
+        # Failed for good (no retry: a generation that failed once fails again): the job ends failed too.
+        metadata.fail_shard(session, shard_id=shard_id, error=error, max_attempts=0)
+
+
+def _render(
+    context: WorkerContext,
+    generator_provider: GeneratorProvider,
+    generation_id: int,
+    request: dict[str, Any],
+    sources: dict[int, tuple[str, str | None]],
+) -> tuple[Path, dict[str, float]]:
+    """Run the pipeline on the references and save the image; returns its path and transfer scores."""
+    import torch
+    from PIL import Image
+
     images = {}
     for image_id, (sha256, file_format) in sources.items():
         with Image.open(context.media.original_path(sha256, file_format)) as opened:
             images[image_id] = opened.convert("RGB")
     refs = [(images[r["image_id"]], r["attribute"], r["weight"]) for r in request["refs"]]
-
-    import torch
-
-    pipeline = context.generator.get()
+    pipeline = generator_provider.get()
     seed = request.get("seed")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     output = pipeline(
@@ -112,19 +138,16 @@ def run_generate_shard(context: WorkerContext, shard_id: int) -> str:
         refs=refs,
         attribute_encoder=context.encoder.get(),
         guidance_scale=request.get("guidance_scale") or 1.0,
-        num_inference_steps=request.get("steps") or context.generator.steps,
+        num_inference_steps=request.get("steps") or generator_provider.steps,
         generator=generator,
-        height=context.generator.size,
-        width=context.generator.size,
+        height=generator_provider.size,
+        width=generator_provider.size,
     )
+    buffer = io.BytesIO()
+    output.images[0].save(buffer, format="PNG")
     path = output_path(context, generation_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    output.images[0].save(path)
-    scores = _named_scores(request["refs"], output.transfer_scores[0])
-    with context.session_factory.begin() as session:
-        metadata.finish_generation(session, generation_id=generation_id, output_path=str(path), transfer_scores=scores)
-        metadata.finish_shard(session, shard_id=shard_id, done=1, failed=0, error=None)
-    return "done"
+    context.media.write_file(path, buffer.getvalue())  # checks the disk reserve; no temporary file is left
+    return path, _named_scores(request["refs"], output.transfer_scores[0])
 
 
 def _named_scores(refs: list[dict], scores: Any) -> dict[str, float]:

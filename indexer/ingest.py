@@ -7,10 +7,13 @@ the others.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,12 +24,14 @@ from sqlalchemy.orm import Session
 
 from omniattr.domain import ImageStatus
 from store import metadata
-from store.errors import InvalidInputError
+from store.errors import InsufficientStorageError, InvalidInputError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; larger is treated as a decompression bomb
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 THUMBNAIL_SIZE = 256
+TEMPORARY_PREFIX = ".tmp-"  # atomic writes go through such a file in the target's directory
+STALE_TEMPORARY_S = 600  # a temporary file this old belongs to a process that died mid-write
 SUFFIX_BY_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
@@ -114,10 +119,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 class MediaStore:
-    """Originals and thumbnails under one directory, addressed by content hash (shared across collections)."""
+    """Originals and thumbnails under one directory, addressed by content hash (shared across collections).
 
-    def __init__(self, root: Path):
+    Every write first checks that at least `reserve_bytes` stay free on the disk, and a write that fails
+    anyway (disk full) leaves no temporary file behind; both raise InsufficientStorageError.
+    """
+
+    def __init__(self, root: Path, *, reserve_bytes: int = 0):
         self.root = Path(root)
+        self.reserve_bytes = reserve_bytes
 
     def original_path(self, sha256: str, file_format: str) -> Path:
         return self.root / "originals" / sha256[:2] / f"{sha256}{SUFFIX_BY_FORMAT.get(file_format, '.img')}"
@@ -125,11 +135,38 @@ class MediaStore:
     def thumbnail_path(self, sha256: str) -> Path:
         return self.root / "thumbnails" / sha256[:2] / f"{sha256}.jpg"
 
+    def ensure_free(self, nbytes: int) -> None:
+        """InsufficientStorageError unless `nbytes` can be written and leave the reserve free."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        if free - nbytes < self.reserve_bytes:
+            raise InsufficientStorageError(_disk_full_message(self.root, free=free, reserve=self.reserve_bytes))
+
+    def write_file(self, path: Path, data: bytes) -> None:
+        """Write `data` to `path` atomically (readers never see half a file), after the free-space check."""
+        self.ensure_free(len(data))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary: Path | None = None
+        try:
+            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=TEMPORARY_PREFIX) as handle:
+                temporary = Path(handle.name)
+                handle.write(data)
+            os.replace(temporary, path)
+        except OSError as error:
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(self.root).free
+                raise InsufficientStorageError(
+                    _disk_full_message(self.root, free=free, reserve=self.reserve_bytes)
+                ) from None
+            raise
+
     def put_original(self, data: bytes, sha256: str, file_format: str) -> Path:
         """Write the original once (atomically); an existing copy is kept."""
         path = self.original_path(sha256, file_format)
         if not path.exists():
-            _atomic_write(path, data)
+            self.write_file(path, data)
         return path
 
     def put_thumbnail(self, image: Image.Image, sha256: str, size: int = THUMBNAIL_SIZE) -> Path:
@@ -140,16 +177,32 @@ class MediaStore:
             thumbnail.thumbnail((size, size), Image.Resampling.LANCZOS)
             buffer = io.BytesIO()
             thumbnail.save(buffer, format="JPEG", quality=85)
-            _atomic_write(path, buffer.getvalue())
+            self.write_file(path, buffer.getvalue())
         return path
 
+    def sweep_temporary_files(self, *, older_than_s: float = STALE_TEMPORARY_S) -> int:
+        """Delete temporary files left by writers that died mid-write; returns how many. Called at start-up."""
+        if not self.root.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for temporary in self.root.rglob(f"{TEMPORARY_PREFIX}*"):
+            try:
+                if temporary.is_file() and temporary.stat().st_mtime < cutoff:
+                    temporary.unlink()
+                    removed += 1
+            except FileNotFoundError:  # another process swept it first
+                continue
+        return removed
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=".tmp-") as handle:
-        handle.write(data)
-        temporary = Path(handle.name)
-    os.replace(temporary, path)  # readers never see a half-written file
+
+def _disk_full_message(root: Path, *, free: int, reserve: int) -> str:
+    return (
+        f"not enough disk space for the media directory {root}: {free / 2**20:.1f} MiB free, "
+        f"{reserve / 2**20:.0f} MiB kept in reserve (OMNIATTR_DISK_RESERVE_MB). Free space on that disk "
+        "(delete collections or images you no longer need, or other files), or move OMNIATTR_DATA_DIR to a "
+        "larger disk, then try again."
+    )
 
 
 def check_allowed(path: Path, allowed_roots: Sequence[Path]) -> Path:

@@ -98,6 +98,31 @@ class GeneratorProvider:
         self._pipeline: AttributePipeline | None = None
         self._lock = threading.Lock()
 
+    def check(self) -> None:
+        """InvalidInputError unless the plugin exists and the weights directory has its parts; run at start-up.
+
+        A cheap check (no weights are read), so a wrong OMNIATTR_GENERATOR_PATH or _PLUGIN fails `omniattr up`
+        at once instead of the first generation.
+        """
+        from generator_plugin.plugins import REQUIRED_SUBFOLDERS, UnknownGeneratorError, get_generator_plugin
+
+        try:
+            get_generator_plugin(self.plugin)
+        except UnknownGeneratorError as error:
+            raise InvalidInputError(f"OMNIATTR_GENERATOR_PLUGIN: {error}") from None
+        if not self.path.is_dir():
+            raise InvalidInputError(
+                f"OMNIATTR_GENERATOR_PATH {self.path} is not a directory; point it at a diffusers-format generator "
+                "folder, or unset it to run without generations"
+            )
+        missing = [name for name in REQUIRED_SUBFOLDERS if not (self.path / name).is_dir()]
+        if self.plugin == "flux" and missing:
+            raise InvalidInputError(
+                f"OMNIATTR_GENERATOR_PATH {self.path} is not a diffusers FLUX directory: it lacks "
+                f"{', '.join(name + '/' for name in missing)}; point it at the folder that holds "
+                f"{', '.join(name + '/' for name in REQUIRED_SUBFOLDERS)}, or unset it"
+            )
+
     def get(self) -> AttributePipeline:
         """The loaded pipeline, on its device, with diffusers' progress bars off."""
         with self._lock:

@@ -130,6 +130,18 @@ def cmd_settings(args: argparse.Namespace) -> int:
             user = rest.split("@")[0].split(":")[0]
             shown[url] = f"{scheme}//{user}:***@{rest.split('@', 1)[1]}"
     shown["resolved_database_url"] = settings.resolved_database_url if not settings.database_url else "(as above)"
+    # The checkpoint actually used: an unset encoder_path falls back to DATA_DIR/encoder or the shipped starter.
+    in_use = settings.resolved_encoder_path
+    shown["encoder_path"] = str(in_use) if in_use else None
+    shown["encoder_path_from"] = (
+        "OMNIATTR_ENCODER_PATH"
+        if settings.encoder_path is not None
+        else "DATA_DIR/encoder"
+        if in_use == settings.default_encoder_path
+        else "the shipped starter encoder"
+        if in_use
+        else "nothing: set OMNIATTR_ENCODER_PATH or run `omniattr init-encoder`"
+    )
     print(json.dumps(shown, indent=2))
     return 0
 
@@ -139,12 +151,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.usecases.context import build_services
 
     settings = _load_settings()
     upgrade_database(settings.resolved_database_url)
     host, port = args.host or settings.api_host, args.port or settings.api_port
-    print(f"omniattr {__version__} ({settings.profile.value}) on http://{host}:{port}", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # Opened here rather than in the app's lifespan, so that a bad configuration (an encoder or generator path
+    # that does not load, a data directory in use) is a one-line error before the server starts.
+    services = build_services(settings)
+    try:
+        print(f"omniattr {__version__} ({settings.profile.value}) on http://{host}:{port}", file=sys.stderr)
+        uvicorn.run(create_app(settings, services=services), host=host, port=port, log_level="info")
+    finally:
+        services.close()
     return 0
 
 
@@ -157,8 +176,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"allowed_roots": [*settings.allowed_roots, directory]})
     with api_client(settings, args.url, args.api_key) as client:
         collection_id = _collection_id(client, args.collection, create=True)
+        before = _call(client, "GET", f"/api/collections/{collection_id}")
         job = _call(client, "POST", f"/api/collections/{collection_id}/ingest", json={"path": str(directory)})
         job = _follow(client, job, quiet=args.json)
+        after = _call(client, "GET", f"/api/collections/{collection_id}")
+        # The reasons live on the failed image rows (the job keeps only counts): those from this directory.
+        failed_rows = [
+            image
+            for image in _call(
+                client,
+                "GET",
+                f"/api/collections/{collection_id}/images",
+                params={"status": ImageStatus.FAILED, "limit": 500},
+            )["data"]
+            if Path(image["source"]).is_relative_to(directory)
+        ]
         follow_ups = [
             j
             for j in _call(client, "GET", "/api/jobs", params={"collection_id": collection_id})["data"]
@@ -166,12 +198,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         ]
         for follow_up in follow_ups:  # new images are indexed under the collection's attributes
             _follow(client, follow_up, quiet=args.json)
-    _print(
-        args,
-        job,
-        f"collection {collection_id}: {job['done']} images ingested, {job['failed']} failed"
-        + (f"\n{job['error']}" if job["error"] else ""),
-    )
+    # A file whose content is already in the collection gets no new row: the job counts it as done (ready)
+    # or failed (the earlier failure), so new = rows added, duplicates = the rest of what was read.
+    new_ready = after["image_count"] - before["image_count"]
+    new_failed = after["failed_count"] - before["failed_count"]
+    duplicates = job["done"] + job["failed"] - new_ready - new_failed
+    failures = [{"source": image["source"], "error": image["error"]} for image in failed_rows]
+    report = {**job, "new": new_ready, "duplicates": duplicates, "new_failed": new_failed, "failures": failures}
+    lines = [
+        f"collection {args.collection} ({collection_id}): {job['done'] + job['failed']} files read from {directory}: "
+        f"{new_ready} new images ingested, {duplicates} duplicates already in the collection (skipped), "
+        f"{job['failed']} failed"
+    ]
+    if failures:
+        lines += ["failed files and why:", *(f"  {f['source']}: {f['error']}" for f in failures[:50])]
+        if len(failures) > 50:
+            lines.append(f"  ... and {len(failures) - 50} more (`omniattr images --status failed`)")
+    if job["error"]:
+        lines.append(job["error"])
+    _print(args, report, "\n".join(lines))
     return 0 if job["status"] == JobStatus.DONE else 1
 
 
@@ -210,6 +255,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.image:
             if not args.attribute:
                 raise CommandError("--image needs --attribute, e.g. --attribute lighting")
+            if not Path(args.image).is_file():
+                raise CommandError(f"--image {args.image}: no such file")
             data = Path(args.image).read_bytes()
             results = _call(
                 client,
@@ -228,12 +275,42 @@ def cmd_search(args: argparse.Namespace) -> int:
                 "negatives": [_term(t) for t in args.negative],
             }
             results = _call(client, "POST", "/api/search", json=body)
-    lines = [
+    if args.image:
+        query = f"like {args.image} in {args.attribute}"
+    else:
+        query = " + ".join(args.term) + "".join(f" - {negative}" for negative in args.negative)
+    lines = [f"search {args.collection}: {query} (top {args.limit})"]
+    lines += [
         f"{r['score']:+.4f}  image {r['image']['id']:>6}  {r['image']['source']}  "
         + " ".join(f"{k}={v:.3f}" for k, v in r["attribute_scores"].items())
         for r in results["results"]
+    ] or ["no results"]
+    _print(args, results, "\n".join(lines))
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    """List a collection's images with their ids (what --term IMAGE_ID:ATTRIBUTE and --ref need)."""
+    settings = _load_settings()
+    images: list[dict[str, Any]] = []
+    with api_client(settings, args.url, args.api_key) as client:
+        collection_id = _collection_id(client, args.collection)
+        params: dict[str, Any] = {"after_id": 0, "limit": min(args.limit, 500)}
+        if args.status:
+            params["status"] = args.status
+        while len(images) < args.limit:
+            page = _call(client, "GET", f"/api/collections/{collection_id}/images", params=params)
+            images += page["data"]
+            if page["next_after_id"] is None:
+                break
+            params["after_id"] = page["next_after_id"]
+    images = images[: args.limit]
+    lines = [
+        f"{i['id']:>6}  {i['status']:<7} {i['width'] or '-'}x{i['height'] or '-'}  {i['source']}"
+        + (f"  ({i['error']})" if i["error"] else "")
+        for i in images
     ]
-    _print(args, results, "\n".join(lines) or "no results")
+    _print(args, images, "\n".join(lines) or f"no images in {args.collection}")
     return 0
 
 
@@ -255,7 +332,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         _follow(client, _call(client, "GET", f"/api/jobs/{generation['job_id']}"), quiet=args.json)
         generation = _call(client, "GET", f"/api/generations/{generation['id']}")
         if generation["status"] != GenerationStatus.DONE:
-            raise CommandError(f"generation {generation['id']} failed: {generation['error']}")
+            reason = generation["error"] or f"it ended {generation['status']} without an error message"
+            raise CommandError(f"generation {generation['id']} failed: {reason}")
         image = client.get(generation["output_url"])
         Path(args.out).write_bytes(image.content)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in generation["transfer_scores"].items())
@@ -443,8 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     command("migrate", cmd_migrate).add_argument("--revision", default="head", help="target revision (default head)")
     command("settings", cmd_settings)
     up = command("up", cmd_up)
-    up.add_argument("--host")
-    up.add_argument("--port", type=int)
+    fields = Settings.model_fields
+    up.add_argument(
+        "--host", help=f"address to listen on (default: OMNIATTR_API_HOST, else {fields['api_host'].default})"
+    )
+    up.add_argument(
+        "--port", type=int, help=f"port to listen on (default: OMNIATTR_API_PORT, else {fields['api_port'].default})"
+    )
+    up.epilog = (
+        f"Data directory: OMNIATTR_DATA_DIR, else {fields['data_dir'].default} (relative to where you start it). "
+        f"Profile: OMNIATTR_PROFILE, else {fields['profile'].default.value}. `omniattr settings` shows all."
+    )
 
     ingest = command("ingest", cmd_ingest, remote=True)
     ingest.add_argument("path", help="directory of images (searched recursively)")
@@ -461,6 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--image", help="an image file to use as the query (with --attribute)")
     search.add_argument("--attribute")
     search.add_argument("--limit", type=int, default=10)
+
+    images = command("images", cmd_images, remote=True)
+    images.add_argument("--collection", required=True, help="collection name or id")
+    images.add_argument("--status", choices=[s.value for s in ImageStatus], help="only images with this status")
+    images.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
 
     export = command("export", cmd_export, remote=True)
     export.add_argument("--collection", required=True)
@@ -487,8 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-at-step", type=int, help="end early with a checkpoint at this step")
     train.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a config value")
 
-    # eval and bench pass every argument they do not know to what they run.
-    command("eval", cmd_eval).set_defaults(passthrough=True)  # `omniattr eval --help-module` lists them
+    # eval forwards everything, --help included, to training.evaluate (its options are listed there).
+    evaluate = commands.add_parser("eval", add_help=False, help=cmd_eval.__doc__)
+    evaluate.set_defaults(run=cmd_eval, passthrough=True)
 
     # annotate forwards everything, --help included, to training.annotation.cli (its subcommands have their own help).
     annotate = commands.add_parser("annotate", add_help=False, help=cmd_annotate.__doc__)

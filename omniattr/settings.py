@@ -30,6 +30,12 @@ class Settings(BaseSettings):
 
     # server profile
     database_url: str | None = Field(default=None, description="e.g. postgresql+psycopg://user@host/db")
+    database_connect_timeout_s: int = Field(
+        default=5, ge=1, description="PostgreSQL: longest wait to open a connection before a request fails (503)."
+    )
+    database_statement_timeout_s: float = Field(
+        default=60.0, gt=0, description="PostgreSQL: longest run of one statement, lock waits included (then 503)."
+    )
     qdrant_url: str | None = Field(default=None, description="e.g. http://qdrant:6333")
     qdrant_api_key: str | None = None
     broker_url: str | None = Field(default=None, description="e.g. redis://redis:6379/0")
@@ -66,6 +72,11 @@ class Settings(BaseSettings):
     )
     stale_sweep_interval_s: float = Field(default=60, gt=0, description="How often the API looks for stale shards.")
     query_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a query image's encoding.")
+    disk_reserve_mb: int = Field(
+        default=256,
+        ge=0,
+        description="Free space kept on the data directory's disk: a write that would go below it is refused (507).",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Largest request body accepted.")

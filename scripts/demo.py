@@ -30,7 +30,12 @@ import httpx
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from omniattr.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
+# `omniattr up`'s default data directory (Settings.data_dir, relative to where it is started): the demo uses the
+# same folder of the checkout, so `omniattr up` or `omniattr search` run there afterwards see the demo collection.
+DEFAULT_DATA_DIR = Settings.model_fields["data_dir"].default
 STARTER_ENCODER = ROOT / "models" / "starter" / "encoder"
 COLLECTION = "demo"
 ATTRIBUTES = ("art style", "background", "color")
@@ -313,12 +318,19 @@ def show_examples(url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Build, index, serve, show."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dir", type=Path, default=ROOT / "data" / "demo", help="where the demo keeps its data")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=ROOT / DEFAULT_DATA_DIR,
+        help="the omniattr data directory (default: the checkout's data/, which is where `omniattr up` run from "
+        "the checkout looks, so it finds the demo collection); the sample images go in its demo/images",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8000")))
     parser.add_argument("--check", action="store_true", help="stop the server after printing the examples")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    images_dir, data_dir = args.dir.resolve() / "images", args.dir.resolve() / "omniattr"
+    data_dir = args.dir.resolve()
+    images_dir = data_dir / "demo" / "images"
     data_dir.mkdir(parents=True, exist_ok=True)
     env = demo_environment(data_dir)
 

@@ -19,8 +19,14 @@ from store.errors import SchemaVersionError
 READ_ONLY_OPTION = "omniattr_read_only"
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """An engine for `url`; SQLite gets foreign keys, WAL and a busy timeout so two processes can share it."""
+def make_engine(
+    url: str, *, echo: bool = False, connect_timeout_s: int | None = None, statement_timeout_s: float | None = None
+) -> Engine:
+    """An engine for `url`; SQLite gets foreign keys, WAL and a busy timeout so two processes can share it.
+
+    On PostgreSQL, `connect_timeout_s` bounds opening a connection and `statement_timeout_s` any one statement
+    (lock waits included), so a stopped or hung server fails requests instead of holding them forever.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -47,7 +53,13 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True)
+    connect_args: dict[str, object] = {}
+    if parsed.get_backend_name() == "postgresql":
+        if connect_timeout_s is not None:
+            connect_args["connect_timeout"] = connect_timeout_s
+        if statement_timeout_s is not None:
+            connect_args["options"] = f"-c statement_timeout={round(statement_timeout_s * 1000)}"
+    return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
 
 
 def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:

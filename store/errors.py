@@ -26,6 +26,10 @@ class DimensionMismatchError(InvalidInputError):
         self.actual = actual
 
 
+class InsufficientStorageError(StoreError):
+    """A write would leave less free disk space than the configured reserve, or the disk is full (HTTP 507)."""
+
+
 class SchemaVersionError(StoreError):
     """The database's schema revision is not the one this code was built for."""
 

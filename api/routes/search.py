@@ -37,10 +37,10 @@ def _results(ranked: list[tuple[RankedImage, Row]], started: float) -> Response:
 
 
 @router.post("", response_model=schemas.SearchResults)
-async def search(body: schemas.SearchRequest, services: ServicesDep) -> Response:
+def search(body: schemas.SearchRequest, services: ServicesDep) -> Response:
     """Rank a collection by one or several weighted (image, attribute) terms, minus negative terms."""
-    # Deliberately run on the event loop: a search by stored ids is a few milliseconds of CPU and local
-    # I/O, and in one process that is cheaper in series than through the thread pool (GIL contention).
+    # A plain `def`: FastAPI runs it in its thread pool. It reads the database, and a slow or hung database
+    # must hold only this request, never the event loop that serves every other one (/api/health included).
     started = time.perf_counter()
     ranked = search_cases.search(
         services,

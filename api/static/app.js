@@ -71,6 +71,14 @@ async function selectCollection(id) {
   state.afterId = 0;
   state.query = null;
   $("grid").replaceChildren();
+  // The previous collection's results, selection and generation do not belong to this one.
+  state.results = [];
+  state.selected.clear();
+  $("results").replaceChildren();
+  $("results-panel").hidden = true;
+  $("generate-panel").hidden = true;
+  $("generation").replaceChildren();
+  $("query-info").textContent = "Click an image below to use it as the query.";
   await refreshCollectionInfo();
   if (load !== state.gridLoad) return;  // a newer selection (e.g. after an upload) owns the grid now
   await loadImages();
@@ -102,11 +110,16 @@ function tile(image, onClick, caption) {
   const box = document.createElement("div");
   box.className = "tile";
   box.dataset.imageId = image.id;
+  const name = image.source.split("/").pop();
   const img = document.createElement("img");
   img.src = imageUrl(image.thumbnail_url);
-  img.alt = image.source.split("/").pop();
+  img.alt = name;
   img.loading = "lazy";
-  box.append(img);
+  const label = Object.assign(document.createElement("span"), { className: "name", textContent: name, title: image.source });
+  const open = Object.assign(document.createElement("button"), { type: "button", className: "open", textContent: "⤢" });
+  open.setAttribute("aria-label", `open ${name} larger`);
+  open.addEventListener("click", (event) => { event.stopPropagation(); showLarger(image, name); });
+  box.append(img, label, open);
   if (caption) {
     const label = document.createElement("span");
     label.className = "score";
@@ -115,6 +128,14 @@ function tile(image, onClick, caption) {
   }
   box.addEventListener("click", onClick);
   return box;
+}
+
+function showLarger(image, name) {
+  $("viewer-image").src = imageUrl(`/api/images/${image.id}/original`);
+  $("viewer-image").alt = name;
+  $("viewer-caption").textContent = `image ${image.id}: ${image.source}` +
+    (image.width ? ` (${image.width}x${image.height})` : "");
+  $("viewer").showModal();
 }
 
 function pickQuery(imageId) {
@@ -198,7 +219,13 @@ async function personalize() {
     await new Promise((resolve) => setTimeout(resolve, 300));
     current = await api("GET", `/api/generations/${generation.id}`);
   }
-  if (current.status !== "done") throw new Error(`generation failed: ${current.error}`);
+  if (current.status !== "done") {
+    const reason = current.error || `it ended ${current.status}`;
+    view.replaceChildren(Object.assign(document.createElement("p"),
+      { className: "failed", textContent: `Generation failed: ${reason}` }));
+    updateButtons();
+    throw new Error(`generation failed: ${reason}`);
+  }
   const img = Object.assign(document.createElement("img"), { src: imageUrl(current.output_url), alt: "generated image" });
   const scores = document.createElement("ul");
   scores.id = "transfer-scores";
@@ -232,7 +259,11 @@ async function pollJobs() {
     const eta = job.eta_seconds ? `, ${Math.ceil(job.eta_seconds)} s left` : "";
     item.textContent = `job ${job.id} ${job.kind}: ${job.status} ${job.done}/${job.total}` +
       (job.failed ? ` (${job.failed} failed)` : "") + eta + " ";
-    const bar = Object.assign(document.createElement("progress"), { max: job.total || 1, value: job.done + job.failed });
+    // A failed or cancelled job's bar shows what succeeded, not a full bar.
+    const finishedBadly = job.status === "failed" || job.status === "cancelled";
+    const bar = Object.assign(document.createElement("progress"),
+      { max: job.total || 1, value: finishedBadly ? job.done : job.done + job.failed });
+    if (finishedBadly) bar.className = "failed";
     item.append(bar);
     return item;
   }));

@@ -34,6 +34,7 @@ def upload_images(services: Services, *, collection_id: int, files: Sequence[tup
     outcomes = []
     with services.session_factory.begin() as session:
         metadata.get_collection(session, collection_id=collection_id)
+    services.media.ensure_free(sum(len(data) for _, data in files))  # refused whole (507) rather than half stored
     for name, data in files:
         with services.session_factory.begin() as session:
             outcomes.append(ingest_bytes(session, services.media, collection_id=collection_id, source=name, data=data))

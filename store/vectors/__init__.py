@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
-from qdrant_client import QdrantClient
+from typing import TYPE_CHECKING, Literal
 
 from store.errors import InvalidInputError
 from store.vectors.edge import QdrantEdgeIndex
@@ -26,7 +24,9 @@ from store.vectors.interface import (
     safe_version_name,
     version_from_safe_name,
 )
-from store.vectors.server import QdrantServerIndex
+
+if TYPE_CHECKING:
+    from store.vectors.server import QdrantServerIndex
 
 __all__ = [
     "PayloadFilter",
@@ -42,6 +42,15 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> object:
+    # Lazy (PEP 562): qdrant-client takes seconds to import, and the embedded profile never uses it.
+    if name == "QdrantServerIndex":
+        from store.vectors.server import QdrantServerIndex
+
+        return QdrantServerIndex
+    raise AttributeError(f"module 'store.vectors' has no attribute {name!r}")
+
+
 def open_vector_index(
     *,
     kind: Literal["server", "embedded"],
@@ -53,6 +62,10 @@ def open_vector_index(
     if kind == "server":
         if url is None:
             raise InvalidInputError("a server vector index needs the Qdrant url, e.g. http://qdrant:6333")
+        from qdrant_client import QdrantClient
+
+        from store.vectors.server import QdrantServerIndex
+
         return QdrantServerIndex(QdrantClient(url=url, api_key=api_key))
     if kind == "embedded":
         if data_dir is None:

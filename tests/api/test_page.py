@@ -102,3 +102,85 @@ def test_search_from_the_page(server, tmp_path):
         page.screenshot(path=str(ARTIFACTS / "page-search.png"), full_page=True)
         browser.close()
     assert errors == []
+
+
+@pytest.fixture
+def server_with_broken_generator(tmp_path, tiny_encoder_dir):
+    from tests.api.test_first_hour import broken_generator
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
+    env.update(
+        OMNIATTR_DATA_DIR=str(tmp_path / "data"),
+        OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
+        OMNIATTR_DEVICE="cpu",
+        OMNIATTR_GENERATOR_PATH=str(broken_generator(tmp_path)),
+    )
+    with running_server(env, tmp_path) as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_first_hour_on_the_page(server_with_broken_generator, tmp_path):
+    """Banner in view, named tiles with a larger view, results cleared on switching, a failed generation shown
+    failed with its job's bar not drawn full."""
+    from playwright.sync_api import expect, sync_playwright
+
+    files = []
+    for i in range(8):
+        path = tmp_path / f"photo{i}.png"
+        path.write_bytes(png(i, size=64))
+        files.append(path)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 600})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server_with_broken_generator)
+        page.fill("#new-collection", "first")
+        page.click("#create-collection")
+        expect(page.locator("#collection")).to_contain_text("first (0)")
+        page.set_input_files("#upload", [str(p) for p in files])
+        expect(page.locator("#grid .tile")).to_have_count(8)
+
+        # tiles are named and open a larger view (the original)
+        expect(page.locator("#grid .tile .name").first).to_have_text("photo0.png")
+        page.locator("#grid .tile .open").first.click()
+        expect(page.locator("#viewer")).to_be_visible()
+        expect(page.locator("#viewer-image")).to_have_js_property("naturalWidth", 64)
+        expect(page.locator("#viewer-caption")).to_contain_text("photo0.png")
+        page.click("#viewer-close")
+        expect(page.locator("#viewer")).to_be_hidden()
+
+        page.fill("#attribute", "lighting")
+        page.click("#index-attribute")
+        expect(page.locator("#jobs li[data-status=done]")).to_have_count(1, timeout=60_000)
+        page.locator("#grid .tile").first.click()
+        page.click("#search")
+        expect(page.locator("#results .tile")).to_have_count(7)
+
+        # a failed generation: shown failed, the spinner text gone, its job's bar not full
+        page.locator("#results .tile input[type=checkbox]").nth(0).check()
+        page.fill("#prompt", "a cup on a table")
+        page.click("#personalize")
+        expect(page.locator("#generation")).to_contain_text("Generation failed:", timeout=120_000)
+        expect(page.locator("#generation")).not_to_contain_text("Generating...")
+        failed_bar = page.locator("#jobs li[data-status=failed] progress")
+        expect(failed_bar).to_have_count(1, timeout=30_000)
+        assert failed_bar.evaluate("bar => bar.value") < failed_bar.evaluate("bar => bar.max")
+
+        # the error banner is in view where the user is, at the top of the page too
+        page.evaluate("window.scrollTo(0, 0)")
+        page.fill("#attribute", "pose")
+        page.click("#search")
+        expect(page.locator("#error")).to_contain_text("press Index this attribute")
+        expect(page.locator("#error")).to_be_in_viewport()
+
+        # switching collections clears the previous one's results
+        page.fill("#new-collection", "second")
+        page.click("#create-collection")
+        expect(page.locator("#collection")).to_contain_text("second (0)")
+        expect(page.locator("#results .tile")).to_have_count(0)
+        expect(page.locator("#results-panel")).to_be_hidden()
+        page.screenshot(path=str(ARTIFACTS / "page-first-hour.png"), full_page=True)
+        browser.close()
+    assert errors == []
