@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 
 from store.errors import ConflictError, InvalidInputError, NotFoundError, SchemaVersionError, StoreError
+
+
+class RequestTooLarge(Exception):
+    """A request body passed the size limit while it was being received (the guard answers 413)."""
+
+    def __init__(self, max_bytes: int, received: int | None = None):
+        self.max_bytes = max_bytes
+        self.received = received
+        size = f"is {received:,} bytes" if received is not None else "is over the limit"
+        super().__init__(
+            f"request body {size}; the limit is {max_bytes:,} bytes (OMNIATTR_MAX_REQUEST_BYTES). "
+            "Upload fewer or smaller files per request."
+        )
+
+
+class RequestRefused(Exception):
+    """A request the server will not serve whatever its body: a foreign Host header, a cross-origin post."""
+
+    def __init__(self, message: str, status: int):
+        self.status = status
+        super().__init__(message)
+
 
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (NotFoundError, 404),
@@ -15,25 +41,52 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (InvalidInputError, 400),
     (SchemaVersionError, 503),
     (TimeoutError, 504),
+    (RequestTooLarge, 413),
+    (DataError, 400),
 ]
 
 
+def _detail(error: Exception) -> str:
+    if isinstance(error, DataError):  # the database refused a value (NUL in text on PostgreSQL, out of range)
+        reason = str(error.orig).splitlines()[0] if error.orig is not None else "invalid value"
+        return f"a value was refused by the database: {reason}; remove it or change it"
+    return str(error)
+
+
 def _status_for(error: Exception) -> int:
+    if isinstance(error, RequestRefused):
+        return error.status
     for kind, code in STATUS_BY_ERROR:
         if isinstance(error, kind):
             return code
     return 500
 
 
+def error_response(error: Exception) -> JSONResponse:
+    """The JSON response for an error raised outside the routes (the ASGI guards of `api.guards`)."""
+    return JSONResponse({"detail": _detail(error)}, status_code=_status_for(error))
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with non-finite floats (NaN, Infinity, 1e999 parsed as inf) as strings: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map store errors and validation errors to JSON responses with the right status."""
 
     async def store_error(_request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=_status_for(error))
+        return error_response(error)
 
     async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}" for e in error.errors()]
-        body = {"detail": "; ".join(problems), "errors": jsonable_encoder(error.errors())}
+        body = {"detail": "; ".join(problems), "errors": _json_safe(jsonable_encoder(error.errors()))}
         return JSONResponse(body, status_code=422)
 
     async def timeout_error(_request: Request, _error: Exception) -> JSONResponse:
@@ -42,5 +95,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(StoreError, store_error)
+    app.add_exception_handler(RequestTooLarge, store_error)
+    app.add_exception_handler(DataError, store_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(TimeoutError, timeout_error)

@@ -144,7 +144,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     upgrade_database(settings.resolved_database_url)
     host, port = args.host or settings.api_host, args.port or settings.api_port
     print(f"omniattr {__version__} ({settings.profile.value}) on http://{host}:{port}", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings, bind_host=host), host=host, port=port, log_level="info")
     return 0
 
 
