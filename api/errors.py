@@ -27,12 +27,12 @@ class RequestTooLarge(Exception):
         )
 
 
-class RequestRefused(Exception):
-    """A request the server will not serve whatever its body: a foreign Host header, a cross-origin post."""
+class ForeignHost(Exception):
+    """A Host header that is not this loopback server's name (DNS rebinding)."""
 
-    def __init__(self, message: str, status: int):
-        self.status = status
-        super().__init__(message)
+
+class CrossOriginWrite(Exception):
+    """A write sent by a browser from another site's page (CSRF)."""
 
 
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
@@ -42,6 +42,8 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (SchemaVersionError, 503),
     (TimeoutError, 504),
     (RequestTooLarge, 413),
+    (ForeignHost, 400),
+    (CrossOriginWrite, 403),
     (DataError, 400),
 ]
 
@@ -54,8 +56,6 @@ def _detail(error: Exception) -> str:
 
 
 def _status_for(error: Exception) -> int:
-    if isinstance(error, RequestRefused):
-        return error.status
     for kind, code in STATUS_BY_ERROR:
         if isinstance(error, kind):
             return code

@@ -9,7 +9,7 @@ import logging
 import re
 from urllib.parse import urlsplit
 
-from api.errors import RequestRefused, RequestTooLarge, error_response
+from api.errors import CrossOriginWrite, ForeignHost, RequestTooLarge, error_response
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -104,23 +104,21 @@ class OriginGuard:
         self.check_host = check_host
         self.check_origin = check_origin
 
-    def _refusal(self, scope) -> RequestRefused | None:  # noqa: ANN001
+    def _refusal(self, scope) -> Exception | None:  # noqa: ANN001
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1")
         if self.check_host and not is_loopback(_host_name(host)):
-            return RequestRefused(
+            return ForeignHost(
                 f"Host {host!r} is not this server's: a server bound to loopback answers only localhost names "
-                "(this protects it from DNS rebinding); bind it elsewhere with API keys to serve other names",
-                400,
+                "(this protects it from DNS rebinding); bind it elsewhere with API keys to serve other names"
             )
         if self.check_origin and scope["method"] not in SAFE_METHODS:
             origin = headers.get(b"origin", b"").decode("latin-1")
             cross_site = headers.get(b"sec-fetch-site", b"") == b"cross-site"
             if cross_site or (origin and urlsplit(origin).netloc.lower() != host.lower()):
-                return RequestRefused(
+                return CrossOriginWrite(
                     f"cross-origin request refused: Origin {origin or '(cross-site)'!r} is not this server "
-                    f"({host}); use the page this server serves, or the API without a browser",
-                    403,
+                    f"({host}); use the page this server serves, or the API without a browser"
                 )
         return None
 
