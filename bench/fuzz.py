@@ -3,12 +3,13 @@
     python bench/fuzz.py [--examples 300] [--profiles embedded,server] [--record]
 
 Like `schemathesis run --mode all`: for every operation of the OpenAPI schema, `--examples` schema-valid and
-`--examples` schema-violating requests (Hypothesis, derandomised), sent in-process through the ASGI app.
+`--examples` schema-violating requests (Hypothesis, derandomised), sent in-process through the ASGI app; each
+JSON body is also sent with every number NaN, with every number 1e999, and with a NUL byte in every string.
 Every 5xx except the 504 of a query nobody encoded in time is counted and its first lines printed.
 
 - embedded: SQLite + Qdrant Edge + the in-process worker, a collection of 3 images indexed under "lighting".
 - server: PostgreSQL (a throwaway database on OMNIATTR_TEST_POSTGRES_URL) + the Celery dispatcher on Redis
-  (OMNIATTR_TEST_REDIS_URL, db 13 by default, flushed), no worker: queued shards wait, "lighting" is marked
+  (OMNIATTR_FUZZ_REDIS_URL, db 11 by default, flushed: no worker may consume it), no worker: queued shards wait, "lighting" is marked
   indexed by hand, and a query image times out after 1 s (a 504, expected). Vectors: Qdrant Edge (no Qdrant
   server is needed for what the API does with them here).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import sys
 import tempfile
@@ -35,7 +37,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 POSTGRES_ADMIN_URL = os.environ.get(
     "OMNIATTR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-REDIS_URL = os.environ.get("OMNIATTR_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = os.environ.get("OMNIATTR_FUZZ_REDIS_URL", "redis://127.0.0.1:6379/11")  # a db no worker consumes
 
 
 def png(seed: int, size: int = 48) -> bytes:
@@ -101,6 +103,34 @@ def build_app(profile: str, data_dir: Path, encoder: Path | None):
     return app, cleanup
 
 
+def _mutated(value, number, text):  # noqa: ANN001, ANN202
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return number
+    if isinstance(value, str):
+        return text(value)
+    if isinstance(value, dict):
+        return {key: _mutated(item, number, text) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mutated(item, number, text) for item in value]
+    return value
+
+
+def send_with_mutations(case, client):  # noqa: ANN001, ANN201
+    """The case, and for a JSON body what Hypothesis never generates: every number NaN / 1e999 (non-standard
+    JSON that Python's parser accepts), every string with a NUL byte."""
+    responses = [case.call()]
+    if isinstance(case.body, dict | list) and case.media_type == "application/json":
+        headers = {"Content-Type": "application/json"}
+        for number, text in ((float("nan"), lambda t: t), (float("inf"), lambda t: t), (1, lambda t: t + "\x00")):
+            raw = json.dumps(_mutated(case.body, number, text)).replace("Infinity", "1e999")
+            responses.append(
+                client.request(case.method, case.formatted_path, params=case.query, content=raw, headers=headers)
+            )
+    return responses
+
+
 def fuzz(app, examples: int) -> tuple[int, list[str], int]:
     """(requests sent, server errors, operations) over every operation in both generation modes."""
     import schemathesis
@@ -108,6 +138,9 @@ def fuzz(app, examples: int) -> tuple[int, list[str], int]:
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
+    from fastapi.testclient import TestClient
+
+    client = TestClient(app, raise_server_exceptions=False)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     sent, errors = 0, []
@@ -124,11 +157,13 @@ def fuzz(app, examples: int) -> tuple[int, list[str], int]:
             @given(case=operation.as_strategy(generation_mode=mode))
             def call(case):
                 nonlocal sent
-                response = case.call()
-                sent += 1
-                timed_out_query = response.status_code == 504 and case.operation.path == "/api/search/upload"
-                if response.status_code >= 500 and not timed_out_query:
-                    errors.append(f"{response.status_code} {case.method} {case.formatted_path}: {response.text[:200]}")
+                for response in send_with_mutations(case, client):
+                    sent += 1
+                    timed_out_query = response.status_code == 504 and case.operation.path == "/api/search/upload"
+                    if response.status_code >= 500 and not timed_out_query:
+                        errors.append(
+                            f"{response.status_code} {case.method} {case.formatted_path}: {response.text[:200]}"
+                        )
 
             with contextlib.suppress(Unsatisfiable):  # nothing to violate in this operation
                 call()

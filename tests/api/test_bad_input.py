@@ -18,6 +18,9 @@ from store.database import upgrade_database
 from tests.api.conftest import make_settings, png
 from tests.indexer.test_worker_resume import REDIS_URL, broker, start_worker  # noqa: F401 - broker: a fixture
 
+# A Redis database no worker consumes (REDIS_URL's is shared with the worker tests, which may run meanwhile).
+NO_WORKER_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/11"
+
 
 @pytest.mark.parametrize(
     "body",
@@ -73,9 +76,9 @@ def test_nul_in_names_texts_and_file_names_on_postgresql_is_a_4xx(postgres_clien
         assert response.json()["detail"]
 
 
-def test_a_query_no_worker_encodes_in_time_is_a_timeout_not_a_celery_error(broker):  # noqa: F811
+def test_a_query_no_worker_encodes_in_time_is_a_timeout_not_a_celery_error():
     """Celery's own TimeoutError is no builtin TimeoutError: it was a 500 instead of the 504 the API maps."""
-    dispatcher = CeleryDispatcher(create_celery_app(Settings(_env_file=None, broker_url=broker)))
+    dispatcher = CeleryDispatcher(create_celery_app(Settings(_env_file=None, broker_url=NO_WORKER_REDIS_URL)))
     with pytest.raises(TimeoutError, match="within 0.5 s"):
         dispatcher.encode_query(image_bytes=png(0), attribute="lighting", timeout=0.5)
 

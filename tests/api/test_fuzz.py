@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -19,7 +20,7 @@ from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres
 from store import metadata
 from store.database import upgrade_database
 from tests.api.conftest import make_settings, png
-from tests.indexer.test_worker_resume import REDIS_URL
+from tests.api.test_bad_input import NO_WORKER_REDIS_URL
 
 MAX_EXAMPLES = int(os.environ.get("OMNIATTR_FUZZ_EXAMPLES", "12"))
 
@@ -33,10 +34,10 @@ def fuzz_app(request, tmp_path_factory, tiny_encoder_dir):
     if request.param == "server":
         admin_url = request.getfixturevalue("postgres_server")
         database_url = create_throwaway_postgres(admin_url)
-        broker = redis.Redis.from_url(REDIS_URL)
+        broker = redis.Redis.from_url(NO_WORKER_REDIS_URL)
         broker.ping()
         broker.flushdb()
-        overrides = dict(database_url=database_url, broker_url=REDIS_URL, query_timeout_s=1.0)
+        overrides = dict(database_url=database_url, broker_url=NO_WORKER_REDIS_URL, query_timeout_s=1.0)
     app_settings = make_settings(tmp_path, tiny_encoder_dir, **overrides)
     upgrade_database(app_settings.resolved_database_url)
     services = build_services(app_settings)
@@ -64,8 +65,40 @@ def fuzz_app(request, tmp_path_factory, tiny_encoder_dir):
     yield app
     services.close()
     if database_url is not None:
-        redis.Redis.from_url(REDIS_URL).flushdb()
+        redis.Redis.from_url(NO_WORKER_REDIS_URL).flushdb()
         drop_throwaway_postgres(request.getfixturevalue("postgres_server"), database_url)
+
+
+def _mutated(value, number, text):  # noqa: ANN001, ANN202
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return number
+    if isinstance(value, str):
+        return text(value)
+    if isinstance(value, dict):
+        return {key: _mutated(item, number, text) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mutated(item, number, text) for item in value]
+    return value
+
+
+def send_with_mutations(case, client: TestClient):  # noqa: ANN001, ANN201
+    """The case, and for a JSON body what Hypothesis never generates: every number NaN / 1e999 (non-standard
+    JSON that Python's parser accepts), every string with a NUL byte."""
+    responses = [case.call()]
+    if isinstance(case.body, dict | list) and case.media_type == "application/json":
+        headers = {"Content-Type": "application/json"}
+        for number, text in (
+            (float("nan"), lambda t: t),
+            (float("inf"), lambda t: t),
+            (1, lambda t: t + "\x00"),
+        ):
+            raw = json.dumps(_mutated(case.body, number, text)).replace("Infinity", "1e999")
+            responses.append(
+                client.request(case.method, case.formatted_path, params=case.query, content=raw, headers=headers)
+            )
+    return responses
 
 
 @pytest.mark.slow
@@ -77,6 +110,7 @@ def test_no_input_makes_a_server_error(fuzz_app):
     assert len(operations) >= 15
     server_errors: list[str] = []
     sent = 0
+    client = TestClient(fuzz_app, raise_server_exceptions=False)
 
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -91,11 +125,11 @@ def test_no_input_makes_a_server_error(fuzz_app):
             @given(case=operation.as_strategy(generation_mode=mode))
             def call(case):
                 nonlocal sent
-                response = case.call()
-                sent += 1
-                timed_out_query = response.status_code == 504 and case.operation.path == "/api/search/upload"
-                if response.status_code >= 500 and not timed_out_query:  # 504: no worker in the server profile
-                    server_errors.append(f"{case.method} {case.formatted_path}: {response.text[:300]}")
+                for response in send_with_mutations(case, client):
+                    sent += 1
+                    timed_out_query = response.status_code == 504 and case.operation.path == "/api/search/upload"
+                    if response.status_code >= 500 and not timed_out_query:  # 504: no worker in the server profile
+                        server_errors.append(f"{case.method} {case.formatted_path}: {response.text[:300]}")
 
             try:
                 call()
