@@ -9,8 +9,8 @@ Every 5xx except the 504 of a query nobody encoded in time is counted and its fi
 
 - embedded: SQLite + Qdrant Edge + the in-process worker, a collection of 3 images indexed under "lighting".
 - server: PostgreSQL (a throwaway database on OMNIATTR_TEST_POSTGRES_URL) + the Celery dispatcher on Redis
-  (OMNIATTR_FUZZ_REDIS_URL, db 11 by default, flushed: no worker may consume it), no worker: queued shards wait, "lighting" is marked
-  indexed by hand, and a query image times out after 1 s (a 504, expected). Vectors: Qdrant Edge (no Qdrant
+  (OMNIATTR_FUZZ_REDIS_URL, db 11 by default, flushed: no worker may consume it), no worker: queued shards
+  wait, "lighting" is marked indexed by hand, and a query image times out after 1 s (a 504, expected). Vectors: Qdrant Edge (no Qdrant
   server is needed for what the API does with them here).
 
 The encoder is the shipped starter (models/starter/encoder) unless --encoder names another.
@@ -134,11 +134,10 @@ def send_with_mutations(case, client):  # noqa: ANN001, ANN201
 def fuzz(app, examples: int) -> tuple[int, list[str], int]:
     """(requests sent, server errors, operations) over every operation in both generation modes."""
     import schemathesis
+    from fastapi.testclient import TestClient
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
-
-    from fastapi.testclient import TestClient
 
     client = TestClient(app, raise_server_exceptions=False)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
