@@ -10,8 +10,8 @@ Every 5xx except the 504 of a query nobody encoded in time is counted and its fi
 - embedded: SQLite + Qdrant Edge + the in-process worker, a collection of 3 images indexed under "lighting".
 - server: PostgreSQL (a throwaway database on OMNIATTR_TEST_POSTGRES_URL) + the Celery dispatcher on Redis
   (OMNIATTR_FUZZ_REDIS_URL, db 11 by default, flushed: no worker may consume it), no worker: queued shards
-  wait, "lighting" is marked indexed by hand, and a query image times out after 1 s (a 504, expected). Vectors: Qdrant Edge (no Qdrant
-  server is needed for what the API does with them here).
+  wait, "lighting" is marked indexed by hand, and a query image times out after 1 s (a 504, expected).
+  Vectors: Qdrant Edge (no Qdrant server is needed for what the API does with them here).
 
 The encoder is the shipped starter (models/starter/encoder) unless --encoder names another.
 """
