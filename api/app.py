@@ -13,40 +13,28 @@ from fastapi.staticfiles import StaticFiles
 from api import schemas
 from api.deps import ServicesDep, require_api_key
 from api.errors import install_error_handlers
-from api.routes import collections, generations, images, jobs, search
+from api.guards import NoSniff, OriginGuard, RedactApiKeys, RequestSizeLimit, is_loopback
+from api.routes import collections, generations, images, jobs, search, session
 from api.usecases.context import Services, build_services
 from omniattr import __version__
-from omniattr.settings import Settings
+from omniattr.settings import Profile, Settings
+from store.errors import InvalidInputError
 
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-class RequestSizeLimit:
-    """413 for a request whose declared body is over the limit (pure ASGI: no per-request task overhead)."""
-
-    def __init__(self, app, *, max_bytes: int):  # noqa: ANN001 - any ASGI app
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):  # noqa: ANN001 - the ASGI signature
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                response = JSONResponse(
-                    {
-                        "detail": f"request body is {int(length):,} bytes; the limit is {self.max_bytes:,}. "
-                        "Upload fewer or smaller files per request."
-                    },
-                    status_code=413,
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
-    """The API and web page; services are opened at start-up from `settings` unless given."""
+def create_app(
+    settings: Settings | None = None, *, services: Services | None = None, bind_host: str | None = None
+) -> FastAPI:
+    """The API and web page; services are opened at start-up from `settings` unless given. `bind_host` is where
+    a server will listen (`omniattr up`): off loopback it needs API keys, on loopback Host headers are checked."""
     settings = settings or Settings()
+    if bind_host is not None and not is_loopback(bind_host) and not settings.api_keys_required:
+        raise InvalidInputError(
+            f"refusing to serve on {bind_host} without API keys: anyone who can reach it could read and change "
+            "everything; set OMNIATTR_REQUIRE_API_KEYS=true (and create a key with `omniattr keys create NAME`), "
+            "or bind to 127.0.0.1"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -67,11 +55,18 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     if services is not None:  # given by the caller (tests, fuzzing): usable even without a lifespan
         app.state.services = services
     install_error_handlers(app)
+    RedactApiKeys.install()
 
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        OriginGuard,
+        check_host=bind_host is not None and is_loopback(bind_host),
+        check_origin=settings.profile is Profile.embedded,
+    )
+    app.add_middleware(NoSniff)  # added last: outermost, so the guards' own answers carry it too
 
     protected = [Depends(require_api_key)]
-    for router in (collections.router, images.router, jobs.router, search.router, generations.router):
+    for router in (collections.router, images.router, jobs.router, search.router, generations.router, session.router):
         app.include_router(router, dependencies=protected)
 
     @app.get(

@@ -6,13 +6,19 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.security import APIKeyHeader, APIKeyQuery
+from fastapi.security import APIKeyCookie, APIKeyHeader
 
 from api.usecases import keys
 from api.usecases.context import Services
 
 _header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from `omniattr keys create`.")
-_query_key = APIKeyQuery(name="api_key", auto_error=False, description="The same key, for <img> URLs.")
+KEY_COOKIE = "omniattr_key"
+_cookie_key = APIKeyCookie(
+    name=KEY_COOKIE,
+    auto_error=False,
+    description="The same key as an HttpOnly same-site cookie set by POST /api/session; read on GET and HEAD "
+    "only (it lets <img> tags load media without the key in a URL, and cannot authorise a cross-site post).",
+)
 
 
 async def get_services(request: Request) -> Services:
@@ -25,14 +31,15 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def require_api_key(
+    request: Request,
     services: ServicesDep,
     header_key: Annotated[str | None, Security(_header_key)] = None,
-    query_key: Annotated[str | None, Security(_query_key)] = None,
+    cookie_key: Annotated[str | None, Security(_cookie_key)] = None,
 ) -> None:
     """401 unless a live key is given, when the profile requires keys (async: free when keys are off)."""
     if not services.api_keys_required:
         return
-    plaintext = header_key or query_key
+    plaintext = header_key or (cookie_key if request.method in ("GET", "HEAD") else None)
     if not plaintext:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

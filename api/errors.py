@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from store.errors import (
@@ -23,6 +26,29 @@ from store.errors import (
 # metadata database (down, hung or overloaded; it usually answers again sooner).
 SERVICE_RETRY_AFTER_S = 30
 DATABASE_RETRY_AFTER_S = 5
+
+
+class RequestTooLarge(Exception):
+    """A request body passed the size limit while it was being received (the guard answers 413)."""
+
+    def __init__(self, max_bytes: int, received: int | None = None):
+        self.max_bytes = max_bytes
+        self.received = received
+        size = f"is {received:,} bytes" if received is not None else "is over the limit"
+        super().__init__(
+            f"request body {size}; the limit is {max_bytes:,} bytes (OMNIATTR_MAX_REQUEST_BYTES). "
+            "Upload fewer or smaller files per request."
+        )
+
+
+class ForeignHost(Exception):
+    """A Host header that is not this loopback server's name (DNS rebinding)."""
+
+
+class CrossOriginWrite(Exception):
+    """A write sent by a browser from another site's page (CSRF)."""
+
+
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (NotFoundError, 404),
     (ConflictError, 409),
@@ -31,7 +57,18 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (SchemaVersionError, 503),
     (ServiceUnavailableError, 503),
     (TimeoutError, 504),
+    (RequestTooLarge, 413),
+    (ForeignHost, 400),
+    (CrossOriginWrite, 403),
+    (DataError, 400),
 ]
+
+
+def _detail(error: Exception) -> str:
+    if isinstance(error, DataError):  # the database refused a value (NUL in text on PostgreSQL, out of range)
+        reason = str(error.orig).splitlines()[0] if error.orig is not None else "invalid value"
+        return f"a value was refused by the database: {reason}; remove it or change it"
+    return str(error)
 
 
 def _status_for(error: Exception) -> int:
@@ -65,13 +102,29 @@ def _database_error_response(error: Exception) -> JSONResponse:
     )
 
 
+def error_response(error: Exception) -> JSONResponse:
+    """The JSON response for a mapped error, in a route or outside one (the ASGI guards of `api.guards`)."""
+    if isinstance(error, ServiceUnavailableError):  # worth a retry: say when
+        return _retry_later(str(error), SERVICE_RETRY_AFTER_S)
+    return JSONResponse({"detail": _detail(error)}, status_code=_status_for(error))
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with non-finite floats (NaN, Infinity, 1e999 parsed as inf) as strings: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map store, database and validation errors to JSON responses with the right status."""
 
     async def store_error(_request: Request, error: Exception) -> JSONResponse:
-        if isinstance(error, ServiceUnavailableError):  # worth a retry: say when
-            return _retry_later(str(error), SERVICE_RETRY_AFTER_S)
-        return JSONResponse({"detail": str(error)}, status_code=_status_for(error))
+        return error_response(error)
 
     # Only the database's availability errors (server down, connection lost, statement timeout, pool
     # exhausted): an integrity or programming error is a bug and stays a 500 with its traceback.
@@ -80,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}" for e in error.errors()]
-        body = {"detail": "; ".join(problems), "errors": jsonable_encoder(error.errors())}
+        body = {"detail": "; ".join(problems), "errors": _json_safe(jsonable_encoder(error.errors()))}
         return JSONResponse(body, status_code=422)
 
     async def timeout_error(_request: Request, _error: Exception) -> JSONResponse:
@@ -91,5 +144,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StoreError, store_error)
     for database_unavailable in (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError):
         app.add_exception_handler(database_unavailable, database_error)
+    app.add_exception_handler(RequestTooLarge, store_error)
+    app.add_exception_handler(DataError, store_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(TimeoutError, timeout_error)

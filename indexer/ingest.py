@@ -10,16 +10,18 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from sqlalchemy.orm import Session
 
 from omniattr.domain import ImageStatus
@@ -32,7 +34,27 @@ DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 THUMBNAIL_SIZE = 256
 TEMPORARY_PREFIX = ".tmp-"  # atomic writes go through such a file in the target's directory
 STALE_TEMPORARY_S = 600  # a temporary file this old belongs to a process that died mid-write
+# The longest side kept after decoding: thumbnails are 256 px and the encoder reads a few hundred, so a larger
+# image is decoded at a reduced scale (JPEG: in the decoder, before any full-size raster exists) or reduced at
+# once after loading, and no full-size conversion (e.g. 16-bit -> float) ever runs.
+DECODE_SIDE = 2048
+# At most this many decodes run at once in a process, so concurrent uploads cannot stack full-size rasters.
+DECODE_SLOTS = threading.BoundedSemaphore(2)
+_TRANSPOSE_BY_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 SUFFIX_BY_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def media_type(file_format: str) -> str:
+    """The Content-Type of a stored original: the MIME type of the format its bytes decoded as."""
+    return Image.MIME.get(file_format, "application/octet-stream")
 
 
 class ImageRejected(Exception):
@@ -70,11 +92,12 @@ def sha256_hex(data: bytes) -> str:
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode and fully load an image; corrupt, truncated, non-image or bomb-sized input is rejected."""
+    """Decode an image within the pixel budget: corrupt, truncated, non-image or bomb-sized input is rejected;
+    `width`/`height` are the file's (EXIF orientation applied), `image` at most DECODE_SIDE on its longer side."""
     if not data:
         raise ImageRejected("empty file")
     try:
-        with warnings.catch_warnings():
+        with DECODE_SLOTS, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data))
             width, height = opened.size  # header only: checked before any pixel is decoded
@@ -84,8 +107,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
                     "(possible decompression bomb); downscale it first"
                 )
             file_format = opened.format or "UNKNOWN"
+            transpose = _TRANSPOSE_BY_ORIENTATION.get(opened.getexif().get(0x0112, 1))
+            if max(width, height) > DECODE_SIDE:
+                opened.draft(opened.mode, (DECODE_SIDE, DECODE_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
             opened.load()
-            oriented = ImageOps.exif_transpose(opened)
+            reduced = _reduce(opened, DECODE_SIDE)
+            oriented = reduced.transpose(transpose) if transpose is not None else reduced
     except ImageRejected:
         raise
     except UnidentifiedImageError:
@@ -94,8 +121,25 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         raise ImageRejected(f"decompression bomb refused: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated/corrupt data
         raise ImageRejected(f"corrupt or truncated image: {error}") from None
-    rgb = _to_rgb(oriented)
-    return DecodedImage(image=rgb, width=rgb.width, height=rgb.height, format=file_format)
+    if transpose in (
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+    ):
+        width, height = height, width
+    return DecodedImage(image=_to_rgb(oriented), width=width, height=height, format=file_format)
+
+
+def _reduce(image: Image.Image, side: int) -> Image.Image:
+    """`image` shrunk by a whole factor until its longer side is at most `side` (unchanged when it already is)."""
+    factor = math.ceil(max(image.size) / side)
+    if factor <= 1:
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "P", "1"):  # modes `reduce` lacks: nearest keeps palettes exact
+        size = (max(1, image.width // factor), max(1, image.height // factor))
+        return image.resize(size, Image.Resampling.NEAREST)
+    return image.reduce(factor)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -211,6 +255,8 @@ def check_allowed(path: Path, allowed_roots: Sequence[Path]) -> Path:
         raise PathNotAllowed(
             "ingest from a path is disabled: no allowed roots are configured (set OMNIATTR_ALLOWED_ROOTS)"
         )
+    if "\x00" in str(path):
+        raise PathNotAllowed(f"{str(path)!r} contains a NUL character; no file has such a name")
     resolved = Path(path).resolve()
     for root in allowed_roots:
         if resolved.is_relative_to(Path(root).resolve()):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from celery import Celery, Task
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu import Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 
@@ -156,4 +157,7 @@ class CeleryDispatcher:
         """Encode a query image on the `query` queue and wait for the vector."""
         payload = base64.b64encode(image_bytes).decode()
         result = self.app.send_task(ENCODE_QUERY_TASK, args=[payload, attribute], queue=TASK_QUEUES[ENCODE_QUERY_TASK])
-        return result.get(timeout=timeout)
+        try:
+            return result.get(timeout=timeout)  # a worker's InvalidInputError comes back as itself (a 400)
+        except CeleryTimeoutError:
+            raise TimeoutError(f"no worker encoded the query image within {timeout:g} s") from None

@@ -160,8 +160,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     # that does not load, a data directory in use) is a one-line error before the server starts.
     services = build_services(settings)
     try:
+        app = create_app(settings, services=services, bind_host=host)  # refuses an unsafe bind address
         print(f"omniattr {__version__} ({settings.profile.value}) on http://{host}:{port}", file=sys.stderr)
-        uvicorn.run(create_app(settings, services=services), host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         services.close()
     return 0

@@ -77,9 +77,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Free space kept on the data directory's disk: a write that would go below it is refused (507).",
     )
-    api_host: str = "127.0.0.1"
+    api_host: str = Field(
+        default="127.0.0.1",
+        description="Where `omniattr up` listens. Off loopback it needs API keys (OMNIATTR_REQUIRE_API_KEYS); on "
+        "loopback only localhost Host headers are answered (DNS rebinding).",
+    )
     api_port: int = 8000
-    max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    max_request_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted, by Content-Length and on the received stream (chunked uploads).",
+    )
     require_api_keys: bool | None = Field(
         default=None, description="Defaults to True in the server profile, False in the embedded one."
     )

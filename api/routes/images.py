@@ -32,8 +32,9 @@ def get_thumbnail(image_id: PathId, services: ServicesDep) -> FileResponse:
 
 @router.get("/{image_id}/original", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}})
 def get_original(image_id: PathId, services: ServicesDep) -> FileResponse:
-    """The original file as ingested."""
-    return FileResponse(images.original_path(services, image_id=image_id))
+    """The original file as ingested, served as the image type its bytes decoded as."""
+    path, media_type = images.original_file(services, image_id=image_id)
+    return FileResponse(path, media_type=media_type)
 
 
 @router.delete("/{image_id}", status_code=status.HTTP_204_NO_CONTENT)

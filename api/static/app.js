@@ -34,9 +34,11 @@ async function api(method, path, body) {
   return data;
 }
 
-function imageUrl(path) {
-  const key = localStorage.getItem("omniattr-key");
-  return key ? `${path}?api_key=${encodeURIComponent(key)}` : path;
+// Media URLs carry no key: POST /api/session stores it as an HttpOnly cookie that media GETs accept.
+function imageUrl(path) { return path; }
+
+async function startSession() {
+  if (localStorage.getItem("omniattr-key")) await api("POST", "/api/session").catch(() => null);
 }
 
 function showError(error) {
@@ -276,6 +278,7 @@ async function init() {
   $("api-key").value = localStorage.getItem("omniattr-key") || "";
   $("api-key").addEventListener("change", () => guarded(async () => {
     localStorage.setItem("omniattr-key", $("api-key").value.trim());
+    await startSession();
     await loadCollections();
   }));
   $("collection").addEventListener("change", () => guarded(() => selectCollection(Number($("collection").value))));
@@ -324,6 +327,7 @@ async function init() {
   const health = await fetch("/api/health").then((response) => response.json()).catch(() => ({}));
   if (health.worker && health.worker !== "ok") showError(new Error(health.worker));
   state.generatorAvailable = Boolean(health.generator);
+  await startSession();
   await guarded(loadCollections);
 }
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from api.usecases.context import Services, dispatch, encoder_model_id
 from api.usecases.jobs import JobDetail, job_detail
-from indexer.ingest import IngestOutcome, ingest_bytes
+from indexer.ingest import IngestOutcome, ingest_bytes, media_type
 from indexer.work import plan_index_new_images, plan_ingest_directory
 from omniattr.domain import ImageStatus
 from store import metadata
@@ -94,11 +94,11 @@ def thumbnail_path(services: Services, *, image_id: int) -> Path:
     return services.media.thumbnail_path(image.sha256)
 
 
-def original_path(services: Services, *, image_id: int) -> Path:
-    """Where a ready image's original file is stored."""
+def original_file(services: Services, *, image_id: int) -> tuple[Path, str]:
+    """Where a ready image's original file is stored, and its media type (that of the format it decoded as)."""
     with services.read_session_factory() as session:
         image = _ready(session, image_id)
-    return services.media.original_path(image.sha256, image.format)
+    return services.media.original_path(image.sha256, image.format), media_type(image.format)
 
 
 def delete_image(services: Services, *, image_id: int) -> None:

@@ -106,6 +106,12 @@ def search(
 ) -> list[tuple[RankedImage, Row]]:
     """Ranked images of a collection for weighted positive and negative (image, attribute) terms, with their
     image rows (`metadata.get_image_rows`)."""
+    uploads = [t for t in (*terms, *negatives) if t.image_bytes is not None]
+    if uploads:  # a missing collection or an unindexed attribute is refused before a worker spends an encoding
+        with services.read_session_factory() as session:
+            metadata.get_collection(session, collection_id=collection_id)
+            for term in uploads:
+                _require_indexed(session, services, collection_id, term.attribute)
     # Uploads are encoded first, so no database connection is held while a worker encodes.
     terms, negatives = ([_encoded(services, t) for t in group] for group in (terms, negatives))
     with services.read_session_factory() as session:  # one snapshot for the whole search
