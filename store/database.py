@@ -110,11 +110,15 @@ def _check_known(revision: str | None, script: ScriptDirectory, url: str) -> Non
 def upgrade_database(url: str, *, revision: str = "head") -> None:
     """Migrate the database at `url` to `revision`; refuses, changing nothing, at an unknown revision."""
     config = alembic_config(url)
+    script = ScriptDirectory.from_config(config)
     engine = make_engine(url)
     try:
-        _check_known(current_revision(engine), ScriptDirectory.from_config(config), url)
+        current = current_revision(engine)
+        _check_known(current, script, url)
     finally:
         engine.dispose()
+    if revision == "head" and current == script.get_current_head():
+        return  # already current: skip Alembic's environment run (most of a CLI command's start-up)
     command.upgrade(config, revision)
 
 
