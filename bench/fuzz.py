@@ -19,9 +19,7 @@ The encoder is the shipped starter (models/starter/encoder) unless --encoder nam
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
-import json
 import os
 import sys
 import tempfile
@@ -103,73 +101,9 @@ def build_app(profile: str, data_dir: Path, encoder: Path | None):
     return app, cleanup
 
 
-def _mutated(value, number, text):  # noqa: ANN001, ANN202
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        return number
-    if isinstance(value, str):
-        return text(value)
-    if isinstance(value, dict):
-        return {key: _mutated(item, number, text) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_mutated(item, number, text) for item in value]
-    return value
-
-
-def send_with_mutations(case, client):  # noqa: ANN001, ANN201
-    """The case, and for a JSON body what Hypothesis never generates: every number NaN / 1e999 (non-standard
-    JSON that Python's parser accepts), every string with a NUL byte."""
-    responses = [case.call()]
-    if isinstance(case.body, dict | list) and case.media_type == "application/json":
-        headers = {"Content-Type": "application/json"}
-        for number, text in ((float("nan"), lambda t: t), (float("inf"), lambda t: t), (1, lambda t: t + "\x00")):
-            raw = json.dumps(_mutated(case.body, number, text)).replace("Infinity", "1e999")
-            responses.append(
-                client.request(case.method, case.formatted_path, params=case.query, content=raw, headers=headers)
-            )
-    return responses
-
-
-def fuzz(app, examples: int) -> tuple[int, list[str], int]:
-    """(requests sent, server errors, operations) over every operation in both generation modes."""
-    import schemathesis
-    from fastapi.testclient import TestClient
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis import GenerationMode
-
-    client = TestClient(app, raise_server_exceptions=False)
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    sent, errors = 0, []
-    for operation in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-            @settings(
-                max_examples=examples,
-                deadline=None,
-                derandomize=True,
-                database=None,
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def call(case):
-                nonlocal sent
-                for response in send_with_mutations(case, client):
-                    sent += 1
-                    timed_out_query = response.status_code == 504 and case.operation.path == "/api/search/upload"
-                    if response.status_code >= 500 and not timed_out_query:
-                        errors.append(
-                            f"{response.status_code} {case.method} {case.formatted_path}: {response.text[:200]}"
-                        )
-
-            with contextlib.suppress(Unsatisfiable):  # nothing to violate in this operation
-                call()
-    return sent, errors, len(operations)
-
-
 def main() -> int:
+    from omniattr.testing import fuzz_app
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=300, help="requests per operation and mode (bound)")
     parser.add_argument("--profiles", default="embedded,server")
@@ -182,14 +116,18 @@ def main() -> int:
             app, cleanup = build_app(profile, Path(tmp), args.encoder)
             started = time.perf_counter()
             try:
-                sent, errors, operations = fuzz(app, args.examples)
+                report = fuzz_app(app, args.examples)
             finally:
                 cleanup()
             seconds = time.perf_counter() - started
-        print(f"{profile}: {operations} operations, {sent} requests sent, {len(errors)} x 500 in {seconds:.0f} s")
+        errors = report.server_errors
+        print(
+            f"{profile}: {report.operations} operations, {report.sent} requests sent, {len(errors)} x 500 "
+            f"in {seconds:.0f} s"
+        )
         for error in errors[:20]:
             print("   ", error)
-        rows.append((profile, operations, sent, len(errors), seconds))
+        rows.append((profile, report.operations, report.sent, len(errors), seconds))
     table = ["| profile | operations | requests | 500s | seconds |", "|---|---:|---:|---:|---:|"]
     table += [f"| {p} | {o} | {s} | {e} | {t:.0f} |" for p, o, s, e, t in rows]
     print("\n".join(table))
