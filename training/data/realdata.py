@@ -19,6 +19,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -885,7 +886,8 @@ def build(
     kept_colours = np.zeros((0, 3), dtype=np.int64)
     kept_rows: list[dict] = []
     work = ((candidate, max_side, min_side) for candidate in all_candidates())
-    executor = ProcessPoolExecutor(jobs) if jobs > 1 else None
+    # Spawned, not forked: a fork of a process with threads (a server, a test run) can copy a held lock and hang.
+    executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
     results = _ordered_map(executor, work, window=8 * jobs) if executor else map(_prepare_star, work)
     try:
         for prepared in results:  # in build order, whatever the number of workers
