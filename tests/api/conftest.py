@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -110,3 +111,19 @@ def generator_dir(tmp_path_factory):
     AttributePipeline(base.transformer, base.vae, base.scheduler, **tiny_text_encoders(seed=0)).save_pretrained(root)
     tiny_generator(seed=3, token_dim=32).attribute_adapter.save_pretrained(root / "attribute_adapter")
     return root
+
+
+@pytest.fixture
+def embedded_env(tmp_path, tiny_encoder_dir, monkeypatch):  # noqa: F811
+    """The embedded profile for CLI tests: no OMNIATTR_* from outside, the tiny encoder, 6 photos to ingest."""
+    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMNIATTR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("OMNIATTR_ENCODER_PATH", str(tiny_encoder_dir))
+    monkeypatch.setenv("OMNIATTR_DEVICE", "cpu")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        (photos / f"{i}.png").write_bytes(png(i))
+    return photos

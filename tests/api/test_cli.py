@@ -17,21 +17,6 @@ from tests.api.conftest import png, running_server
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def embedded_env(tmp_path, tiny_encoder_dir, monkeypatch):
-    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OMNIATTR_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("OMNIATTR_ENCODER_PATH", str(tiny_encoder_dir))
-    monkeypatch.setenv("OMNIATTR_DEVICE", "cpu")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(6):
-        (photos / f"{i}.png").write_bytes(png(i))
-    return photos
-
-
 def run_json(capsys, *argv: str) -> object:
     assert main([*argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)

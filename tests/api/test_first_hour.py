@@ -13,25 +13,9 @@ from pathlib import Path
 import pytest
 
 from omniattr.cli import main
-from tests.api.conftest import png
 
 ROOT = Path(__file__).resolve().parents[2]
 OMNIATTR = str(Path(sys.executable).with_name("omniattr"))
-
-
-@pytest.fixture
-def embedded_env(tmp_path, tiny_encoder_dir, monkeypatch):
-    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OMNIATTR_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("OMNIATTR_ENCODER_PATH", str(tiny_encoder_dir))
-    monkeypatch.setenv("OMNIATTR_DEVICE", "cpu")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(4):
-        (photos / f"{i}.png").write_bytes(png(i))
-    return photos
 
 
 def broken_generator(tmp_path: Path) -> Path:
@@ -72,11 +56,11 @@ def test_ingest_reports_failures_and_duplicates(embedded_env, capsys):
     (embedded_env / "broken.png").write_bytes(b"not an image at all")
     assert main(["ingest", str(embedded_env), "--collection", "demo"]) == 0
     first = capsys.readouterr().out
-    assert "4 new images ingested, 0 duplicates" in first and "1 failed" in first
+    assert "6 new images ingested, 0 duplicates" in first and "1 failed" in first
     assert "broken.png" in first and "not an image" in first
     assert main(["ingest", str(embedded_env), "--collection", "demo"]) == 0
     again = capsys.readouterr().out
-    assert "0 new images ingested, 5 duplicates" in again
+    assert "0 new images ingested, 7 duplicates" in again
 
 
 @pytest.mark.slow
@@ -85,10 +69,10 @@ def test_images_lists_ids_and_search_echoes_the_query(embedded_env, capsys):
     capsys.readouterr()
     assert main(["images", "--collection", "demo"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert len(listed) == 4
+    assert len(listed) == 6
     assert listed[0].split()[0] == "1" and listed[0].endswith("0.png")
     assert main(["images", "--collection", "demo", "--json"]) == 0
-    assert [i["id"] for i in json.loads(capsys.readouterr().out)] == [1, 2, 3, 4]
+    assert [i["id"] for i in json.loads(capsys.readouterr().out)] == [1, 2, 3, 4, 5, 6]
     assert main(["index", "--collection", "demo", "lighting", "--json"]) == 0
     capsys.readouterr()
     assert main(["search", "--collection", "demo", "--term", "2:lighting", "--limit", "2"]) == 0
