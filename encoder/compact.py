@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
@@ -30,6 +29,7 @@ from .connector import Connector
 from .efficientnet_lite import HEAD_CHANNELS, LEVELS, PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
 from .floor import DESCRIPTOR_VERSION, STYLE_LEVELS, FloorHead, image_descriptors
 from .images import ImageInput, to_pixels
+from .lora import wrap_with_lora
 
 TRUNK_STRIDE = 32
 CPU_TRUNK_CHUNK = 8  # images per trunk forward on a CPU (see image_tokens)
@@ -186,24 +186,11 @@ class CompactBackbone(nn.Module, EncoderBackbone):
         text_path = config.text_model or packaged_text_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(text_path, local_files_only=True)
         text_model = AutoModel.from_pretrained(text_path, local_files_only=True)
-        # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping a model: silence just
-        # that FutureWarning (peft's to fix), so encoder commands print nothing alarming.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            if lora_path is None:
-                lora = LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=config.lora_alpha,
-                    lora_dropout=0.0,
-                    target_modules=list(config.lora_targets),
-                    bias="none",
-                )
-                self.text = get_peft_model(text_model, lora)  # base frozen, only lora_A / lora_B train
-            else:
-                self.text = PeftModel.from_pretrained(text_model, str(lora_path), is_trainable=True)
-                # The adapter names the base it was trained on (a path on the training machine); record the
-                # base this process loaded, so that a re-save describes it and peft finds its config.
-                self.text.peft_config["default"].base_model_name_or_path = str(text_path)
+        self.text = wrap_with_lora(text_model, config, list(config.lora_targets), lora_path)
+        if lora_path is not None:
+            # The adapter names the base it was trained on (a path on the training machine); record the base
+            # this process loaded, so that a re-save describes it and peft finds its config.
+            self.text.peft_config["default"].base_model_name_or_path = str(text_path)
         text_dim = text_model.config.hidden_size
         num_cells = (config.image_size // TRUNK_STRIDE) ** 2
         self.projector = ImageProjector(

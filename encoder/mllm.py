@@ -18,12 +18,11 @@ reads the last-layer states of the whole sequence (prefix states repeated, suffi
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 from transformers.utils import cached_file
@@ -32,6 +31,7 @@ from .backbone import EncoderBackbone
 from .config import LORA_DIR, EncoderConfig
 from .connector import Connector
 from .images import ImageInput, to_pixels
+from .lora import wrap_with_lora
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Image normalisation of each family's processor, used when the checkpoint has no preprocessor_config.json.
@@ -94,21 +94,8 @@ class MllmBackbone(nn.Module, EncoderBackbone):
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-        # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping a model: silence just
-        # that FutureWarning (peft's to fix), so encoder commands print nothing alarming.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            if lora_path is None:
-                lora = LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=config.lora_alpha,
-                    lora_dropout=0.0,
-                    target_modules=lora_target_pattern(config.lora_targets),
-                    bias="none",
-                )
-                self.backbone = get_peft_model(model, lora)  # freezes every base weight
-            else:
-                self.backbone = PeftModel.from_pretrained(model, str(lora_path), is_trainable=True)
+        # LoRA on the language model; every base weight frozen
+        self.backbone = wrap_with_lora(model, config, lora_target_pattern(config.lora_targets), lora_path)
         hidden = model_config.text_config.hidden_size
         self.connector = Connector(
             input_dim=hidden,
