@@ -3,6 +3,8 @@
 Rows 1 and 2 are the issue's before / after: the same model, batch and losses (a training config's), the
 trunk run every step vs its features read from `training.feature_cache`. `--variant` adds rows with recipe
 changes on top of the cache (`factor_sample`, a smaller connector: a different model), labelled as such.
+The last row is the floor stage (training/floor_fit.py): the same batches, but only the floor trains (trunk, text
+and connector frozen, their outputs computed once per image and phrase before the steps, a cost reported beside it).
 Data loading is left out (batches are decoded before timing); `--warmup` steps are dropped and the median of
 `--steps` steps is reported (the rows take turns step by step), with the median time spent inside each part
 of the forward and in backward.
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.config import TrainConfig, load_train_config  # noqa: E402
 from training.data.pairs import PairDataset, load_pairs, records_with_both  # noqa: E402
 from training.feature_cache import FeatureCache  # noqa: E402
+from training.floor_fit import FloorFitConfig, fit_loss, prepare  # noqa: E402
 from training.trainer import AttributeTrainingModule, _CachedPairDataset, build_encoder  # noqa: E402
 
 PARTS = ("features", "text", "connector", "floor", "backward+step")
@@ -160,15 +163,47 @@ def main(argv: list[str] | None = None) -> int:
             row.step(index, keep=index >= args.warmup)
             print(f"step {index} {label}: {row.totals[-1] if row.totals else 0:.2f} s", file=sys.stderr)
     rows = {label: row.result() for label, row in measured.items()}
+    floor_label, floor_seconds, prepare_note = floor_stage(base, data, work, picks, records, args)
+    rows[floor_label] = (floor_seconds, {name: float("nan") for name in PARTS})
     print(f"config {args.config}; batch {args.batch} pairs ({2 * args.batch} images); {args.threads} threads;")
-    print(f"median of {args.steps} steps after {args.warmup} warm-up; {fill_note}\n")
+    print(f"median of {args.steps} steps after {args.warmup} warm-up; {fill_note}; {prepare_note}\n")
     print("| path | s / step | pairs / s | speed-up | " + " | ".join(PARTS) + " |")
     print("|---" * (4 + len(PARTS)) + "|")
     before = rows["trunk every step (before)"][0]
     for label, (seconds, parts) in rows.items():
-        cells = " | ".join(f"{parts[name]:.2f}" for name in PARTS)
+        cells = " | ".join("-" if parts[name] != parts[name] else f"{parts[name]:.2f}" for name in PARTS)
         print(f"| {label} | {seconds:.2f} | {args.batch / seconds:.2f} | {before / seconds:.1f}x | {cells} |")
     return 0
+
+
+def floor_stage(base: dict, data: Path, work: Path, picks, records, args) -> tuple[str, float, str]:
+    """Median seconds of a floor-fit step over the same batches (the config's model with the connector gate)."""
+    config = TrainConfig.from_dict(_with_overrides(base, "encoder.floor=true|encoder.floor_gate_connector=true"))
+    torch.manual_seed(0)
+    encoder = build_encoder(config, None)
+    fit_config = FloorFitConfig(encoder="", data=[str(data)], cache=str(work / "cache"), out=str(work / "floor"))
+    start = time.perf_counter()
+    fit_data = prepare(encoder, fit_config)
+    prepared = time.perf_counter() - start
+    row_of = {pair_id: i for i, pair_id in enumerate(fit_data.pair_ids)}
+    floor = encoder.backbone.floor
+    floor.train()
+    optimizer = torch.optim.AdamW(floor.parameters(), lr=1e-3)
+    times = []
+    for index, pick in enumerate(picks):
+        batch = fit_data.pairs[[row_of[records[i].id] for i in pick]]
+        start = time.perf_counter()
+        loss = fit_loss(floor, fit_data, batch, random.Random(index), tau=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+    note = (
+        f"floor stage: frozen inputs prepared once in {prepared:.1f} s for {len(fit_data.descriptors)} images "
+        f"({len(fit_data.factors)} factors; features from the cache)"
+    )
+    return "floor stage (only the floor trains; training/floor_fit.py)", statistics.median(times), note
 
 
 if __name__ == "__main__":

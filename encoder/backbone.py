@@ -76,7 +76,7 @@ class EncoderBackbone(Protocol):
             "start from a compact init_encoder or drop grow_image_levels"
         )
 
-    def add_floor(self) -> None:
+    def add_floor(self, gate_connector: bool = False) -> None:
         """Add the floor (compact only, encoder/floor.py); other backends have no trunk descriptors."""
         raise ValueError(
             f"the floor can only be added to a compact encoder, not a {self.config.backend!r} one; "

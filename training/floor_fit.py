@@ -1,0 +1,302 @@
+"""Fit the floor (encoder/floor.py) of a trained compact encoder on real-content pairs, everything else frozen.
+
+    python -m training.floor_fit --encoder models/starter/encoder --data runs/real/data-train \
+        --cache runs/real/feature-cache --out runs/real/floor [--steps N] [--seed S]
+
+A second call with the same --out continues from its last checkpoint (`floor_state.pt`) unless --restart.
+
+Why a stage of its own: the floor's learned parts (one projection per descriptor group and the text gate) read
+only fixed per-image descriptors, the pooled attribute text and, with `floor_gate_connector`, the connector's
+pooled vector. With the trunk, MiniLM + LoRA and the connector frozen, all three are computed once: the
+descriptors and head maps come from the feature cache (training/feature_cache.py), the text once per phrase, the
+connector once per (image, factor) under the factor's first paraphrase. A step is then a few small matrix
+products over a batch of pairs (bench/train_speed.py, the "floor stage" row), so a CPU fits the floor on
+thousands of real-content pairs in minutes.
+
+The gate gets one more entry than the descriptor groups, the connector's weight (config `floor_gate_connector`):
+the attribute text decides per attribute how much of the connector's reading and of each fixed descriptor the
+search vector holds, so an attribute the descriptors know nothing about (pose, layout) keeps the connector.
+
+Loss: per step, a batch of pairs (both images of each); for every factor with labelled images in the batch, a
+phrase drawn from its paraphrases and the supervised contrastive loss of training/losses.py over the images
+(positives: the same recorded value, training.data.realpairs.factor_label). The factors read are those of the
+real-content pairs; "identity" is also read under SUBJECT_PHRASES, the words a user types for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoder import AttributeEncoder
+from encoder.compact import CompactBackbone
+from encoder.floor import FloorHead
+from training.data.pairs import load_pairs
+from training.data.realpairs import FACTOR_NAMES, REAL_FACTORS, factor_label
+from training.feature_cache import FeatureCache
+from training.losses import factor_contrastive_loss
+
+STATE_NAME = "floor_state.pt"
+LOG_NAME = "floor_log.jsonl"
+ENCODER_DIR = "encoder"
+# What users type for the main subject; read as the "identity" factor besides its own paraphrases.
+SUBJECT_PHRASES = ("subject", "object", "the subject", "what is shown", "main object")
+CONNECTOR_CHUNK = 256  # (image, phrase) pairs per frozen connector call while precomputing
+
+
+@dataclass
+class FloorFitConfig:
+    """One floor fit: where from, where to, and the optimisation (seeds fixed)."""
+
+    encoder: str
+    data: list[str]
+    cache: str
+    out: str
+    steps: int = 1500
+    batch_pairs: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    tau: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 50
+    threads: int = 2
+    stop_at: int | None = None  # stop (with a checkpoint) after this step; a later call continues the schedule
+
+
+def factor_phrases(name: str) -> tuple[str, ...]:
+    """The phrases factor `name` is read under (the first is the one the connector is precomputed with)."""
+    phrases = REAL_FACTORS[name].paraphrases
+    return phrases + SUBJECT_PHRASES if name == "identity" else phrases
+
+
+@dataclass
+class FitData:
+    """The frozen inputs of the fit, one row per distinct image of the pairs."""
+
+    descriptors: torch.Tensor  # (N, DESCRIPTOR_DIM)
+    connector: torch.Tensor  # (N, F, d_ctx): connector pooled under each factor's first phrase
+    labels: torch.Tensor  # (N, F) value ids, -1 where unknown
+    pairs: torch.Tensor  # (P, 2) rows of x and y
+    pair_ids: list[str | None]  # each pair's record id
+    factors: list[str]
+    phrases: list[str]  # every phrase of every factor
+    phrase_factor: list[int]  # factor index of each phrase
+    text_pooled: torch.Tensor  # (len(phrases), d_text)
+
+
+def prepare(encoder: AttributeEncoder, config: FloorFitConfig) -> FitData:
+    """Load the pairs, fill the feature cache, compute the frozen connector and text inputs once."""
+    backbone = encoder.backbone
+    if not isinstance(backbone, CompactBackbone) or backbone.floor is None:
+        raise ValueError("floor_fit needs a compact encoder with the floor (add it with backbone.add_floor())")
+    paths: dict[str, int] = {}
+    assignments: list[dict[str, str]] = []
+    pairs: list[tuple[int, int]] = []
+    pair_ids: list[str | None] = []
+    for directory in config.data:
+        report = load_pairs(directory, verify_images=False)
+        if report.bad_lines:
+            print(f"{directory}: {len(report.bad_lines)} invalid lines skipped", file=sys.stderr)
+        root = Path(directory).resolve()
+        for record in report.records:
+            if record.factors_x is None or record.factors_y is None:
+                continue
+            row = []
+            for relative, factors in ((record.image_x, record.factors_x), (record.image_y, record.factors_y)):
+                path = str(root / relative)
+                if path not in paths:
+                    paths[path] = len(paths)
+                    assignments.append(dict(factors))
+                row.append(paths[path])
+            pairs.append((row[0], row[1]))
+            pair_ids.append(record.id)
+    if not pairs:
+        raise ValueError(
+            f"{config.data}: no pairs with factors_x / factors_y (render them with training.data.realpairs)"
+        )
+    ordered = list(paths)
+    cache = FeatureCache(config.cache, backbone)
+    for start in range(0, len(ordered), 2000):  # fill in parts, so an interrupted fill keeps what it did
+        added = cache.fill(ordered[start : start + 2000])
+        print(f"feature cache: {min(start + 2000, len(ordered))}/{len(ordered)} images ({added} new)", file=sys.stderr)
+    factors = [name for name in FACTOR_NAMES if any(name in a for a in assignments)]
+    value_ids: dict[tuple[str, str], int] = {}
+    labels = torch.full((len(ordered), len(factors)), -1, dtype=torch.long)
+    for row, values in enumerate(assignments):
+        for column, name in enumerate(factors):
+            label = factor_label(name, values[name]) if name in values else None
+            if label is not None:
+                labels[row, column] = value_ids.setdefault((name, label), len(value_ids))
+    phrases, phrase_factor = [], []
+    for column, name in enumerate(factors):
+        for phrase in factor_phrases(name):
+            phrases.append(phrase)
+            phrase_factor.append(column)
+    encoder.eval()
+    with torch.no_grad():
+        text_states, text_mask = backbone.text_tokens(phrases)
+        text_pooled = backbone.text_pooled(text_states, text_mask)  # (A, d_text)
+        first = [phrases.index(factor_phrases(name)[0]) for name in factors]
+        descriptors, connector = [], []
+        for start in range(0, len(ordered), CONNECTOR_CHUNK // len(factors) + 1):
+            part = ordered[start : start + CONNECTOR_CHUNK // len(factors) + 1]
+            features = backbone.project(cache.trunk_features(part))
+            image_index = torch.arange(len(part)).repeat_interleave(len(factors))
+            text_index = torch.tensor(first).repeat(len(part))
+            _, pooled = backbone.connector_pooled(features.tokens, text_states, text_mask, image_index, text_index)
+            connector.append(pooled.view(len(part), len(factors), -1))
+            descriptors.append(features.descriptors)
+    return FitData(
+        descriptors=torch.cat(descriptors).float(),
+        connector=torch.cat(connector).float(),
+        labels=labels,
+        pairs=torch.tensor(pairs),
+        pair_ids=pair_ids,
+        factors=factors,
+        phrases=phrases,
+        phrase_factor=phrase_factor,
+        text_pooled=text_pooled.float(),
+    )
+
+
+def fit_loss(
+    floor: FloorHead, data: FitData, batch: torch.Tensor, generator: random.Random, tau: float
+) -> torch.Tensor:
+    """The supervised contrastive loss of one batch of pairs, every factor read under one drawn phrase."""
+    rows = batch.flatten()  # (2B,) images: x and y of each pair
+    groups = floor.group_vectors(data.descriptors[rows])  # (2B, G, d)
+    chosen = [
+        generator.choice([i for i, f in enumerate(data.phrase_factor) if f == column])
+        for column in range(len(data.factors))
+    ]
+    gates = floor.gates(data.text_pooled[chosen])  # (F, G + 1)
+    vectors = torch.einsum("fg,ngd->nfd", gates[:, :-1], groups)  # (2B, F, d)
+    vectors = vectors + gates[None, :, -1:] * data.connector[rows]  # the connector's share
+    return factor_contrastive_loss(vectors, data.labels[rows], tau=tau)
+
+
+def fit(config: FloorFitConfig, *, restart: bool = False) -> Path | None:
+    """Run (or continue) the fit; returns the saved encoder directory under config.out (None if stopped early)."""
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = AttributeEncoder.from_pretrained(config.encoder)
+    backbone = encoder.backbone
+    if backbone.floor is None:
+        backbone.add_floor(gate_connector=True)
+    elif not backbone.config.floor_gate_connector:
+        raise ValueError(f"{config.encoder} has a floor without the connector gate; start from an encoder without one")
+    started = time.perf_counter()
+    data = prepare(encoder, config)
+    print(
+        f"{len(data.pairs)} pairs, {len(data.descriptors)} images, factors {data.factors}, "
+        f"{len(data.phrases)} phrases; prepared in {time.perf_counter() - started:.0f} s",
+        file=sys.stderr,
+    )
+    floor = backbone.floor
+    floor.train()
+    optimizer = torch.optim.AdamW(floor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step = 0
+    state_path = out / STATE_NAME
+    if state_path.is_file() and not restart:
+        state = torch.load(state_path, weights_only=True)
+        floor.load_state_dict(state["floor"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        print(f"continuing from step {step}", file=sys.stderr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)), last_epoch=step - 1
+    )
+    log = (out / LOG_NAME).open("a")
+    window, tick = [], time.perf_counter()
+    last = config.steps if config.stop_at is None else min(config.steps, config.stop_at)
+    while step < last:
+        generator = random.Random(config.seed * 1_000_003 + step)  # a step's draws depend only on its number
+        order = torch.randperm(len(data.pairs), generator=torch.Generator().manual_seed(config.seed * 7919 + step))
+        batch = data.pairs[order[: config.batch_pairs]]
+        loss = fit_loss(floor, data, batch, generator, config.tau)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        window.append(loss.item())
+        if step % config.log_every == 0 or step == config.steps:
+            seconds = time.perf_counter() - tick
+            entry = {
+                "step": step,
+                "loss": float(np.mean(window)),
+                "pairs_per_s": len(window) * config.batch_pairs / seconds,
+            }
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+            print(json.dumps(entry), file=sys.stderr)
+            window, tick = [], time.perf_counter()
+        if step % config.checkpoint_every == 0 or step == last:
+            partial = state_path.with_suffix(".partial")
+            torch.save({"floor": floor.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, partial)
+            partial.replace(state_path)
+    log.close()
+    if step < config.steps:
+        print(f"stopped at step {step} of {config.steps}; run again to continue", file=sys.stderr)
+        return None
+    floor.eval()
+    encoder.eval()
+    target = out / ENCODER_DIR
+    encoder.save_pretrained(target)
+    (out / "floor_fit_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--encoder", required=True, help="the trained compact encoder to add the floor to")
+    parser.add_argument("--data", action="append", required=True, help="a real-content pair directory (repeatable)")
+    parser.add_argument("--cache", required=True, help="feature cache directory (training/feature_cache.py)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=FloorFitConfig.steps)
+    parser.add_argument("--batch-pairs", type=int, default=FloorFitConfig.batch_pairs)
+    parser.add_argument("--lr", type=float, default=FloorFitConfig.lr)
+    parser.add_argument("--tau", type=float, default=FloorFitConfig.tau)
+    parser.add_argument("--seed", type=int, default=FloorFitConfig.seed)
+    parser.add_argument("--threads", type=int, default=FloorFitConfig.threads)
+    parser.add_argument("--log-every", type=int, default=FloorFitConfig.log_every)
+    parser.add_argument("--checkpoint-every", type=int, default=FloorFitConfig.checkpoint_every)
+    parser.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (resume later)")
+    parser.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start again")
+    args = parser.parse_args(argv)
+    config = FloorFitConfig(
+        encoder=args.encoder,
+        data=args.data,
+        cache=args.cache,
+        out=args.out,
+        steps=args.steps,
+        batch_pairs=args.batch_pairs,
+        lr=args.lr,
+        tau=args.tau,
+        seed=args.seed,
+        threads=args.threads,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        stop_at=args.stop_at,
+    )
+    saved = fit(config, restart=args.restart)
+    if saved is not None:
+        print(f"saved {saved}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
