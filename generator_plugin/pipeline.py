@@ -227,7 +227,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
 
         s_a is `attribute_scale`, s_c `guidance_scale`. `refs` are (image, attribute) pairs (usually one);
         each gets weight `attribute_scale`: this is `compose` with every weight equal to `attribute_scale`.
-        Other keyword arguments are those of `__call__`.
+        Other keyword arguments are those of `__call__`, e.g. `image=` and `strength=` to apply the attribute
+        to a base image.
         """
         weighted = None
         if refs is not None:
@@ -251,7 +252,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
     ) -> AttributePipelineOutput:
         """v* = D(0,c) + sum_i w_i (D(A_i,0) - D(0,0)); refs are (image, attribute, w_i) triples.
 
-        With guidance_scale s_c != 1, D(0,c) becomes D(0,0) + s_c (D(0,c) - D(0,0)).
+        With guidance_scale s_c != 1, D(0,c) becomes D(0,0) + s_c (D(0,c) - D(0,0)). Other keyword arguments
+        are those of `__call__`, e.g. `image=` and `strength=` to start from a base image.
         """
         return self(prompt=prompt, refs=refs, **kwargs)
 
@@ -317,6 +319,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
     @torch.no_grad()
     def encode_image(self, image: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
         """A base image -> its packed VAE latent (1, S, 4 * C_lat), resized and centre-cropped to height x width."""
+        if image.mode != "RGB":  # greyscale, palette, alpha: the VAE takes 3 channels
+            image = image.convert("RGB")
         pixels = self.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
         pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)  # (1, 3, H, W) in [-1, 1]
         # The posterior's mode, not a sample: the same base gives the same latent; the seed drives the noise.

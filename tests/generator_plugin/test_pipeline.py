@@ -143,6 +143,7 @@ def test_base_image_starts_from_its_noised_latent(pipe):
     image = base_image()
     base = pipe.encode_image(image, HEIGHT, WIDTH)  # (1, S, 4 * C_lat)
     assert base.shape == (1, 16, 16)
+    assert pipe.encode_image(image.convert("RGBA"), HEIGHT, WIDTH).shape == (1, 16, 16)  # made RGB first
     timesteps = pipe.prepare_timesteps(10, base.shape[1], strength=0.3)
     assert len(timesteps) == 3  # int(10 - 3) = 7 steps skipped
     sigma = pipe.scheduler.sigmas[7]
@@ -180,6 +181,11 @@ def test_small_strength_keeps_the_base_image(pipe, prompt):
         **common, strength=DEFAULT_BASE_STRENGTH, **settings(num_inference_steps=10, output_type="latent")
     ).images
     assert torch.equal(default, explicit)
+    # personalize takes the base the same way: it is compose with one reference of weight attribute_scale
+    one = dict(attribute_tokens=common["attribute_tokens"][:1], image=image, strength=0.5, **prompt)
+    personalized = pipe.personalize(**one, attribute_scale=0.8, **settings(output_type="latent")).images
+    composed = pipe.compose(**one, attribute_weights=[0.8], **settings(output_type="latent")).images
+    assert torch.equal(personalized, composed)
 
 
 @pytest.mark.slow
