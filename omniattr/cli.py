@@ -359,7 +359,9 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         image = client.get(generation["output_url"])
         Path(args.out).write_bytes(image.content)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in generation["transfer_scores"].items())
-    _print(args, {**generation, "file": str(args.out)}, f"wrote {args.out} (attribute transfer: {scores})")
+    request = generation["request"]
+    base = f", from {args.base} at strength {request['strength']}" if args.base is not None else ""
+    _print(args, {**generation, "file": str(args.out)}, f"wrote {args.out} (attribute transfer: {scores}{base})")
     return 0
 
 

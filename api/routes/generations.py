@@ -1,4 +1,5 @@
-"""Generations: personalize (one reference) or compose (several) from stored images, as jobs."""
+"""Generations: personalize (one reference) or compose (several) from stored images, as jobs; from noise or
+from a base image (apply to my image: a stored image or an upload)."""
 
 from __future__ import annotations
 
