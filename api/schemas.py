@@ -10,6 +10,7 @@ from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from omniattr.domain import (
+    DEFAULT_BASE_STRENGTH,
     MAX_ATTRIBUTE_CHARS,
     MAX_NAME_CHARS,
     MAX_REFERENCES,
@@ -172,6 +173,18 @@ class GenerationCreate(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     steps: int | None = Field(default=None, ge=1, le=200)
     guidance_scale: float = Field(default=1.0, ge=0, le=30, description="Text guidance s_c; 1 disables it.")
+    base_image_id: Id | None = Field(
+        default=None,
+        description="Apply to my image: start from this stored image instead of noise "
+        "(or upload the base with POST /api/generations/upload).",
+    )
+    strength: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description=f"With a base image: how much of the schedule runs from it, in (0, 1]; small keeps the base, "
+        f"1 starts from noise. Default {DEFAULT_BASE_STRENGTH}.",
+    )
 
 
 class GenerationPublic(BaseModel):

@@ -20,6 +20,12 @@ InstructPix2Pix-style text guidance):
   reference of weight w equals personalize with attribute_scale = w, by construction.
 - Every step evaluates the N + 2 condition rows [D(0,0), D(0,c), D(A_1,0) .. D(A_N,0)] in one batched
   transformer forward (`condition_batch_size` can split it to save memory; 1 gives N + 2 sequential calls).
+- Apply to my image (img2img, diffusers' convention and FluxImg2ImgPipeline's steps): with `image=` and
+  `strength=` s in (0, 1] the base image is resized and centre-cropped to the output size, encoded by the VAE
+  (the posterior's mode) and packed; the schedule starts at step index t_start = int(steps - steps * s), where
+  the latent is the flow-matching interpolation `scheduler.scale_noise(base, t_start, noise)`, and only the
+  remaining steps run, with the same guidance rule. Without a strength a base image uses
+  `omniattr.domain.DEFAULT_BASE_STRENGTH` (0.6); without an image nothing changes (s = 1, pure noise).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from generator_plugin.adapter import AttributeAdapterLoaderMixin, check_attribute_tokens
-from omniattr.domain import MAX_REFERENCES
+from omniattr.domain import DEFAULT_BASE_STRENGTH, MAX_REFERENCES
 
 if TYPE_CHECKING:
     from encoder import AttributeEncoder
@@ -97,7 +103,8 @@ class ReferenceInputs:
 
 @dataclass(frozen=True, eq=False)
 class SamplingInputs:
-    """What is sampled: output size, steps, images per prompt, the noise (generator or packed latents)."""
+    """What is sampled: output size, steps, images per prompt, the noise (generator or packed latents), and
+    the base image to start from with its strength (apply to my image)."""
 
     height: int
     width: int
@@ -106,6 +113,8 @@ class SamplingInputs:
     embedded_guidance_scale: float = 3.5  # FLUX-dev's distilled guidance input, when the transformer has one
     generator: torch.Generator | list[torch.Generator] | None = None
     latents: torch.Tensor | None = None  # (B, S, 4 * C_lat), packed
+    image: PIL.Image.Image | None = None  # the base image; resized and centre-cropped to height x width
+    strength: float | None = None  # share of the schedule run from the base; after check_inputs a float
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,7 +227,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
 
         s_a is `attribute_scale`, s_c `guidance_scale`. `refs` are (image, attribute) pairs (usually one);
         each gets weight `attribute_scale`: this is `compose` with every weight equal to `attribute_scale`.
-        Other keyword arguments are those of `__call__`.
+        Other keyword arguments are those of `__call__`, e.g. `image=` and `strength=` to apply the attribute
+        to a base image.
         """
         weighted = None
         if refs is not None:
@@ -242,7 +252,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
     ) -> AttributePipelineOutput:
         """v* = D(0,c) + sum_i w_i (D(A_i,0) - D(0,0)); refs are (image, attribute, w_i) triples.
 
-        With guidance_scale s_c != 1, D(0,c) becomes D(0,0) + s_c (D(0,c) - D(0,0)).
+        With guidance_scale s_c != 1, D(0,c) becomes D(0,0) + s_c (D(0,c) - D(0,0)). Other keyword arguments
+        are those of `__call__`, e.g. `image=` and `strength=` to start from a base image.
         """
         return self(prompt=prompt, refs=refs, **kwargs)
 
@@ -288,8 +299,12 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3)  # (S, 3)
         return ids.to(device=self._execution_device, dtype=self.transformer.dtype)
 
-    def prepare_timesteps(self, num_inference_steps: int, image_seq_len: int) -> torch.Tensor:
-        """FLUX's schedule: sigmas 1 -> 1/steps, resolution-dependent shift when the scheduler asks for it."""
+    def prepare_timesteps(self, num_inference_steps: int, image_seq_len: int, strength: float = 1.0) -> torch.Tensor:
+        """FLUX's schedule: sigmas 1 -> 1/steps, resolution-dependent shift when the scheduler asks for it.
+
+        With strength s < 1 (a base image) only the last steps run, from index int(steps - steps * s) on
+        (FluxImg2ImgPipeline.get_timesteps); s = 1 is the whole schedule.
+        """
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         config = self.scheduler.config
         # mu grows linearly with the token count, from base_shift at base_image_seq_len to max_shift at max.
@@ -297,8 +312,38 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
         mu = base_shift + (max_shift - base_shift) * (image_seq_len - base_len) / (max_len - base_len)
         self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self._execution_device)
-        self.scheduler.set_begin_index(0)
-        return self.scheduler.timesteps
+        start = first_step(num_inference_steps, strength)
+        self.scheduler.set_begin_index(start)
+        return self.scheduler.timesteps[start:]
+
+    @torch.no_grad()
+    def encode_image(self, image: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
+        """A base image -> its packed VAE latent (1, S, 4 * C_lat), resized and centre-cropped to height x width."""
+        if image.mode != "RGB":  # greyscale, palette, alpha: the VAE takes 3 channels
+            image = image.convert("RGB")
+        pixels = self.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
+        pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)  # (1, 3, H, W) in [-1, 1]
+        # The posterior's mode, not a sample: the same base gives the same latent; the seed drives the noise.
+        latent = self.vae.encode(pixels).latent_dist.mode()  # (1, C_lat, h, w)
+        latent = (latent - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return self.pack_latents(latent.to(self.transformer.dtype))
+
+    def prepare_image_latents(self, sampling: SamplingInputs, first_timestep: torch.Tensor) -> torch.Tensor:
+        """The base image's latent noised to `first_timestep` (flow matching: (1 - sigma) x_0 + sigma noise)."""
+        device, dtype = self._execution_device, self.transformer.dtype
+        base = self.encode_image(sampling.image, sampling.height, sampling.width)  # (1, S, 4 * C_lat)
+        base = base.expand(sampling.num_images_per_prompt, -1, -1)  # (B, S, 4 * C_lat)
+        noise = self.prepare_latents(
+            sampling.num_images_per_prompt,
+            self.transformer.config.in_channels // 4,
+            sampling.height,
+            sampling.width,
+            dtype,
+            device,
+            sampling.generator,
+        )  # (B, S, 4 * C_lat), packed like the base: scale_noise is elementwise
+        timestep = first_timestep.expand(sampling.num_images_per_prompt)  # (B,)
+        return self.scheduler.scale_noise(base, timestep, noise)
 
     # --------------------------------------------------------------------------------------------------------
     # The pipeline
@@ -324,6 +369,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         embedded_guidance_scale: float = 3.5,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        image: PIL.Image.Image | None = None,
+        strength: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         condition_batch_size: int | None = None,
@@ -340,6 +387,9 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             guidance_scale: text guidance s_c; 1.0 disables it.
             negative_prompt_embeds / negative_pooled_prompt_embeds: the null text; zeros when not given.
             embedded_guidance_scale: FLUX-dev's distilled guidance input, used if the transformer has one.
+            image: a base image to start from (apply to my image); None generates from noise.
+            strength: in (0, 1], how much of the schedule runs from the base image: small keeps it, 1.0 starts
+                from pure noise. Default: DEFAULT_BASE_STRENGTH (0.6) with an image, 1.0 without.
             condition_batch_size: at most this many condition rows per transformer forward (None: all N + 2).
             score_transfer: re-encode every output under each attribute and return the transfer scores.
 
@@ -371,6 +421,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
                     embedded_guidance_scale=embedded_guidance_scale,
                     generator=generator,
                     latents=latents,
+                    image=image,
+                    strength=strength,
                 ),
                 output_type=output_type,
                 condition_batch_size=condition_batch_size,
@@ -383,18 +435,25 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         text = self.encode_text(inputs.prompt)
         conditions = self.encode_attributes(inputs.references)
 
-        # 3. Prepare latents
-        latents = self.prepare_latents(
-            sampling.num_images_per_prompt,
-            self.transformer.config.in_channels // 4,
-            sampling.height,
-            sampling.width,
-            self.transformer.dtype,
-            self._execution_device,
-            sampling.generator,
-            sampling.latents,
-        )  # (B, S, 4 * C_lat)
-        timesteps = self.prepare_timesteps(sampling.num_inference_steps, latents.shape[1])
+        # 3. Prepare latents: noise, or the base image noised to the first of the remaining timesteps
+        if sampling.image is None:
+            latents = self.prepare_latents(
+                sampling.num_images_per_prompt,
+                self.transformer.config.in_channels // 4,
+                sampling.height,
+                sampling.width,
+                self.transformer.dtype,
+                self._execution_device,
+                sampling.generator,
+                sampling.latents,
+            )  # (B, S, 4 * C_lat)
+            timesteps = self.prepare_timesteps(sampling.num_inference_steps, latents.shape[1])
+        else:
+            image_seq_len = (sampling.height // (self.vae_scale_factor * 2)) * (
+                sampling.width // (self.vae_scale_factor * 2)
+            )
+            timesteps = self.prepare_timesteps(sampling.num_inference_steps, image_seq_len, sampling.strength)
+            latents = self.prepare_image_latents(sampling, timesteps[:1])  # (B, S, 4 * C_lat)
 
         # 4. Denoise: one batched forward over the condition rows per step
         latents = self.denoise(latents, timesteps, text, conditions, inputs)
@@ -416,14 +475,16 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         """Raise GeneratorInputError naming what to fix; return the inputs with refs as (image, attribute, weight)."""
         self._check_prompt(inputs.prompt)
         refs = self._check_references(inputs.references)
-        self._check_sampling(inputs.sampling)
+        sampling = self._check_sampling(inputs.sampling)
         if inputs.output_type not in OUTPUT_TYPES:
             raise GeneratorInputError(f"output_type must be one of {OUTPUT_TYPES}; got {inputs.output_type!r}.")
         if inputs.condition_batch_size is not None and inputs.condition_batch_size < 1:
             raise GeneratorInputError(
                 f"condition_batch_size must be None or at least 1; got {inputs.condition_batch_size}."
             )
-        return dataclasses.replace(inputs, references=dataclasses.replace(inputs.references, refs=refs))
+        return dataclasses.replace(
+            inputs, references=dataclasses.replace(inputs.references, refs=refs), sampling=sampling
+        )
 
     def _check_prompt(self, text: PromptInputs) -> None:
         """The text condition: a prompt or its embeddings (FLUX's shapes), a matching null text, a finite s_c."""
@@ -502,8 +563,9 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
                 check_attribute_tokens(attribute_tokens, self.attribute_adapter.config.token_dim)
         return normalised
 
-    def _check_sampling(self, sampling: SamplingInputs) -> None:
-        """Output size on the latent grid, at least one step and image, latents packed for that size."""
+    def _check_sampling(self, sampling: SamplingInputs) -> SamplingInputs:
+        """Output size on the latent grid, at least one step and image, latents packed for that size, a base
+        image with a strength in (0, 1]; returns the sampling inputs with the strength as a float."""
         multiple = self.vae_scale_factor * 2
         height, width = sampling.height, sampling.width
         if height % multiple or width % multiple:
@@ -520,6 +582,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
                 raise GeneratorInputError(
                     f"latents must be packed with shape {expected}; got {tuple(sampling.latents.shape)}."
                 )
+        return dataclasses.replace(sampling, strength=_check_base(sampling))
 
     def encode_text(self, text: PromptInputs) -> _TextConditions:
         """The prompt's embeddings (encoded here from a prompt string) and the null text's, on the device."""
@@ -573,7 +636,13 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         latent_width = 2 * (width // (self.vae_scale_factor * 2))
         shape = (batch_size, num_latent_channels, latent_height, latent_width)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)  # (B, C, h, w)
-        patches = noise.view(batch_size, num_latent_channels, latent_height // 2, 2, latent_width // 2, 2)
+        return self.pack_latents(noise)
+
+    @staticmethod
+    def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+        """FLUX's token layout: 2x2 latent patches per token, (B, C, h, w) -> (B, h/2 * w/2, 4 C)."""
+        batch_size, num_latent_channels, latent_height, latent_width = latents.shape
+        patches = latents.view(batch_size, num_latent_channels, latent_height // 2, 2, latent_width // 2, 2)
         patches = patches.permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
         return patches.reshape(batch_size, (latent_height // 2) * (latent_width // 2), num_latent_channels * 4)
 
@@ -728,6 +797,38 @@ def _check_reference(ref: Any, position: int) -> tuple[PIL.Image.Image, str, flo
     if not isinstance(attribute, str) or not attribute.strip():
         raise GeneratorInputError(f"reference {position}: the attribute must be a non-empty string; got {attribute!r}.")
     return image, attribute, _check_weight(weight, position)
+
+
+def first_step(num_inference_steps: int, strength: float) -> int:
+    """Index of the first step that runs at `strength` (FluxImg2ImgPipeline.get_timesteps): 0 at strength 1."""
+    return int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+
+
+def _check_base(sampling: SamplingInputs) -> float:
+    """The strength to use: a number in (0, 1] that leaves a step to run; a base image that is a PIL image."""
+    image, strength = sampling.image, sampling.strength
+    if image is not None and not isinstance(image, PIL.Image.Image):
+        raise GeneratorInputError(
+            f"image (the base to start from) must be a PIL.Image; got {type(image).__name__}. "
+            "Open a file with PIL.Image.open(path).convert('RGB')."
+        )
+    if image is not None and sampling.latents is not None:
+        raise GeneratorInputError("pass either latents (the noise to start from) or a base image, not both.")
+    if strength is None:
+        return 1.0 if image is None else DEFAULT_BASE_STRENGTH
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise GeneratorInputError(
+            f"strength must be a number in (0, 1]; got {strength!r}. Small values keep the base image, "
+            "1.0 starts from pure noise."
+        )
+    if image is None and strength != 1:
+        raise GeneratorInputError(f"strength {strength} needs a base image: pass image= (or leave strength out).")
+    if first_step(sampling.num_inference_steps, strength) >= sampling.num_inference_steps:
+        raise GeneratorInputError(
+            f"strength {strength} leaves none of the {sampling.num_inference_steps} steps to run; raise strength "
+            f"to at least {1 / sampling.num_inference_steps:.3g} or raise num_inference_steps."
+        )
+    return float(strength)
 
 
 def _check_weight(weight: Any, position: int) -> float:

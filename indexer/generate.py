@@ -3,6 +3,10 @@
 A request names stored images and attributes; the worker loads the references, encodes them with the
 process's encoder, runs the plugin's pipeline (all N + 2 conditions in one forward per step), saves the
 image and stores each attribute's transfer score (re-encoding of the output vs. the reference).
+
+Apply to my image: a request may also name a base image to start from (a stored image, `base_image_id`, or
+an uploaded file kept under `generations/bases/` by its sha256, `base_upload`) and a `strength` in (0, 1]
+(the pipeline's img2img convention; DEFAULT_BASE_STRENGTH when not given).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from indexer.context import PlannedJob, WorkerContext
+from indexer.ingest import ImageRejected, MediaStore, decode_image, sha256_hex
 from indexer.models import GeneratorProvider
-from omniattr.domain import MAX_REFERENCES, ImageStatus, JobKind
+from omniattr.domain import DEFAULT_BASE_STRENGTH, MAX_REFERENCES, ImageStatus, JobKind
 from store import metadata
 from store.errors import ConflictError, InvalidInputError, StoreError
 
@@ -38,14 +43,17 @@ def plan_generation(
     seed: int | None = None,
     steps: int | None = None,
     guidance_scale: float = 1.0,
+    base_image_id: int | None = None,
+    base_upload: str | None = None,
+    strength: float | None = None,
     generator_available: bool = True,
 ) -> tuple[PlannedJob, int]:
-    """Record a generation request and its one-shard job; returns (plan, generation id)."""
-    if not generator_available:
-        raise ConflictError(
-            "no generator is configured on this server; set OMNIATTR_GENERATOR_PATH to a diffusers-format "
-            "generator directory (and OMNIATTR_GENERATOR_PLUGIN if it is not 'flux')"
-        )
+    """Record a generation request and its one-shard job; returns (plan, generation id).
+
+    `base_image_id` (a stored image) or `base_upload` (the sha256 of a file `store_base_upload` kept) makes it
+    apply-to-my-image at `strength` (DEFAULT_BASE_STRENGTH when None).
+    """
+    require_generator(generator_available)
     if not 1 <= len(references) <= MAX_REFERENCES:
         raise InvalidInputError(f"give between 1 and {MAX_REFERENCES} references; got {len(references)}")
     prompt = " ".join(prompt.split())
@@ -65,13 +73,67 @@ def plan_generation(
                 "weight": reference.weight,
             }
         )
-    request = {"refs": refs, "prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
+    if base_image_id is not None and base_upload is not None:
+        raise InvalidInputError("give one base image: base_image_id or an uploaded file, not both")
+    if base_image_id is None and base_upload is None:
+        if strength is not None:
+            raise InvalidInputError(
+                "strength needs a base image to start from: give base_image_id or upload one (or leave strength out)"
+            )
+    else:
+        if base_image_id is not None:
+            base = metadata.get_image(session, image_id=base_image_id)  # NotFoundError: 404
+            if base.status != ImageStatus.READY:
+                raise InvalidInputError(f"image {base.id} cannot be the base image: its status is {base.status}")
+        strength = DEFAULT_BASE_STRENGTH if strength is None else strength
+    request = {
+        "refs": refs,
+        "prompt": prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "base_image_id": base_image_id,
+        "base_upload": base_upload,
+        "strength": strength,
+    }
     job = metadata.create_job(session, kind=JobKind.GENERATE, params={}, shards=[[0]])
     generation = metadata.create_generation(session, request=request, job_id=job.id)
     job.shards[0].items = [generation.id]
     job.params = {"generation_id": generation.id}
     session.flush()
     return PlannedJob(job.id, JobKind.GENERATE.shard_kind, [job.shards[0].id]), generation.id
+
+
+def require_generator(generator_available: bool) -> None:
+    """ConflictError, saying how to configure one, when this server has no generator."""
+    if not generator_available:
+        raise ConflictError(
+            "no generator is configured on this server; set OMNIATTR_GENERATOR_PATH to a diffusers-format "
+            "generator directory (and OMNIATTR_GENERATOR_PLUGIN if it is not 'flux')"
+        )
+
+
+def base_upload_path(media: MediaStore, sha256: str) -> Path:
+    """Where an uploaded base image is kept (decoded, oriented, RGB, as PNG), named by the uploaded file's sha256."""
+    return media.root / "generations" / "bases" / f"{sha256}.png"
+
+
+def decode_base_upload(data: bytes) -> tuple[str, bytes]:
+    """Check an uploaded base image (ingest's decode checks); returns (the file's sha256, the image as PNG)."""
+    try:
+        decoded = decode_image(data)
+    except ImageRejected as rejected:
+        raise InvalidInputError(f"the base image cannot be used: {rejected}") from None
+    buffer = io.BytesIO()
+    decoded.image.save(buffer, format="PNG")  # oriented RGB: what the worker opens needs no further checks
+    return sha256_hex(data), buffer.getvalue()
+
+
+def keep_base_upload(media: MediaStore, sha256: str, png: bytes) -> None:
+    """Write a decoded base upload where `base_upload_path` finds it (once per content)."""
+    path = base_upload_path(media, sha256)
+    if not path.exists():
+        media.write_file(path, png)
 
 
 def output_path(context: WorkerContext, generation_id: int) -> Path:
@@ -87,11 +149,19 @@ def run_generate_shard(context: WorkerContext, shard_id: int) -> str:
             return "skipped"
         generation_id = shard.items[0]
         request = dict(metadata.get_generation(session, generation_id=generation_id).request)
-        rows = metadata.get_images(session, image_ids=[r["image_id"] for r in request["refs"]])
+        base_image_id = request.get("base_image_id")
+        image_ids = [r["image_id"] for r in request["refs"]] + ([base_image_id] if base_image_id is not None else [])
+        rows = metadata.get_images(session, image_ids=image_ids)
         sources = {i: (row.sha256, row.format) for i, row in rows.items()}
     missing = [r["image_id"] for r in request["refs"] if r["image_id"] not in sources]
-    if missing or context.generator is None:
-        error = f"reference images {missing} were deleted" if missing else "no generator is configured"
+    base_missing = base_image_id is not None and base_image_id not in sources
+    if missing or base_missing or context.generator is None:
+        if missing:
+            error = f"reference images {missing} were deleted"
+        elif base_missing:
+            error = f"the base image {base_image_id} was deleted"
+        else:
+            error = "no generator is configured"
         _fail(context, shard_id=shard_id, generation_id=generation_id, error=error)
         return "failed"
     try:
@@ -130,6 +200,12 @@ def _render(
         with Image.open(context.media.original_path(sha256, file_format)) as opened:
             images[image_id] = opened.convert("RGB")
     refs = [(images[r["image_id"]], r["attribute"], r["weight"]) for r in request["refs"]]
+    base = None  # apply to my image: the stored or uploaded image to start from
+    if request.get("base_image_id") is not None:
+        base = images[request["base_image_id"]]
+    elif request.get("base_upload") is not None:
+        with Image.open(base_upload_path(context.media, request["base_upload"])) as opened:
+            base = opened.convert("RGB")
     pipeline = generator_provider.get()
     seed = request.get("seed")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -142,6 +218,8 @@ def _render(
         generator=generator,
         height=generator_provider.size,
         width=generator_provider.size,
+        image=base,
+        strength=request.get("strength"),
     )
     buffer = io.BytesIO()
     output.images[0].save(buffer, format="PNG")

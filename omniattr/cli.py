@@ -26,7 +26,7 @@ import httpx
 from pydantic import ValidationError
 
 from omniattr import __version__
-from omniattr.domain import GenerationStatus, ImageStatus, JobKind, JobStatus
+from omniattr.domain import DEFAULT_BASE_STRENGTH, GenerationStatus, ImageStatus, JobKind, JobStatus
 from omniattr.settings import Settings
 from store.database import make_engine, make_session_factory, upgrade_database
 from store.errors import StoreError
@@ -316,20 +316,41 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
-    """Render a new image carrying attributes of stored images: one --ref personalizes, several compose."""
+    """Render a new image carrying attributes of stored images: one --ref personalizes, several compose;
+    --base starts from an image (a stored id or a file) instead of noise: apply to my image."""
     settings = _load_settings()
     refs = [_term(ref) for ref in args.ref]
     if not refs:
         raise CommandError("give at least one --ref IMAGE_ID:ATTRIBUTE[:WEIGHT]")
-    body = {
+    if args.strength is not None and args.base is None:
+        raise CommandError("--strength needs --base IMAGE_ID|FILE (the image to start from)")
+    body: dict[str, Any] = {
         "refs": refs,
         "prompt": args.prompt,
         "seed": args.seed,
         "steps": args.steps,
         "guidance_scale": args.guidance,
+        "strength": args.strength,
     }
+    base_file = None
+    if args.base is not None:
+        if Path(args.base).is_file():  # a file wins over an id: `--base 12` with a file named 12 uploads it
+            base_file = Path(args.base)
+        elif args.base.isdigit():
+            body["base_image_id"] = int(args.base)
+        else:
+            raise CommandError(f"--base {args.base}: no such file, and not an image id (see `omniattr images`)")
     with api_client(settings, args.url, args.api_key) as client:
-        generation = _call(client, "POST", "/api/generations", json=body)
+        if base_file is None:
+            generation = _call(client, "POST", "/api/generations", json=body)
+        else:
+            generation = _call(
+                client,
+                "POST",
+                "/api/generations/upload",
+                data={"request": json.dumps(body)},
+                files={"base": (base_file.name, base_file.read_bytes())},
+            )
         _follow(client, _call(client, "GET", f"/api/jobs/{generation['job_id']}"), quiet=args.json)
         generation = _call(client, "GET", f"/api/generations/{generation['id']}")
         if generation["status"] != GenerationStatus.DONE:
@@ -338,7 +359,9 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         image = client.get(generation["output_url"])
         Path(args.out).write_bytes(image.content)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in generation["transfer_scores"].items())
-    _print(args, {**generation, "file": str(args.out)}, f"wrote {args.out} (attribute transfer: {scores})")
+    request = generation["request"]
+    base = f", from {args.base} at strength {request['strength']}" if args.base is not None else ""
+    _print(args, {**generation, "file": str(args.out)}, f"wrote {args.out} (attribute transfer: {scores}{base})")
     return 0
 
 
@@ -566,6 +589,14 @@ def build_parser() -> argparse.ArgumentParser:
     personalize.add_argument("--seed", type=int)
     personalize.add_argument("--steps", type=int)
     personalize.add_argument("--guidance", type=float, default=1.0, help="text guidance scale (1 = off)")
+    personalize.add_argument(
+        "--base", metavar="ID|FILE", help="apply to my image: start from this stored image id or image file"
+    )
+    personalize.add_argument(
+        "--strength",
+        type=float,
+        help=f"with --base, in (0, 1]: small keeps the base, 1 starts from noise (default {DEFAULT_BASE_STRENGTH})",
+    )
 
     jobs = command("jobs", cmd_jobs, remote=True)
     jobs.add_argument("job_id", nargs="?", type=int)

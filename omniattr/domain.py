@@ -16,6 +16,10 @@ MAX_ATTRIBUTE_CHARS = 200
 MAX_NAME_CHARS = 200
 # References one generation may compose (personalize is one); also the most terms one search may fuse.
 MAX_REFERENCES = 8
+# Apply to my image (img2img): how much of the schedule runs from the base image when no strength is given.
+# 1.0 would start from pure noise (the base ignored); 0.6 keeps its layout and subject and leaves the adapter
+# the last 60 % of the steps to change lighting, colour and style (diffusers' FluxImg2ImgPipeline default).
+DEFAULT_BASE_STRENGTH = 0.6
 MAX_SEARCH_TERMS = 8
 # The most results one search returns.
 MAX_SEARCH_RESULTS = 200

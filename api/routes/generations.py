@@ -1,9 +1,13 @@
-"""Generations: personalize (one reference) or compose (several) from stored images, as jobs."""
+"""Generations: personalize (one reference) or compose (several) from stored images, as jobs; from noise or
+from a base image (apply to my image: a stored image or an upload)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile, status
 from fastapi.responses import FileResponse
+from pydantic import Json
 
 from api import schemas
 from api.deps import ServicesDep
@@ -25,6 +29,32 @@ def create_generation(body: schemas.GenerationCreate, services: ServicesDep) -> 
         seed=body.seed,
         steps=body.steps,
         guidance_scale=body.guidance_scale,
+        base_image_id=body.base_image_id,
+        strength=body.strength,
+    )
+    return generation_public(generation)
+
+
+@router.post("/upload", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.GenerationPublic)
+def create_generation_from_upload(
+    services: ServicesDep,
+    base: Annotated[UploadFile, File(description="The base image to apply the references to.")],
+    request: Annotated[
+        Json[schemas.GenerationCreate],
+        Form(description="The generation request as JSON (the body of POST /api/generations, no base_image_id)."),
+    ],
+) -> schemas.GenerationPublic:
+    """Apply to my image with an uploaded base: the generator starts from it and the references steer it."""
+    generation = generations.create_generation(
+        services,
+        references=[Reference(r.image_id, r.attribute, r.weight) for r in request.refs],
+        prompt=request.prompt,
+        seed=request.seed,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        base_image_id=request.base_image_id,
+        base_upload=base.file.read(),
+        strength=request.strength,
     )
     return generation_public(generation)
 

@@ -9,6 +9,7 @@ const state = {
   afterId: 0,
   results: [],
   selected: new Set(),   // image ids chosen for Personalize
+  baseFile: null,        // an uploaded base image for apply-to-my-image
   lastAttribute: "",
   jobs: new Map(),       // job id -> last seen job
   gridLoad: 0,           // bumped by each selectCollection: an older, slower load must not fill the grid
@@ -155,6 +156,21 @@ function updateButtons() {
   $("search").disabled = !(state.query && attribute);
   $("index-attribute").hidden = !(attribute && state.collectionId && !known);
   $("personalize").disabled = !(state.selected.size && $("prompt").value.trim());
+  refreshBaseOptions();
+}
+
+// Apply to my image: the base is nothing (text to image), the query image, a ticked result or a file.
+function refreshBaseOptions() {
+  const select = $("base");
+  const current = select.value;
+  const options = [new Option("noise (text to image)", "")];
+  const queryId = state.query && state.query.imageId;
+  if (queryId) options.push(new Option(`query image ${queryId}`, `image:${queryId}`));
+  for (const id of state.selected) if (id !== queryId) options.push(new Option(`result image ${id}`, `image:${id}`));
+  if (state.baseFile) options.push(new Option(`uploaded ${state.baseFile.name}`, "upload"));
+  select.replaceChildren(...options);
+  select.value = options.some((option) => option.value === current) ? current : "";
+  $("strength").disabled = !select.value;
 }
 
 // --- search -----------------------------------------------------------------------------------------
@@ -211,7 +227,19 @@ function toggleSelected(imageId, box) {
 // --- personalize ------------------------------------------------------------------------------------
 async function personalize() {
   const refs = [...state.selected].map((imageId) => ({ image_id: imageId, attribute: state.lastAttribute }));
-  const generation = await api("POST", "/api/generations", { refs, prompt: $("prompt").value.trim() });
+  const body = { refs, prompt: $("prompt").value.trim() };
+  const base = $("base").value;
+  if (base) body.strength = Number($("strength").value);
+  let generation;
+  if (base === "upload") {
+    const form = new FormData();
+    form.append("base", state.baseFile);
+    form.append("request", JSON.stringify(body));
+    generation = await api("POST", "/api/generations/upload", form);
+  } else {
+    if (base) body.base_image_id = Number(base.split(":")[1]);
+    generation = await api("POST", "/api/generations", body);
+  }
   $("personalize").disabled = true;
   const view = $("generation");
   view.replaceChildren(Object.assign(document.createElement("p"), { textContent: "Generating..." }));
@@ -236,6 +264,12 @@ async function personalize() {
   }
   const caption = Object.assign(document.createElement("div"), { innerHTML: "<strong>Attribute-transfer scores</strong>" });
   caption.append(scores);
+  const request = current.request;
+  const from = request.base_image_id ? `image ${request.base_image_id}` : request.base_upload ? "the uploaded image" : null;
+  caption.append(Object.assign(document.createElement("p"), {
+    id: "generation-base", className: "muted",
+    textContent: from ? `Applied to ${from} at strength ${request.strength}.` : "Made from noise (text to image).",
+  }));
   view.replaceChildren(img, caption);
   updateButtons();
 }
@@ -304,6 +338,14 @@ async function init() {
   });
   $("attribute").addEventListener("input", updateButtons);
   $("prompt").addEventListener("input", updateButtons);
+  $("base").addEventListener("change", updateButtons);
+  $("strength").addEventListener("input", () => { $("strength-value").textContent = Number($("strength").value).toFixed(2); });
+  $("base-upload").addEventListener("change", () => {
+    state.baseFile = $("base-upload").files[0] || null;
+    refreshBaseOptions();
+    if (state.baseFile) $("base").value = "upload";
+    updateButtons();
+  });
   $("search").addEventListener("click", () => guarded(async () => {
     try {
       await search();

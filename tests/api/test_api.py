@@ -197,6 +197,8 @@ def test_openapi_documents_every_route(client):
         "/api/collections/{collection_id}/images",
         "/api/search",
         "/api/search/upload",
+        "/api/generations",
+        "/api/generations/upload",
         "/api/jobs/{job_id}",
         "/api/collections/{collection_id}/attributes",
         "/api/health",

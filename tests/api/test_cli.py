@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -90,6 +91,24 @@ def test_personalize_writes_the_image(embedded_env, generator_dir, tmp_path, mon
     )
     assert set(result["transfer_scores"]) == {"lighting", "art style"}
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Apply to my image: --base a stored image id, then an image file (uploaded), with --strength.
+    common = ["personalize", "--ref", "1:lighting", "--prompt", "a cup", "--seed", "3"]
+    by_id = run_json(capsys, *common, "--base", "4", "--strength", "0.5", "--out", str(tmp_path / "by-id.png"))
+    assert (by_id["request"]["base_image_id"], by_id["request"]["strength"]) == (4, 0.5)
+    assert (tmp_path / "by-id.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(png(42, size=96))
+    by_file = run_json(capsys, *common, "--base", str(mine), "--strength", "0.3", "--out", str(tmp_path / "f.png"))
+    assert by_file["request"]["base_image_id"] is None and by_file["request"]["strength"] == 0.3
+    assert by_file["request"]["base_upload"] == hashlib.sha256(mine.read_bytes()).hexdigest()
+    assert (tmp_path / "f.png").read_bytes() != (tmp_path / "by-id.png").read_bytes()
+    assert main([*common, "--base", "no-such-file.png"]) == 2
+    assert "no such file, and not an image id" in capsys.readouterr().err
+    assert main([*common, "--strength", "0.5"]) == 2
+    assert "--strength needs --base" in capsys.readouterr().err
+    assert main([*common, "--base", "4", "--strength", "1.5"]) == 2
+    assert "HTTP 422" in capsys.readouterr().err
 
 
 def test_keys_are_created_listed_and_revoked(embedded_env, capsys):

@@ -4,6 +4,7 @@ encoders, saved and loaded through the flux plugin) and the tiny real encoder.""
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.app import create_app
+from omniattr.domain import DEFAULT_BASE_STRENGTH
 from store.database import upgrade_database
 from tests.api.conftest import make_settings, png, wait_for_job
 
@@ -77,6 +79,66 @@ def test_personalize_and_compose(tmp_path, tiny_encoder_dir, generator_dir, monk
             "art style",
             f"lighting (image {ids[2]})",
         }
+
+
+@pytest.mark.slow
+def test_apply_to_my_image(tmp_path, tiny_encoder_dir, generator_dir, monkeypatch):
+    """A base image (stored or uploaded) and a strength: the generation starts from it and records both."""
+    with client_for(tmp_path, tiny_encoder_dir, monkeypatch, generator_path=generator_dir) as client:
+        ids = upload(client)
+        refs = [{"image_id": ids[0], "attribute": "lighting"}, {"image_id": ids[1], "attribute": "art style"}]
+        body = {"refs": refs, "prompt": "a cup", "seed": 7}
+        response = client.post("/api/generations", json={**body, "base_image_id": ids[2], "strength": 0.5})
+        assert response.status_code == 202, response.text
+        generation = response.json()
+        assert (generation["request"]["base_image_id"], generation["request"]["strength"]) == (ids[2], 0.5)
+        assert wait_for_job(client, generation["job_id"])["status"] == "done"
+        done = client.get(f"/api/generations/{generation['id']}").json()
+        assert done["status"] == "done" and set(done["transfer_scores"]) == {"lighting", "art style"}
+        assert done["request"]["base_image_id"] == ids[2] and done["request"]["strength"] == 0.5
+        from_base = client.get(done["output_url"]).content
+        assert Image.open(io.BytesIO(from_base)).size == (64, 64)
+        plain = client.post("/api/generations", json=body).json()
+        assert plain["request"]["base_image_id"] is None and plain["request"]["strength"] is None
+        wait_for_job(client, plain["job_id"])
+        assert client.get(f"/api/generations/{plain['id']}/image").content != from_base  # the base mattered
+
+        # An uploaded base (here a file of another size) without a strength: DEFAULT_BASE_STRENGTH.
+        uploaded = client.post(
+            "/api/generations/upload",
+            files={"base": ("mine.png", png(9, size=80), "image/png")},
+            data={"request": json.dumps(body)},
+        )
+        assert uploaded.status_code == 202, uploaded.text
+        request = uploaded.json()["request"]
+        assert request["base_image_id"] is None and request["strength"] == DEFAULT_BASE_STRENGTH
+        assert len(request["base_upload"]) == 64  # the file's sha256
+        assert wait_for_job(client, uploaded.json()["job_id"])["status"] == "done"
+
+        # Validation before any work: bad strength 422, unknown base 404, strength without a base 400.
+        for strength in (0, 1.5, -0.2):
+            bad = client.post("/api/generations", json={**body, "base_image_id": ids[2], "strength": strength})
+            assert bad.status_code == 422, (strength, bad.text)
+        missing = client.post("/api/generations", json={**body, "base_image_id": 4242, "strength": 0.5})
+        assert missing.status_code == 404 and "4242" in missing.json()["detail"]
+        no_base = client.post("/api/generations", json={**body, "strength": 0.5})
+        assert no_base.status_code == 400 and "strength needs a base image" in no_base.json()["detail"]
+        not_image = client.post(
+            "/api/generations/upload",
+            files={"base": ("notes.txt", b"not an image", "text/plain")},
+            data={"request": json.dumps(body)},
+        )
+        assert not_image.status_code == 400 and "base image cannot be used" in not_image.json()["detail"]
+        both = client.post(
+            "/api/generations/upload",
+            files={"base": ("mine.png", png(9), "image/png")},
+            data={"request": json.dumps({**body, "base_image_id": ids[2]})},
+        )
+        assert both.status_code == 400 and "not both" in both.json()["detail"]
+        bad_json = client.post(
+            "/api/generations/upload", files={"base": ("mine.png", png(9), "image/png")}, data={"request": "{"}
+        )
+        assert bad_json.status_code == 422
 
 
 @pytest.mark.slow

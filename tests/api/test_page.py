@@ -94,6 +94,31 @@ def test_search_from_the_page(server, tmp_path):
         expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 64)
         page.screenshot(path=str(ARTIFACTS / "page-personalize.png"), full_page=True)
 
+        # Apply to my image: the query image as the base at strength 0.4, then an uploaded file as the base.
+        # The caption is built from the generation's recorded request, so it shows what the server stored.
+        expect(page.locator("#strength")).to_be_disabled()  # text to image until a base is chosen
+        query_id = page.eval_on_selector("#grid .tile.query", "tile => tile.dataset.imageId")
+        page.select_option("#base", f"image:{query_id}")
+        expect(page.locator("#strength")).to_be_enabled()
+        page.fill("#strength", "0.4")
+        expect(page.locator("#strength-value")).to_have_text("0.40")
+        page.click("#personalize")
+        expect(page.locator("#generation-base")).to_have_text(
+            f"Applied to image {query_id} at strength 0.4.", timeout=120_000
+        )
+        expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 64)
+        mine = tmp_path / "mine.png"
+        mine.write_bytes(png(50, size=96))
+        page.set_input_files("#base-upload", str(mine))
+        expect(page.locator("#base")).to_have_value("upload")
+        page.click("#personalize")
+        expect(page.locator("#generation-base")).to_have_text(
+            "Applied to the uploaded image at strength 0.4.", timeout=120_000
+        )
+        expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 64)
+        expect(page.locator("#transfer-scores li")).to_have_count(2)
+        page.screenshot(path=str(ARTIFACTS / "page-apply-to-my-image.png"), full_page=True)
+
         page.fill("#attribute", "pose")
         expect(page.locator("#search")).to_be_enabled()
         page.click("#search")

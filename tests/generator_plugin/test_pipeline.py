@@ -20,6 +20,7 @@ from generator_plugin.pipeline import (
     SamplingInputs,
 )
 from generator_plugin.testing import random_attribute_tokens, tiny_generator, tiny_text_encoders
+from omniattr.domain import DEFAULT_BASE_STRENGTH
 from tests.generator_plugin.conftest import HEIGHT, STEPS, WIDTH, settings
 
 
@@ -65,6 +66,13 @@ def initial_latents(seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(seed))  # (B, S, 4 * C_lat)
 
 
+def base_image() -> PIL.Image.Image:
+    """A 80x60 colour ramp: not the output size, so the pipeline must resize and crop it."""
+    ramp = np.linspace(0, 255, 80, dtype=np.uint8)
+    channels = [np.tile(ramp, (60, 1)), np.tile(ramp[::-1], (60, 1)), np.full((60, 80), 128, np.uint8)]
+    return PIL.Image.fromarray(np.stack(channels, axis=-1))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("num_refs", "guidance_scale"), [(1, 1.0), (3, 1.0), (4, 2.5)])
 def test_batched_composition_equals_the_sequential_reference(pipe, prompt, num_refs, guidance_scale):
@@ -95,8 +103,89 @@ def test_batched_forward_runs_all_conditions_at_once(pipe, prompt):
     )
     tokens = random_attribute_tokens(3)
     pipe.compose(attribute_tokens=tokens, attribute_weights=[1.0, 1.0, 1.0], **prompt, **settings())
-    hook.remove()
     assert batch_sizes == [3 + 2] * STEPS
+    # Apply to my image composes the same way: N = 2 references over a base image, one forward per step, and
+    # only the steps after int(steps - steps * strength) run (here int(6 - 3) = 3 of 6).
+    batch_sizes.clear()
+    pipe.compose(
+        attribute_tokens=tokens[:2],
+        attribute_weights=[1.0, 0.5],
+        image=base_image(),
+        strength=0.5,
+        **prompt,
+        **settings(num_inference_steps=6),
+    )
+    hook.remove()
+    assert batch_sizes == [2 + 2] * 3
+
+
+# The pipeline's latent output for the call in test_without_a_base_image_the_output_is_unchanged, recorded
+# before apply-to-my-image existed (the first 6 values of the first two tokens). The tolerance allows other
+# CPUs' rounding; a changed code path (e.g. another draw from the generator) moves them by far more.
+OUTPUT_BEFORE_BASE_IMAGES = [
+    [0.426194, -1.211107, 0.721511, -0.809794, -0.606613, 1.338085],
+    [0.479817, -0.735183, -0.032774, 1.313286, 0.896701, 2.493899],
+]
+
+
+def test_without_a_base_image_the_output_is_unchanged(pipe, prompt):
+    """image=None with strength None or 1.0 is text-to-image exactly as before apply-to-my-image."""
+    common = dict(attribute_tokens=random_attribute_tokens(2), attribute_weights=[1.0, 0.5], **prompt)
+    plain = pipe.compose(**common, **settings(output_type="latent")).images
+    assert torch.allclose(plain[0, :2, :6], torch.tensor(OUTPUT_BEFORE_BASE_IMAGES), atol=1e-4)
+    for strength in (None, 1.0, 1):
+        same = pipe.compose(**common, image=None, strength=strength, **settings(output_type="latent")).images
+        assert torch.equal(same, plain)
+
+
+def test_base_image_starts_from_its_noised_latent(pipe):
+    """The first latent is scheduler.scale_noise(base, t_start, noise): (1 - sigma) base + sigma noise."""
+    image = base_image()
+    base = pipe.encode_image(image, HEIGHT, WIDTH)  # (1, S, 4 * C_lat)
+    assert base.shape == (1, 16, 16)
+    assert pipe.encode_image(image.convert("RGBA"), HEIGHT, WIDTH).shape == (1, 16, 16)  # made RGB first
+    timesteps = pipe.prepare_timesteps(10, base.shape[1], strength=0.3)
+    assert len(timesteps) == 3  # int(10 - 3) = 7 steps skipped
+    sigma = pipe.scheduler.sigmas[7]
+    sampling = SamplingInputs(
+        height=HEIGHT, width=WIDTH, generator=torch.Generator().manual_seed(5), image=image, strength=0.3
+    )
+    start = pipe.prepare_image_latents(sampling, timesteps[:1])
+    noise = pipe.prepare_latents(1, 4, HEIGHT, WIDTH, torch.float32, "cpu", torch.Generator().manual_seed(5))
+    assert torch.allclose(start, (1 - sigma) * base + sigma * noise, atol=1e-6)
+
+
+def test_small_strength_keeps_the_base_image(pipe, prompt):
+    """Mean |output latent - base latent| grows with the strength; at 0.1 it is a fraction of that at 1.0.
+
+    Compared on latents: the tiny random VAE decodes almost every latent to the same grey image.
+    """
+    image = base_image()
+    base = pipe.encode_image(image, HEIGHT, WIDTH)
+    common = dict(attribute_tokens=random_attribute_tokens(2), attribute_weights=[1.0, 0.5], image=image, **prompt)
+    distance = {}
+    for strength in (0.1, 0.5, 1.0):
+        output = pipe.compose(
+            **common, strength=strength, **settings(num_inference_steps=10, output_type="latent")
+        ).images
+        distance[strength] = (output - base).abs().mean().item()
+    assert distance[0.1] < distance[0.5] < distance[1.0]
+    assert distance[0.1] < 0.25 * distance[1.0]
+    # The references still steer it: the same start without them ends elsewhere.
+    unsteered = pipe(image=image, strength=0.5, **prompt, **settings(num_inference_steps=10, output_type="latent"))
+    steered = pipe.compose(**common, strength=0.5, **settings(num_inference_steps=10, output_type="latent"))
+    assert (unsteered.images - steered.images).abs().max() > 1e-3
+    # and a base image alone defaults to DEFAULT_BASE_STRENGTH
+    default = pipe.compose(**common, **settings(num_inference_steps=10, output_type="latent")).images
+    explicit = pipe.compose(
+        **common, strength=DEFAULT_BASE_STRENGTH, **settings(num_inference_steps=10, output_type="latent")
+    ).images
+    assert torch.equal(default, explicit)
+    # personalize takes the base the same way: it is compose with one reference of weight attribute_scale
+    one = dict(attribute_tokens=common["attribute_tokens"][:1], image=image, strength=0.5, **prompt)
+    personalized = pipe.personalize(**one, attribute_scale=0.8, **settings(output_type="latent")).images
+    composed = pipe.compose(**one, attribute_weights=[0.8], **settings(output_type="latent")).images
+    assert torch.equal(personalized, composed)
 
 
 @pytest.mark.slow
@@ -190,6 +279,14 @@ def test_bad_input_is_refused_with_a_message_naming_the_fix(pipe, prompt):
         (dict(refs=[(image, "lighting", float("nan"))]), GeneratorInputError, "finite number"),
         (dict(refs=[(image, "lighting", 1.0)] * 9), GeneratorInputError, "at most 8"),
         (dict(height=72), GeneratorInputError, "multiples of 16"),
+        (dict(image=image, strength=0.0), GeneratorInputError, r"strength must be a number in \(0, 1\]"),
+        (dict(image=image, strength=1.5), GeneratorInputError, r"strength must be a number in \(0, 1\]"),
+        (dict(image=image, strength=float("nan")), GeneratorInputError, "strength must be a number"),
+        (dict(image=image, strength="0.5"), GeneratorInputError, "strength must be a number"),
+        (dict(strength=0.5), GeneratorInputError, "needs a base image: pass image="),
+        (dict(image=np.zeros((64, 64, 3))), GeneratorInputError, r"must be a PIL.Image; got ndarray.*Image.open"),
+        (dict(image=image, latents=torch.zeros(1, 16, 16)), GeneratorInputError, "either latents .* or a base"),
+        (dict(image=image, strength=1e-20), GeneratorInputError, "leaves none of the 1 steps"),
     ]
     for kwargs, error, message in cases:
         call = {**prompt, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 1, **kwargs}
@@ -211,7 +308,8 @@ def test_bad_input_is_refused_with_a_message_naming_the_fix(pipe, prompt):
 
 
 def test_inputs_are_gathered_once_and_checked_refs_come_back_normalised(pipe, prompt):
-    """`check_inputs` takes the inputs dataclass and returns it with (image, attribute, float weight) triples."""
+    """`check_inputs` takes the inputs dataclass and returns it with (image, attribute, float weight) triples
+    and the strength resolved (1.0 without a base image)."""
     image = PIL.Image.new("RGB", (32, 32))
     inputs = AttributePipelineInputs(
         prompt=PromptInputs(**prompt),
@@ -221,7 +319,9 @@ def test_inputs_are_gathered_once_and_checked_refs_come_back_normalised(pipe, pr
     checked = pipe.check_inputs(inputs)
     assert checked.references.refs == [(image, "lighting", 2.0)]
     assert isinstance(checked.references.refs[0][2], float)
-    assert checked.prompt is inputs.prompt and checked.sampling is inputs.sampling
+    assert checked.prompt is inputs.prompt
+    assert inputs.sampling.strength is None and checked.sampling.strength == 1.0
+    assert (checked.sampling.height, checked.sampling.width) == (HEIGHT, WIDTH)
     with pytest.raises(dataclasses.FrozenInstanceError):
         checked.output_type = "np"
 

@@ -258,6 +258,32 @@ def test_concurrent_queries_are_batched_and_a_bad_one_fails_alone(worker_context
         QueryBatcher(context, workers=0)
 
 
+def test_a_generation_whose_base_image_was_deleted_fails_with_that_reason(worker_context, tmp_path):
+    """Apply to my image: the base is re-read by the worker; deleted meanwhile, the generation says so."""
+    from indexer.generate import Reference, plan_generation, run_generate_shard
+    from indexer.work import run_ingest_shard
+
+    context = worker_context
+    collection_id, _ = setup_collection(context, tmp_path, count=2)
+    with context.session_factory.begin() as session:
+        ingest = plan_ingest_directory(
+            session, collection_id=collection_id, directory=tmp_path / "photos", allowed_roots=context.allowed_roots
+        )
+    for shard_id in ingest.shard_ids:
+        run_ingest_shard(context, shard_id)
+    with context.session_factory.begin() as session:
+        reference_id, base_id = metadata.list_image_ids(session, collection_id=collection_id)
+        plan, generation_id = plan_generation(
+            session, references=[Reference(reference_id, "pose")], prompt="a cup", base_image_id=base_id
+        )
+        assert metadata.get_generation(session, generation_id=generation_id).request["strength"] == 0.6
+        metadata.delete_image(session, image_id=base_id)
+    assert run_generate_shard(context, plan.shard_ids[0]) == "failed"
+    with context.session_factory() as session:
+        generation = metadata.get_generation(session, generation_id=generation_id)
+        assert (generation.status, generation.error) == ("failed", f"the base image {base_id} was deleted")
+
+
 def test_resume_dispatches_each_job_kind_to_its_own_shard_body(worker_context, tmp_path):
     from indexer.generate import Reference, plan_generation
 
