@@ -32,7 +32,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +40,15 @@ import torch
 
 from encoder import AttributeEncoder
 from encoder.compact import CompactBackbone
+from encoder.config import EncoderConfig
 from encoder.floor import FloorHead
-from training.data.pairs import load_pairs
+from training.data.pairs import PAIRS_FILENAME, load_pairs
 from training.data.realpairs import FACTOR_NAMES, REAL_FACTORS, factor_label
 from training.feature_cache import FeatureCache
 from training.losses import factor_contrastive_loss
 
 STATE_NAME = "floor_state.pt"
+INPUTS_NAME = "fit_inputs.pt"  # the frozen inputs, kept for a later call (prepared_inputs)
 LOG_NAME = "floor_log.jsonl"
 ENCODER_DIR = "encoder"
 # What users type for the main subject; read as the "identity" factor besides its own paraphrases.
@@ -170,6 +172,27 @@ def prepare(encoder: AttributeEncoder, config: FloorFitConfig) -> FitData:
     )
 
 
+def prepared_inputs(encoder: AttributeEncoder, config: FloorFitConfig, path: Path) -> FitData:
+    """`prepare`'s result, kept at `path` for a later call with the same encoder and data (the connector pass over
+    every (image, factor) is the slow part of a fit on a CPU); recomputed when either differs."""
+    stamp = {
+        "encoder": EncoderConfig.load(config.encoder).version,
+        "data": [[str(Path(d).resolve()), (Path(d) / PAIRS_FILENAME).stat().st_size] for d in config.data],
+    }
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["stamp"] == json.dumps(stamp, sort_keys=True):
+            return FitData(**saved["data"])
+    data = prepare(encoder, config)
+    partial = path.with_suffix(".partial")
+    torch.save(
+        {"stamp": json.dumps(stamp, sort_keys=True), "data": {f.name: getattr(data, f.name) for f in fields(data)}},
+        partial,
+    )
+    partial.replace(path)
+    return data
+
+
 def fit_loss(
     floor: FloorHead, data: FitData, batch: torch.Tensor, generator: random.Random, tau: float
 ) -> torch.Tensor:
@@ -199,7 +222,7 @@ def fit(config: FloorFitConfig, *, restart: bool = False) -> Path | None:
     elif not backbone.config.floor_gate_connector:
         raise ValueError(f"{config.encoder} has a floor without the connector gate; start from an encoder without one")
     started = time.perf_counter()
-    data = prepare(encoder, config)
+    data = prepared_inputs(encoder, config, out / INPUTS_NAME)
     print(
         f"{len(data.pairs)} pairs, {len(data.descriptors)} images, factors {data.factors}, "
         f"{len(data.phrases)} phrases; prepared in {time.perf_counter() - started:.0f} s",
