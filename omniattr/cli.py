@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -637,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `omniattr` command; expected failures become a one-line message and exit code 2."""
+    # A command loads about 900 modules (FastAPI, SQLAlchemy, pydantic schemas) whose objects live as long as
+    # the process; at the collector's default pace (every 700 allocations) it scans them ~300 times and frees
+    # nothing, ~0.1 s of CPU in a one-second `search`. Every 20,000 allocations instead: ~170 passes.
+    gc.set_threshold(20_000, 10, 10)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "passthrough", False):
