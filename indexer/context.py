@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from indexer.ingest import MediaStore
+from indexer.ingest import STALE_TEMPORARY_S, MediaStore
 from indexer.models import EncoderInfo, EncoderProvider, GeneratorProvider, describe_encoder
 from omniattr.domain import ShardKind
 from store.database import check_schema_current, make_engine, make_session_factory
@@ -112,12 +112,13 @@ def build_worker_context(settings: Settings) -> WorkerContext:
         statement_timeout_s=settings.database_statement_timeout_s,
     )
     check_schema_current(engine)
+    reserve_bytes = settings.disk_reserve_mb * 1024 * 1024
     lock = None
     if settings.qdrant_url:
         vectors = open_vector_index(kind="server", url=settings.qdrant_url, api_key=settings.qdrant_api_key)
     else:
         lock = DataDirLock(settings.data_dir)
-        vectors = open_vector_index(kind="embedded", data_dir=settings.vectors_dir)
+        vectors = open_vector_index(kind="embedded", data_dir=settings.vectors_dir, reserve_bytes=reserve_bytes)
     generator = None
     if settings.generator_path:
         generator = GeneratorProvider(
@@ -128,8 +129,11 @@ def build_worker_context(settings: Settings) -> WorkerContext:
             size=settings.generation_size,
         )
         generator.check()
-    media = MediaStore(settings.media_dir, reserve_bytes=settings.disk_reserve_mb * 1024 * 1024)
-    media.sweep_temporary_files()  # left by a process killed mid-write
+    media = MediaStore(settings.media_dir, reserve_bytes=reserve_bytes)
+    # Temporary files are left by a process killed mid-write. Embedded, this process holds the data directory's
+    # lock, so none can be another writer's file in progress: all go. Otherwise (Celery workers may be writing
+    # into the same media directory now) only those old enough to be abandoned.
+    media.sweep_temporary_files(older_than_s=0 if lock is not None and not settings.broker_url else STALE_TEMPORARY_S)
     return WorkerContext(
         session_factory=make_session_factory(engine),
         vectors=vectors,

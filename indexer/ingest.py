@@ -12,7 +12,6 @@ import hashlib
 import io
 import math
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from omniattr.domain import ImageStatus
 from store import metadata
+from store.diskspace import DiskReserve
 from store.errors import InsufficientStorageError, InvalidInputError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -171,7 +171,7 @@ class MediaStore:
 
     def __init__(self, root: Path, *, reserve_bytes: int = 0):
         self.root = Path(root)
-        self.reserve_bytes = reserve_bytes
+        self.disk = DiskReserve(self.root, reserve_bytes, "the media directory")
 
     def original_path(self, sha256: str, file_format: str) -> Path:
         return self.root / "originals" / sha256[:2] / f"{sha256}{SUFFIX_BY_FORMAT.get(file_format, '.img')}"
@@ -181,10 +181,7 @@ class MediaStore:
 
     def ensure_free(self, nbytes: int) -> None:
         """InsufficientStorageError unless `nbytes` can be written and leave the reserve free."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.root).free
-        if free - nbytes < self.reserve_bytes:
-            raise InsufficientStorageError(_disk_full_message(self.root, free=free, reserve=self.reserve_bytes))
+        self.disk.ensure_free(nbytes)
 
     def write_file(self, path: Path, data: bytes) -> None:
         """Write `data` to `path` atomically (readers never see half a file), after the free-space check."""
@@ -200,10 +197,7 @@ class MediaStore:
             if temporary is not None:
                 temporary.unlink(missing_ok=True)
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                free = shutil.disk_usage(self.root).free
-                raise InsufficientStorageError(
-                    _disk_full_message(self.root, free=free, reserve=self.reserve_bytes)
-                ) from None
+                raise InsufficientStorageError(self.disk.message()) from None
             raise
 
     def put_original(self, data: bytes, sha256: str, file_format: str) -> Path:
@@ -238,15 +232,6 @@ class MediaStore:
             except FileNotFoundError:  # another process swept it first
                 continue
         return removed
-
-
-def _disk_full_message(root: Path, *, free: int, reserve: int) -> str:
-    return (
-        f"not enough disk space for the media directory {root}: {free / 2**20:.1f} MiB free, "
-        f"{reserve / 2**20:.0f} MiB kept in reserve (OMNIATTR_DISK_RESERVE_MB). Free space on that disk "
-        "(delete collections or images you no longer need, or other files), or move OMNIATTR_DATA_DIR to a "
-        "larger disk, then try again."
-    )
 
 
 def check_allowed(path: Path, allowed_roots: Sequence[Path]) -> Path:

@@ -539,7 +539,14 @@ def _roll_up(session: Session, *, job_id: int) -> Job:
         job.status = JobStatus.FAILED if failed_shards and failed_shards == len(job.shards) else JobStatus.DONE
         job.finished_at = utcnow()
         if failed_shards:
-            job.error = f"{failed_shards} of {len(job.shards)} shards failed; see their errors"
+            # The first failure's reason, so the API and CLI can say why (e.g. the disk is down to its reserve).
+            first_error = session.scalar(
+                select(JobShard.error)
+                .where(JobShard.job_id == job_id, JobShard.status == ShardStatus.FAILED)
+                .order_by(JobShard.id)
+                .limit(1)
+            )
+            job.error = f"{failed_shards} of {len(job.shards)} shards failed; the first: {first_error}"
     session.flush()
     return job
 

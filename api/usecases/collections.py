@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from api.usecases.context import Services, dispatch, encoder_model_id
+from api.usecases.context import Services, dispatch, encoder_model_id, ensure_database_space
 from api.usecases.jobs import JobDetail, job_detail
 from indexer.context import PlannedJob
 from indexer.work import plan_index_attributes
@@ -77,6 +77,7 @@ def delete_collection(services: Services, *, collection_id: int) -> None:
 
 def index_attributes(services: Services, *, collection_id: int, attributes: Sequence[str]) -> JobDetail | None:
     """Start indexing (or backfilling) attributes for a collection; None when all are indexed already."""
+    ensure_database_space(services)
     with services.session_factory.begin() as session:
         model_id = encoder_model_id(session, services)
         plan = plan_index_attributes(

@@ -17,7 +17,8 @@ from indexer.ingest import MediaStore
 from indexer.models import EncoderInfo
 from indexer.work import register_encoder
 from store import metadata
-from store.database import make_session_factory
+from store.database import make_session_factory, sqlite_file
+from store.diskspace import DiskReserve
 from store.errors import ServiceUnavailableError
 from store.vectors import VectorIndex
 
@@ -72,6 +73,7 @@ class Services:
     encoder_model_id: int = 0  # this encoder's row id, registered at start-up
     generator_plugin: str | None = None  # None: no generator configured, generations are refused
     index_state: IndexStateCache = field(default_factory=IndexStateCache)
+    database_disk: DiskReserve | None = None  # the SQLite file's disk; None for a database server (its own disk)
 
     def close(self) -> None:
         """Stop the in-process worker (if any) and close the vector index."""
@@ -125,7 +127,23 @@ def build_services(settings: Settings) -> Services:
         query_timeout_s=settings.query_timeout_s,
         api_keys_required=settings.api_keys_required,
         closers=closers,
+        database_disk=_database_disk(settings),
     )
+
+
+def _database_disk(settings: Settings) -> DiskReserve | None:
+    path = sqlite_file(settings.resolved_database_url)
+    if path is None:
+        return None
+    return DiskReserve(path.parent, settings.disk_reserve_mb * 1024 * 1024, "the metadata database in")
+
+
+def ensure_database_space(services: Services) -> None:
+    """InsufficientStorageError (507) when the SQLite file's disk is down to the reserve; called before the use
+    cases that commit rows by the batch (upload, ingest, planning an index job), where a failed commit on a full
+    disk would stop them half way."""
+    if services.database_disk is not None:
+        services.database_disk.ensure_free()
 
 
 def encoder_model_id(session: Session, services: Services) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from api.usecases.context import Services, dispatch, encoder_model_id
+from api.usecases.context import Services, dispatch, encoder_model_id, ensure_database_space
 from api.usecases.jobs import JobDetail, job_detail
 from indexer.ingest import IngestOutcome, ingest_bytes, media_type
 from indexer.work import plan_index_new_images, plan_ingest_directory
@@ -35,6 +35,7 @@ def upload_images(services: Services, *, collection_id: int, files: Sequence[tup
     with services.session_factory.begin() as session:
         metadata.get_collection(session, collection_id=collection_id)
     services.media.ensure_free(sum(len(data) for _, data in files))  # refused whole (507) rather than half stored
+    ensure_database_space(services)
     for name, data in files:
         with services.session_factory.begin() as session:
             outcomes.append(ingest_bytes(session, services.media, collection_id=collection_id, source=name, data=data))
@@ -56,6 +57,7 @@ def upload_images(services: Services, *, collection_id: int, files: Sequence[tup
 
 def ingest_directory(services: Services, *, collection_id: int, path: str) -> JobDetail:
     """Start an ingest job over a directory inside the allowed roots."""
+    ensure_database_space(services)
     with services.session_factory.begin() as session:
         plan = plan_ingest_directory(
             session, collection_id=collection_id, directory=Path(path), allowed_roots=services.allowed_roots

@@ -57,8 +57,10 @@ def open_vector_index(
     url: str | None = None,
     data_dir: Path | None = None,
     api_key: str | None = None,
+    reserve_bytes: int = 0,
 ) -> VectorIndex:
-    """Open the vector index an entry point's settings describe."""
+    """Open the vector index an entry point's settings describe; embedded, writes keep `reserve_bytes` free on
+    the disk of `data_dir` (a server keeps its own disk)."""
     if kind == "server":
         if url is None:
             raise InvalidInputError("a server vector index needs the Qdrant url, e.g. http://qdrant:6333")
@@ -70,5 +72,5 @@ def open_vector_index(
     if kind == "embedded":
         if data_dir is None:
             raise InvalidInputError("an embedded vector index needs data_dir, the folder for its shards")
-        return QdrantEdgeIndex(Path(data_dir))
+        return QdrantEdgeIndex(Path(data_dir), reserve_bytes=reserve_bytes)
     raise InvalidInputError(f"unknown vector index kind {kind!r}; use 'server' or 'embedded'")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import qdrant_edge as qe
 
+from store.diskspace import DiskReserve
 from store.vectors.interface import (
     INDEXED_PAYLOAD_KEYS,
     FilterTerm,
@@ -25,6 +26,9 @@ from store.vectors.interface import (
 
 EDGE_META_FILE = "omniattr_vectors.json"
 EDGE_PARTITION_PREFIX = "attribute-"
+# Disk bytes per point besides its vector (id tracker, versions, payload and its index), for the free-space check;
+# generous, since the reserve rather than this estimate is the margin.
+POINT_OVERHEAD_BYTES = 1024
 
 
 class QdrantEdgeIndex(VectorIndex):
@@ -57,8 +61,12 @@ class QdrantEdgeIndex(VectorIndex):
         full_scan_threshold_kb: int = 20_000,
         indexing_threshold_kb: int = 1_000,
         auto_optimize_points: int = 20_000,
+        reserve_bytes: int = 0,
     ):
         self.data_dir = Path(data_dir)
+        # Checked before every upsert and HNSW build: the segments are memory-mapped, and a write into one on a
+        # full disk kills the process with SIGBUS instead of raising.
+        self.disk = DiskReserve(self.data_dir, reserve_bytes, "the vector index")
         self.hnsw_ef = hnsw_ef
         self.hnsw_m = hnsw_m
         self.hnsw_ef_construct = hnsw_ef_construct
@@ -78,6 +86,9 @@ class QdrantEdgeIndex(VectorIndex):
         self._attribute_ids: dict[str, list[int]] = {}
         self._lock = threading.Lock()  # guards opening and creating shards
         self._closed = False
+        # Whether any shard was written since opening: `close` flushes only then (a flush costs ~0.1 s even
+        # with nothing to write, a tenth of a CLI search by id).
+        self._written = False
 
     def _version_dir(self, encoder_version: str) -> Path:
         return self.data_dir / safe_version_name(encoder_version)
@@ -186,6 +197,9 @@ class QdrantEdgeIndex(VectorIndex):
         by_attribute: dict[int, list[int]] = {}
         for index, payload in enumerate(payloads):
             by_attribute.setdefault(payload["attribute_id"], []).append(index)
+        # What the write may take: the vectors twice (write-ahead log and segment) and per-point bookkeeping.
+        self.disk.ensure_free(2 * vectors.nbytes + POINT_OVERHEAD_BYTES * len(ids))
+        self._written = True
         for attribute_id, indices in by_attribute.items():
             shard = self._partition(encoder_version, attribute_id, create=True)
             for start in range(0, len(indices), batch_size):
@@ -196,18 +210,19 @@ class QdrantEdgeIndex(VectorIndex):
                 shard.update(qe.UpdateOperation.upsert_points(batch))
             info = shard.info()
             if info.points_count - info.indexed_vectors_count >= self.auto_optimize_points:
-                self._optimize_shard(shard)
+                self._optimize_shard(shard, vectors.shape[1])
 
-    @staticmethod
-    def _optimize_shard(shard: qe.EdgeShard) -> None:
+    def _optimize_shard(self, shard: qe.EdgeShard, dimension: int) -> None:
+        # The new segment holds every point again: its vector, its HNSW links (2m at level 0) and bookkeeping.
+        self.disk.ensure_free(shard.info().points_count * (4 * dimension + 8 * self.hnsw_m + POINT_OVERHEAD_BYTES))
         shard.optimize()
         shard.flush()
 
     def optimize(self, *, encoder_version: str) -> None:
         """Build HNSW for every point written so far (blocking: tens of seconds per 10k points on 2 cores)."""
-        self._dimension(encoder_version)
+        dimension = self._dimension(encoder_version)
         for shard in self._partitions(encoder_version):
-            self._optimize_shard(shard)
+            self._optimize_shard(shard, dimension)
 
     def indexed_vectors_count(self, *, encoder_version: str) -> int:
         """How many vectors are in HNSW-indexed segments (the rest are searched by brute force)."""
@@ -264,6 +279,7 @@ class QdrantEdgeIndex(VectorIndex):
         return found
 
     def _delete_where(self, encoder_version: str, terms: list[FilterTerm]) -> None:
+        self._written = True
         for shard in self._partitions(encoder_version):
             shard.update(qe.UpdateOperation.delete_points_by_filter(self._filter(terms, [])))
 
@@ -286,10 +302,11 @@ class QdrantEdgeIndex(VectorIndex):
         return sorted(versions)
 
     def close(self) -> None:
-        """Flush and close every open shard."""
+        """Flush (if anything was written) and close every open shard."""
         with self._lock:
             for shard in self._shards.values():
-                shard.flush()
+                if self._written:
+                    shard.flush()
                 shard.close()
             self._shards.clear()
             self._attribute_ids.clear()

@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from api.app import create_app
 from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres
 from store.database import upgrade_database
-from tests.api.conftest import free_port, make_settings, png
+from tests.api.conftest import free_port, make_settings, png, wait_for_job
 
 
 @pytest.fixture
@@ -107,21 +107,88 @@ def test_disk_full_mid_write_gives_507_and_leaves_no_temporary_files(tmp_path, t
     assert temporary_files(media) == []
 
 
+def more_than_free_mb(path: Path) -> int:
+    """A reserve the disk of `path` cannot keep: no disk is filled, the reserve is set beyond its free space."""
+    return shutil.disk_usage(path).free // 2**20 + 1024
+
+
 @pytest.mark.slow
-def test_stale_temporary_files_are_swept_at_start_up(tmp_path, tiny_encoder_dir, clean_env):
-    settings = make_settings(tmp_path, tiny_encoder_dir)
+def test_disk_reserve_refuses_database_writes_with_507(tmp_path, tiny_encoder_dir, clean_env):
+    """The SQLite file's disk is checked before the use cases that commit rows by the batch: planning an index
+    job, ingesting a directory, uploading (here the media check answers first: same disk)."""
+    settings = make_settings(tmp_path, tiny_encoder_dir, disk_reserve_mb=0)
+    upgrade_database(settings.resolved_database_url)
+    with TestClient(create_app(settings)) as client:
+        collection_id = client.post("/api/collections", json={"name": "full"}).json()["id"]
+        files = [("files", (f"{i}.png", png(i), "image/png")) for i in range(3)]
+        assert client.post(f"/api/collections/{collection_id}/images", files=files).status_code == 200
+    full = settings.model_copy(update={"disk_reserve_mb": more_than_free_mb(tmp_path)})
+    with TestClient(create_app(full)) as client:
+        for path, body in [
+            (f"/api/collections/{collection_id}/attributes", {"attributes": ["lighting"]}),
+            (f"/api/collections/{collection_id}/ingest", {"path": str(tmp_path / "photos")}),
+        ]:
+            response = client.post(path, json=body)
+            assert response.status_code == 507, response.text
+            assert "metadata database" in response.json()["detail"], response.text
+            assert "OMNIATTR_DISK_RESERVE_MB" in response.json()["detail"]
+        assert client.get(f"/api/jobs?collection_id={collection_id}").json()["data"] == []  # nothing planned
+        assert client.get("/api/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_disk_reserve_fails_an_index_shard_with_a_message_and_the_worker_lives(tmp_path, tiny_encoder_dir, clean_env):
+    """A job planned while there was room, run once the disk is down to the reserve: the shard's vector write
+    is refused before Qdrant Edge touches its memory-mapped segments (a SIGBUS on a full disk), the job fails
+    with the reason, and the worker takes the next job."""
+    from indexer.work import plan_index_attributes
+
+    settings = make_settings(tmp_path, tiny_encoder_dir, disk_reserve_mb=0)
+    upgrade_database(settings.resolved_database_url)
+    with TestClient(create_app(settings)) as client:
+        collection_id = client.post("/api/collections", json={"name": "full"}).json()["id"]
+        files = [("files", (f"{i}.png", png(i), "image/png")) for i in range(3)]
+        assert client.post(f"/api/collections/{collection_id}/images", files=files).status_code == 200
+        services = client.app.state.services
+        with services.session_factory.begin() as session:  # planned and committed; runs at the next start
+            plan = plan_index_attributes(
+                session,
+                collection_id=collection_id,
+                attribute_texts=["lighting"],
+                encoder_model_id=services.encoder_model_id,
+            )
+    full = settings.model_copy(update={"disk_reserve_mb": more_than_free_mb(tmp_path)})
+    with TestClient(create_app(full)) as client:
+        job = wait_for_job(client, plan.job_id, timeout=120)
+        assert job["status"] == "failed", job
+        assert "not enough disk space for the vector index" in job["error"], job
+        services = client.app.state.services
+        assert services.vectors.list_encoder_versions() == [] or (
+            services.vectors.count(encoder_version=services.encoder_info.version) == 0
+        )
+        health = client.get("/api/health")
+        assert health.status_code == 200 and health.json()["worker"] == "ok", health.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", ["embedded", "server"])
+def test_stale_temporary_files_are_swept_at_start_up(tmp_path, tiny_encoder_dir, clean_env, profile):
+    """Embedded, the process holds the data directory's lock, so every temporary file is a dead writer's (even
+    one killed a second ago); with a broker, a fresh one may be a Celery worker's write in progress and stays."""
+    broker = {} if profile == "embedded" else {"broker_url": f"redis://127.0.0.1:{free_port()}/0"}  # down: unused
+    settings = make_settings(tmp_path, tiny_encoder_dir, **broker)
     folder = settings.media_dir / "originals" / "ab"
     folder.mkdir(parents=True)
-    stale, fresh = folder / ".tmp-stale", folder / ".tmp-fresh"  # left by a killed writer / being written now
+    stale, fresh = folder / ".tmp-stale", folder / ".tmp-fresh"  # left by a killed writer / just now
     stale.write_bytes(b"x" * 100)
     fresh.write_bytes(b"x" * 100)
     an_hour_ago = time.time() - 3600
     os.utime(stale, (an_hour_ago, an_hour_ago))
     upgrade_database(settings.resolved_database_url)
-    with TestClient(create_app(settings)) as client:
-        assert client.get("/api/health").status_code == 200
+    with TestClient(create_app(settings)):
+        pass
     assert not stale.exists()
-    assert fresh.exists()
+    assert fresh.exists() == (profile == "server")
 
 
 # --- database faults --------------------------------------------------------------------------------------

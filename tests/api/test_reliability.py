@@ -4,16 +4,25 @@ in-process worker) and on the server profile with its broker down (a closed loop
 from __future__ import annotations
 
 import os
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from contextlib import suppress
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from indexer.ingest import ingest_bytes
 from store.database import upgrade_database
+from store.vectors import QdrantEdgeIndex
 from tests.api.conftest import free_port, make_settings, png, wait_for_job
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -170,3 +179,118 @@ def test_broker_down_index_answers_503_and_a_repost_is_not_refused(broker_down_s
             assert queued.json()["job"]["id"] == job["id"]
         finally:
             celery_app.control.purge()
+
+
+def start_server(env: dict[str, str], cwd) -> tuple[subprocess.Popen, str]:
+    """`omniattr up` of this checkout in its own process on a free loopback port, once its health answers 200."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-P", "-m", "omniattr.cli", "up", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        with suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                return process, url
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"omniattr up did not start (exit code {process.poll()})")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()  # uvicorn's graceful shutdown: the worker stops, the vector index flushes
+    process.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_multi_file_upload_loses_no_committed_image(tmp_path, tiny_encoder_dir, monkeypatch):
+    """The real fault behind issue 16 item 3: `omniattr up` SIGKILLed while a multi-file upload commits its rows
+    one by one, before the request plans their index job, then started again.
+
+    What it guards: every image that committed ends up with its vector after the restart (before the fix, the
+    kill left them `ready` with no vector for good: neither a re-upload, a duplicate, nor a re-index repaired
+    them), and the kill leaves no `.tmp-*` file in the media directory. The kill is timed by the rows the
+    server commits (read from its SQLite file), not by the request body: the route runs only once the whole
+    multipart body has arrived, so a slow body would not place the kill among the commits.
+    """
+    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
+        monkeypatch.delenv(key)
+    data_dir = tmp_path / "data"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMNIATTR_DATA_DIR": str(data_dir),
+        "OMNIATTR_ENCODER_PATH": str(tiny_encoder_dir),
+        "OMNIATTR_DEVICE": "cpu",
+        "OMNIATTR_INDEX_BATCH_SIZE": "8",
+    }
+    process, url = start_server(env, tmp_path)
+    try:
+        collection_id = httpx.post(f"{url}/api/collections", json={"name": "killed"}).json()["id"]
+        files = [("files", (f"p{s}.png", png(s), "image/png")) for s in range(2)]
+        assert httpx.post(f"{url}/api/collections/{collection_id}/images", files=files, timeout=60).status_code == 200
+        job = httpx.post(f"{url}/api/collections/{collection_id}/attributes", json={"attributes": ["lighting"]})
+        job_id = job.json()["job"]["id"]
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/api/jobs/{job_id}").json()["status"] != "done":
+            assert time.monotonic() < deadline, "the first index job did not finish"
+            time.sleep(0.1)
+        encoder_version = httpx.get(f"{url}/api/health").json()["encoder_version"]
+
+        # The upload: 150 new images (commits one by one, then the index job at the end); SIGKILL after 5 rows.
+        uploaded = [("files", (f"u{s}.png", png(s, size=128), "image/png")) for s in range(100, 250)]
+        outcome: list[object] = []
+
+        def send() -> None:
+            try:
+                outcome.append(httpx.post(f"{url}/api/collections/{collection_id}/images", files=uploaded, timeout=120))
+            except httpx.HTTPError as error:
+                outcome.append(error)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        database = sqlite3.connect(f"file:{data_dir / 'omniattr.sqlite3'}?mode=ro", uri=True)
+        deadline = time.monotonic() + 120
+        while image_rows(database, collection_id) < 2 + 5:
+            assert time.monotonic() < deadline and sender.is_alive(), f"no rows committed in time: {outcome}"
+            time.sleep(0.002)
+        process.kill()
+        process.wait(timeout=30)
+        sender.join(timeout=60)
+        committed = image_rows(database, collection_id)
+        database.close()
+        assert isinstance(outcome[0], httpx.HTTPError), "the upload finished before the kill"
+        assert 2 + 5 <= committed < 2 + len(uploaded), committed  # killed among the per-file commits
+
+        process, url = start_server(env, tmp_path)  # the restart
+        deadline = time.monotonic() + 120
+        while not all_jobs_done(url, collection_id, at_least=2):
+            assert time.monotonic() < deadline, httpx.get(f"{url}/api/jobs").json()
+            time.sleep(0.2)
+    finally:
+        stop_server(process)
+
+    vectors = QdrantEdgeIndex(data_dir / "vectors")
+    try:
+        assert vectors.count(encoder_version=encoder_version, collection_id=collection_id) == committed
+    finally:
+        vectors.close()
+    assert list((data_dir / "media").rglob(".tmp-*")) == []
+
+
+def image_rows(database: sqlite3.Connection, collection_id: int) -> int:
+    query = "SELECT count(*) FROM images WHERE collection_id = ? AND status = 'ready'"
+    return database.execute(query, (collection_id,)).fetchone()[0]
+
+
+def all_jobs_done(url: str, collection_id: int, *, at_least: int) -> bool:
+    jobs = httpx.get(f"{url}/api/jobs", params={"collection_id": collection_id}).json()["data"]
+    return len(jobs) >= at_least and all(job["status"] == "done" for job in jobs)

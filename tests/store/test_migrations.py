@@ -12,6 +12,7 @@ from sqlalchemy import inspect, text
 
 from omniattr.domain import GenerationStatus, ImageStatus, IndexStatus, JobStatus, ShardStatus
 from store.database import (
+    SCHEMA_HEAD,
     alembic_config,
     check_schema_current,
     current_revision,
@@ -69,6 +70,11 @@ def test_downgrade_to_base_and_upgrade_again(empty_database_url):
         assert _drift(engine) == []
     finally:
         engine.dispose()
+
+
+def test_schema_head_constant_is_alembics_head():
+    """SCHEMA_HEAD lets start-up check the schema without importing Alembic; a new migration must move it."""
+    assert head_revision() == SCHEMA_HEAD, "a new migration: set store.database.SCHEMA_HEAD to its revision"
 
 
 def test_unknown_revision_is_refused_and_nothing_changes(empty_database_url):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import uuid
@@ -11,7 +12,13 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from store.errors import ConflictError, DimensionMismatchError, InvalidInputError, NotFoundError
+from store.errors import (
+    ConflictError,
+    DimensionMismatchError,
+    InsufficientStorageError,
+    InvalidInputError,
+    NotFoundError,
+)
 from store.vectors import (
     QdrantEdgeIndex,
     QdrantServerIndex,
@@ -439,6 +446,25 @@ def test_open_vector_index(tmp_path):
         open_vector_index(kind="embedded")
     with pytest.raises(InvalidInputError, match="'server' or 'embedded'"):
         open_vector_index(kind="cloud", url="http://qdrant:6333")
+
+
+def test_edge_refuses_writes_that_would_eat_into_the_disk_reserve(tmp_path):
+    """Edge's segments are memory-mapped: a write on a full disk is a SIGBUS, so the reserve is checked first.
+    The reserve is set above the free space (no disk is filled)."""
+    points = make_points(np.random.default_rng(0), images=6, attributes=1, collections=1)
+    with QdrantEdgeIndex(tmp_path / "vectors") as roomy:
+        roomy.ensure_collection(encoder_version=VERSION, dimension=DIMENSION)
+        roomy.upsert(encoder_version=VERSION, points=points[:3])
+    free = shutil.disk_usage(tmp_path).free
+    with QdrantEdgeIndex(tmp_path / "vectors", reserve_bytes=free + 2**30) as full:
+        with pytest.raises(InsufficientStorageError, match="vector index.*OMNIATTR_DISK_RESERVE_MB"):
+            full.upsert(encoder_version=VERSION, points=points[3:])
+        with pytest.raises(InsufficientStorageError, match="vector index"):
+            full.optimize(encoder_version=VERSION)
+        assert full.count(encoder_version=VERSION) == 3  # reads still work; nothing was written
+    opened = open_vector_index(kind="embedded", data_dir=tmp_path / "vectors", reserve_bytes=free + 2**30)
+    with opened, pytest.raises(InsufficientStorageError):
+        opened.upsert(encoder_version=VERSION, points=points[3:])
 
 
 @pytest.mark.slow
