@@ -142,6 +142,11 @@ class FloorHead(nn.Module):
             with torch.no_grad():
                 projection.weight.copy_(_orthogonal(context_dim, width, generator))
             self.projections[name] = projection
+        # A fixed centre subtracted from the descriptors before the projections: zero at initialisation;
+        # training/floor_fit.py sets it to the mean descriptor of its training images (not learned by gradient).
+        # Centred, the trunk's all-positive pooled features spread over the sphere: two unrelated images no longer
+        # look alike under every attribute, and the ranking is kept (bench/RESULTS.md, "The floor fit").
+        self.register_buffer("center", torch.zeros(DESCRIPTOR_DIM))
         entries = len(GROUPS) + int(gate_connector)
         self.gate = nn.Linear(text_dim, entries)
         with torch.no_grad():
@@ -154,8 +159,9 @@ class FloorHead(nn.Module):
         return torch.softmax(self.gate(text_pooled.to(self.gate.weight.dtype)), dim=-1)
 
     def group_vectors(self, descriptors: torch.Tensor) -> torch.Tensor:
-        """(N, DESCRIPTOR_DIM) -> (N, G, d_ctx): normalize(P_g f_g) per group."""
-        parts = descriptors.to(self.gate.weight.dtype).split(list(GROUPS.values()), dim=1)
+        """(N, DESCRIPTOR_DIM) -> (N, G, d_ctx): normalize(P_g (f_g - center_g)) per group."""
+        centred = descriptors.to(self.gate.weight.dtype) - self.center.to(self.gate.weight.dtype)
+        parts = centred.split(list(GROUPS.values()), dim=1)
         projected = [self.projections[name](part) for name, part in zip(GROUPS, parts, strict=True)]
         return F.normalize(torch.stack(projected, dim=1), dim=-1)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from encoder import AttributeEncoder
 from encoder.testing import tiny_compact_config
 from training.data.procedural import ProceduralConfig, generate_dataset
-from training.floor_fit import ENCODER_DIR, LOG_NAME, STATE_NAME, FloorFitConfig, fit
+from training.floor_fit import ENCODER_DIR, FIXED_GROUPS, LOG_NAME, STATE_NAME, FloorFitConfig, fit
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,12 @@ def test_fit_trains_only_the_floor_and_keeps_the_tokens(trained_encoder, pairs_d
     assert torch.equal(plain.tokens, floored.tokens)  # what conditions the generator is unchanged
     assert not torch.allclose(plain.pooled, floored.pooled)  # the search vector now holds the floor
     assert torch.allclose(floored.pooled.norm(dim=-1), torch.ones(3, 2), atol=1e-5)
+    # The fixed groups project onto principal directions (orthonormal rows), the centre is the data's mean.
+    floor = after.backbone.floor
+    for name in FIXED_GROUPS:
+        weight = floor.projections[name].weight.double()
+        assert torch.allclose(weight @ weight.t(), torch.eye(len(weight), dtype=torch.float64), atol=1e-4)
+    assert float(floor.center.abs().sum()) > 0
 
 
 @pytest.mark.slow
