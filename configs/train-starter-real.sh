@@ -21,7 +21,7 @@ REALDATA=${REALDATA:-runs/realdata}
 OUT=${OUT:-runs/real}
 ENCODER=${ENCODER:-models/starter/encoder}
 PAIRS=${PAIRS:-8000}
-STEPS=${STEPS:-1500}
+STEPS=${STEPS:-800}
 WORKERS=${WORKERS:-$(nproc)}
 
 stamp() { printf '[%s] %s\n' "$(date +%T)" "$*"; }

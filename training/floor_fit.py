@@ -311,7 +311,8 @@ def fit(config: FloorFitConfig, *, restart: bool = False) -> Path | None:
     encoder.eval()
     target = out / ENCODER_DIR
     encoder.save_pretrained(target)
-    (out / "floor_fit_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    record = {**asdict(config), "start_version": EncoderConfig.load(config.encoder).version}
+    (out / "floor_fit_config.json").write_text(json.dumps(record, indent=2) + "\n")
     return target
 
 

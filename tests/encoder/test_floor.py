@@ -1,5 +1,8 @@
 """The floor (encoder/floor.py): off by default, and with the gate on the head group it ranks like the trunk."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -35,17 +38,23 @@ def floored():
     return AttributeEncoder(tiny_compact_config(image_size=224, floor=True)).eval()
 
 
-def test_default_config_has_no_floor_and_the_starter_keeps_its_version(images):
+def test_default_config_has_no_floor_and_the_starter_keeps_its_connector(images):
     assert tiny_compact_config().floor is False
     starter = AttributeEncoder.from_pretrained(STARTER).eval()
-    assert starter.config.floor is False and "floor" not in starter.backbone.trainable_modules()
-    # The version hash of config + weights leaves the floor's keys out while it is off: re-saving the starter
-    # (or any encoder without the floor) gives the version it had before the floor existed.
-    assert starter.config.version == "compact-b16f10723364"
+    assert starter.config.floor and starter.config.floor_gate_connector  # the floor fit of issue 17
+    with torch.no_grad():
+        floored = starter.encode_grid(images[:2], ["lighting"])
+    # The fit started from the H100-trained starter (its record names that model's version) and changed only the
+    # floor: without it, pooled is the connector's alone, and the tokens are the same with or without it.
+    record = json.loads((Path(STARTER).parent / "floor_fit_config.json").read_text())
+    assert record["start_version"] == "compact-b16f10723364"
+    starter.backbone.floor = None
+    starter.config.floor = starter.config.floor_gate_connector = False
     with torch.no_grad():
         encoded = starter.encode_grid(images[:2], ["lighting"])
     expected = F.normalize(encoded.tokens.float().mean(dim=2), dim=-1)
-    assert torch.equal(encoded.pooled, expected.to(encoded.pooled.dtype))  # pooled is the connector's alone
+    assert torch.equal(encoded.pooled, expected.to(encoded.pooled.dtype))
+    assert torch.equal(encoded.tokens, floored.tokens)  # the floor changes the search vector, never the tokens
 
 
 def test_floor_shapes_normalisation_and_text_dependent_gates(floored, images):
