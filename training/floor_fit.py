@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from encoder import AttributeEncoder
+from encoder.attributes import attribute_phrase
 from encoder.compact import CompactBackbone
 from encoder.config import EncoderConfig
 from encoder.floor import GROUPS, FloorHead
@@ -90,8 +91,8 @@ class FloorFitConfig:
 
 def factor_phrases(name: str) -> tuple[str, ...]:
     """The phrases factor `name` is read under (the first is the one the connector is precomputed with)."""
-    phrases = REAL_FACTORS[name].paraphrases
-    return phrases + SUBJECT_PHRASES if name == "identity" else phrases
+    phrases = REAL_FACTORS[name].paraphrases + (SUBJECT_PHRASES if name == "identity" else ())
+    return tuple(attribute_phrase(phrase) for phrase in phrases)  # the one normalisation search uses
 
 
 @dataclass
