@@ -22,17 +22,7 @@ router = APIRouter(prefix="/api/generations", tags=["generations"])
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.GenerationPublic)
 def create_generation(body: schemas.GenerationCreate, services: ServicesDep) -> schemas.GenerationPublic:
     """Render a new image carrying the references' attributes; poll it, or its job, for the result."""
-    generation = generations.create_generation(
-        services,
-        references=[Reference(r.image_id, r.attribute, r.weight) for r in body.refs],
-        prompt=body.prompt,
-        seed=body.seed,
-        steps=body.steps,
-        guidance_scale=body.guidance_scale,
-        base_image_id=body.base_image_id,
-        strength=body.strength,
-    )
-    return generation_public(generation)
+    return _create(services, body)
 
 
 @router.post("/upload", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.GenerationPublic)
@@ -45,16 +35,22 @@ def create_generation_from_upload(
     ],
 ) -> schemas.GenerationPublic:
     """Apply to my image with an uploaded base: the generator starts from it and the references steer it."""
+    return _create(services, request, base_upload=base.file.read())
+
+
+def _create(
+    services: ServicesDep, body: schemas.GenerationCreate, base_upload: bytes | None = None
+) -> schemas.GenerationPublic:
     generation = generations.create_generation(
         services,
-        references=[Reference(r.image_id, r.attribute, r.weight) for r in request.refs],
-        prompt=request.prompt,
-        seed=request.seed,
-        steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        base_image_id=request.base_image_id,
-        base_upload=base.file.read(),
-        strength=request.strength,
+        references=[Reference(r.image_id, r.attribute, r.weight) for r in body.refs],
+        prompt=body.prompt,
+        seed=body.seed,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        base_image_id=body.base_image_id,
+        base_upload=base_upload,
+        strength=body.strength,
     )
     return generation_public(generation)
 
