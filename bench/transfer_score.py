@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", action="store_true", help="also apply to a held-out base photo (with --real)")
     parser.add_argument("--strength", type=float, default=0.7, help="apply-to-my-image strength")
     parser.add_argument("--no-text", action="store_true", help="skip the text-to-image mode")
-    parser.add_argument("--prompt", default="", help="the prompt of the real cases")
+    parser.add_argument("--prompt", default="", help="the real cases' prompt (default: the null text, zeros)")
     parser.add_argument("--size", type=int, help="output side (default: the VAE's sample_size, else 64)")
     parser.add_argument("--cases", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -339,8 +339,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "guidance_scale": args.guidance_scale,
         "encoder": str(args.encoder),
         "score_encoder": str(args.score_encoder or args.encoder),
+        "prompt": args.prompt if args.prompt or args.real is None else "(null text)",
     }
-    common = dict(guidance_scale=args.guidance_scale, steps=args.steps, size=size, score_encoder=score_encoder)
+    prompt_inputs = None
+    if args.real is not None and not args.prompt:  # the null text: what the training's text dropout shows
+        embeds, pooled = pipeline.encode_prompt("", max_sequence_length=48)
+        prompt_inputs = {"prompt_embeds": torch.zeros_like(embeds), "pooled_prompt_embeds": torch.zeros_like(pooled)}
+    common = dict(
+        guidance_scale=args.guidance_scale,
+        steps=args.steps,
+        size=size,
+        score_encoder=score_encoder,
+        prompt_inputs=prompt_inputs,
+    )
     for mode, strength in modes.items():
         label = mode if strength is None else f"{mode} (strength {strength})"
         results: dict = {}
