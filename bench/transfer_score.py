@@ -309,7 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--no-control", action="store_true", help="skip the prompt-only control")
     parser.add_argument("--strip", type=Path, help="save a PNG strip of references and outputs")
-    parser.add_argument("--grid", type=Path, help="save a PNG grid: base, reference, output, control (first 12)")
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        help="PNG grids (base, reference, output, control; 12 cases), one per mode and scale: PATH-MODE-scaleS.png",
+    )
     parser.add_argument("--out", type=Path, help="write the summary JSON here")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)

@@ -13,8 +13,10 @@
 #    pairs sharing lighting, palette or art style whose subjects differ. Reference = one side encoded under the
 #    shared attributes, target = the other side under its own caption. Apply-to-my-image has no separate base
 #    here: the target's own noised latent plays the base (img2img starts from a noised base latent).
-# 3. the transfer benchmark on held-out real photos (bench/transfer_score.py --real).
+# Then measure with bench/transfer_score.py --real ... --base (the commands are in bench/RESULTS.md).
 # --threads 1 and nice: the machine has two cores shared with other jobs.
+# Status (CPU run, 2026-12-01, 40 min 50 s): transfer on held-out real images 40-44 % for apply-to-my-image against
+# a 40 % control (bar 80 %): NOT met, so nothing is shipped; see bench/RESULTS.md "128 px starter generator".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
