@@ -8,6 +8,11 @@ timed; seconds per image cover sampling and VAE decode.
     python bench/generation.py                       # CPU, tiny random generator, 64 x 64
     python bench/generation.py --device cuda         # FLUX.1-sized random transformer, bf16, 1024 x 1024
     python bench/generation.py --model flux --small  # the FLUX code path, shrunken config (runs on a CPU)
+    python bench/generation.py --generator GEN --encoder ENC --strength 0.7 --repeats 5   # apply to my image
+
+With `--generator`: a trained generator directory and its encoder, end to end as a user waits for it: the
+references (N = 1..3 of the given or synthetic images) encoded by the encoder, the base image encoded by the VAE,
+the last `strength` share of the steps run, decoded; the median of `--repeats` after one warm-up.
 
 Goal (the issue; the batched condition rows are in docs/architecture.md, Generator plugin): on one H100 at
 batch 1, N = 3 composition <= 1.5 x one personalization.
@@ -49,7 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (ignored on cuda)")
     parser.add_argument("--no-sequential", action="store_true", help="skip the N + 2 sequential-call column")
+    parser.add_argument("--generator", help="time apply-to-my-image on this trained generator directory")
+    parser.add_argument("--encoder", default="models/starter/encoder", help="with --generator: encodes the refs")
+    parser.add_argument("--strength", type=float, default=0.7, help="with --generator: apply-to-my-image strength")
+    parser.add_argument("--images", nargs="+", help="with --generator: base image, then up to 3 references")
+    parser.add_argument("--prompt", default="", help="with --generator: the prompt")
     args = parser.parse_args(argv)
+    if args.generator:
+        args.steps, args.text_tokens = args.steps or 20, 48  # 48: the captions' length the generator trained on
+        return args
     args.model = args.model or ("flux" if args.device.startswith("cuda") else "tiny")
     small = args.model == "flux" and args.small
     defaults = {
@@ -148,6 +161,71 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def synthetic_photo(seed: int, size: int = 224):
+    """A deterministic photo-like image (gradients and discs) for when no --images are given."""
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:size, 0:size] / size
+    image = np.stack([0.3 + 0.4 * xs, 0.2 + 0.5 * ys, 0.6 - 0.3 * xs * ys], axis=-1) * rng.uniform(0.6, 1.0, 3)
+    for _ in range(5):
+        cy, cx, radius = rng.uniform(0.1, 0.9, 3) * (1, 1, 0.3)
+        image[(ys - cy) ** 2 + (xs - cx) ** 2 < radius**2] = rng.uniform(0, 1, 3)
+    return PIL.Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8))
+
+
+def run_apply(args: argparse.Namespace) -> list[dict]:
+    """Apply-to-my-image on a trained generator: personalize (N = 1) and compose N = 1..3, batched rows."""
+    import PIL.Image
+
+    from encoder import AttributeEncoder
+    from generator_plugin.plugins import load_generator
+
+    pipe = load_generator("flux", args.generator)
+    pipe.set_progress_bar_config(disable=True)
+    encoder = AttributeEncoder.from_pretrained(args.encoder).eval()
+    args.resolution = args.resolution or pipe.vae.config.sample_size
+    images = [PIL.Image.open(path).convert("RGB") for path in args.images or []]
+    images += [synthetic_photo(seed) for seed in range(len(images), 4)]
+    base, references = images[0], images[1:4]
+    with torch.no_grad():
+        args.attribute_tokens = encoder.encode([base], ["lighting"]).tokens.shape[1]  # l, for the description
+    attributes = ("lighting", "color palette", "art style")
+    common = dict(
+        prompt=args.prompt,
+        image=base,
+        strength=args.strength,
+        height=args.resolution,
+        width=args.resolution,
+        num_inference_steps=args.steps,
+        max_sequence_length=48,
+        attribute_encoder=encoder,
+        score_transfer=False,
+    )
+
+    def generate(num_refs: int, personalize: bool = False):
+        if personalize:
+            return lambda: pipe.personalize(
+                refs=[(references[0], attributes[0])], generator=torch.Generator().manual_seed(0), **common
+            )
+        refs = [(references[i], attributes[i], 1.0) for i in range(num_refs)]
+        return lambda: pipe.compose(refs=refs, generator=torch.Generator().manual_seed(0), **common)
+
+    cases = [("apply: personalize", 1, True)] + [(f"apply: compose N={n}", n, False) for n in (1, 2, 3)]
+    return [
+        dict(
+            label=label,
+            refs=n,
+            rows=n + 2,
+            batched=seconds_per_image(pipe, generate(n, p), args),
+            sequential=None,
+            peak=None,
+        )
+        for label, n, p in cases
+    ]
+
+
 def describe(args: argparse.Namespace) -> str:
     if args.model == "tiny":
         model = "tiny random FLUX-style transformer (2 double + 1 single blocks, width 32) + tiny VAE, float32"
@@ -156,6 +234,11 @@ def describe(args: argparse.Namespace) -> str:
             f"random FLUX.1-shaped transformer ({args.double_blocks} double + {args.single_blocks} single "
             f"blocks, {args.heads} heads x 128, joint_attention_dim 4096) + "
             f"{'small' if args.small else 'FLUX'} VAE, bf16"
+        )
+    if args.generator:
+        model = (
+            f"trained generator {args.generator} with encoder {args.encoder}, apply to my image at strength "
+            f"{args.strength} ({args.steps} scheduled steps, the last {args.strength:.0%} run), refs encoded per call"
         )
     device = args.device
     if device.startswith("cuda"):
@@ -200,12 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
-    rows = run(args)
-    composition_3 = next(row for row in rows if row["label"] == "compose N=3")["batched"]
+    rows = run_apply(args) if args.generator else run(args)
+    composition_3 = next(row for row in rows if row["label"].endswith("compose N=3"))["batched"]
     ratio = composition_3 / rows[0]["batched"]
     print(f"# Generation benchmark, {date.today().isoformat()}")
     print(f"command: python {' '.join(['bench/generation.py', *(argv if argv is not None else sys.argv[1:])])}")
     print(describe(args))
+    if args.generator:
+        print(f"p50 of one apply-to-my-image (personalize, N = 1): {rows[0]['batched']:.3f} s")
     print()
     print(table(rows))
     print()

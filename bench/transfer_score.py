@@ -1,6 +1,17 @@
 """Does the generated image carry the referenced attribute? True-reference wins over a random reference.
 
-Each case: a reference image R (procedural, 224 px), one attribute a the starter encoder reads well (art style,
+Two kinds of cases. Procedural (the default, issue #9), and `--real MANIFEST`: held-out real photos (issue 18).
+
+Held-out real cases (bench/heldout_real.py's held-out photos and transforms, never a training source): for
+lighting, color palette and art style in turn, the reference R is one held-out photo under one held-out
+transform class of that attribute (a lighting, a palette of another photo or its hue rotation, a style filter),
+and the random reference R' is another held-out photo under another class of the same attribute. Text-to-image
+generates from the prompt alone; apply-to-my-image (`--base`) starts from a third held-out photo, untransformed
+(the user's photo), at `--strength`. Besides the wins, apply-to-my-image reports the "subject" cosine of the
+output to the base, cos(pooled E(O, subject), pooled E(base, subject)): the output should keep the base's
+subject at least as well as the control does.
+
+Procedural cases: a reference image R (procedural, 224 px), one attribute a the starter encoder reads well (art style,
 background, colour), a random other reference R' whose value of a differs from R's, and a prompt: the caption of
 an unrelated random scene with a's phrase removed. The generator personalizes with (R, a) and the prompt; the
 output O wins when its transfer score for a against R beats the one against R':
@@ -8,9 +19,12 @@ output O wins when its transfer score for a against R beats the one against R':
     cos(pooled E(O, a), pooled E(R, a))  >  cos(pooled E(O, a), pooled E(R', a))
 
 The control runs the same cases, prompts and noise with the attribute off (prompt only: the null condition),
-where R and R' should win about equally often. The bar (issue #9): >= 80 % of 50 cases.
+where R and R' should win about equally often. The bar (issues #9 and 18): >= 80 % of the cases.
+`--encoder` conditions the generator (its tokens); `--score-encoder` (default: the same) scores the outputs.
 
     python bench/transfer_score.py --generator models/starter/generator --encoder models/starter/encoder
+    python bench/transfer_score.py --generator GEN --real /work/realdata/manifest.jsonl --base --strength 0.7 \
+        --cases 48 --grid bench/out/transfer-grid.png
 """
 
 from __future__ import annotations
@@ -28,10 +42,15 @@ import numpy as np
 import PIL.Image
 import torch
 
-from generator_plugin.pipeline import transfer_scores
-from training.data.procedural import FACTORS, caption_for, render_image, sample_factors
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import heldout_real  # noqa: E402
+from generator_plugin.pipeline import transfer_scores  # noqa: E402
+from training.data.procedural import FACTORS, caption_for, render_image, sample_factors  # noqa: E402
 
 ATTRIBUTE_FACTORS = ("style", "background", "color")  # the factors the starter encoder separates best
+REAL_FACTORS = ("lighting", "color palette", "art style")  # held-out real cases, in this order
+SUBJECT = heldout_real.ATTRIBUTES["subject"][0]
 
 
 @dataclass
@@ -44,6 +63,7 @@ class TransferCase:
     other: PIL.Image.Image
     prompt: str
     seed: int
+    base: PIL.Image.Image | None = None  # apply-to-my-image: the photo the attribute is applied to
 
 
 def prompt_without(factors: dict[str, str], factor: str) -> str:
@@ -80,6 +100,80 @@ def make_cases(count: int = 50, seed: int = 0, size: int = 224) -> list[Transfer
     return cases
 
 
+def real_transform_classes(arrays: Sequence[np.ndarray], photos: Sequence[dict], seed: int, references: int = 4):
+    """Each attribute's held-out transform classes {name: function}, and the photo indices left for cases.
+
+    The palette classes are heldout_real's: the k-means palettes of the `references` most saturated photos
+    and their hue rotations; those photos serve only as palette sources.
+    """
+    saturation = [float(np.asarray(heldout_real.to_image(a).convert("HSV"))[..., 1].mean()) for a in arrays]
+    sources = [int(i) for i in np.argsort(saturation)[::-1][:references]]
+    palettes = {}
+    for number, source in enumerate(sources):
+        palette = heldout_real.kmeans_palette(arrays[source], 6, np.random.default_rng([seed, 2, number]))
+        name = Path(photos[source]["path"]).stem
+        turn = 150 + 60 * (number % 2)
+        palettes[f"palette of {name}"] = heldout_real.posterise_to(palette)
+        palettes[f"palette of {name}, hue +{turn}"] = heldout_real.posterise_to(heldout_real.rotate_hue(palette, turn))
+    classes = {
+        "lighting": dict(heldout_real.LIGHTINGS),
+        "color palette": palettes,
+        "art style": dict(heldout_real.STYLES),
+    }
+    return classes, [i for i in range(len(arrays)) if i not in set(sources)]
+
+
+def make_real_cases(
+    manifest: str | Path, count: int = 48, seed: int = 0, prompt: str = "", with_base: bool = True
+) -> list[TransferCase]:
+    """`count` seeded held-out real cases, cycling through REAL_FACTORS (see the module docstring).
+
+    Reference, random reference and base are three different held-out photos; the two references are under two
+    different classes of the attribute. Only rows of HELDOUT_SOURCES are read (heldout_real checks it).
+    """
+    root = Path(manifest).parent
+    photos = heldout_real.heldout_photos(heldout_real.load_heldout_rows(manifest))
+    heldout_real.check_heldout(photos)
+    arrays = [heldout_real.to_array(heldout_real.load_image(root, row)) for row in photos]
+    classes, usable = real_transform_classes(arrays, photos, seed)
+    if len(usable) < 3:
+        raise ValueError(f"{len(usable)} usable held-out photos in {manifest}; the cases need at least 3")
+    rng = np.random.default_rng([seed, 18])
+    cases = []
+    for index in range(count):
+        factor = REAL_FACTORS[index % len(REAL_FACTORS)]
+        names = list(classes[factor])
+        true_class, other_class = (names[i] for i in rng.choice(len(names), 2, replace=False))
+        reference, other, base = (usable[i] for i in rng.choice(len(usable), 3, replace=False))
+
+        def render(photo: int, name: str, part: int) -> PIL.Image.Image:
+            return _transformed(classes[factor][name], arrays[photo], [seed, index, part])  # noqa: B023
+
+        cases.append(
+            TransferCase(
+                factor=factor,
+                attribute=heldout_real.ATTRIBUTES[factor][0],
+                reference=render(reference, true_class, 1),
+                other=render(other, other_class, 2),
+                prompt=prompt,
+                seed=seed * 1000 + index,
+                base=heldout_real.to_image(arrays[base]) if with_base else None,
+            )
+        )
+    return cases
+
+
+def _transformed(function, photo: np.ndarray, seed: Sequence[int]) -> PIL.Image.Image:
+    return heldout_real.to_image(function(photo, np.random.default_rng(list(seed))))
+
+
+def subject_cosine(encoder, output: PIL.Image.Image, base: PIL.Image.Image) -> float:
+    """cos(pooled E(output, subject), pooled E(base, subject)): how much of the base's subject the output keeps."""
+    with torch.no_grad():
+        pooled = encoder.encode([base], [SUBJECT]).pooled  # (1, d)
+    return float(transfer_scores(encoder, [output], [SUBJECT], pooled)[0, 0])
+
+
 def score_against(
     encoder, output: PIL.Image.Image, attribute: str, reference: PIL.Image.Image, other: PIL.Image.Image
 ) -> tuple[float, float]:
@@ -101,12 +195,23 @@ def run_cases(
     size: int = 64,
     steps: int = 20,
     max_text_tokens: int = 48,
+    strength: float | None = None,
+    score_encoder=None,
+    prompt_inputs: dict | None = None,
 ) -> dict:
-    """Generate every case (with the attribute, or prompt only as the control) and summarise the wins."""
+    """Generate every case (with the attribute, or prompt only as the control) and summarise the wins.
+
+    strength: apply to the case's base image at that strength (apply to my image); None: text-to-image.
+    score_encoder: the encoder that scores the outputs (default `encoder`, which conditions the generator).
+    prompt_inputs: precomputed prompt_embeds / pooled_prompt_embeds instead of the case's prompt text.
+    """
+    score_encoder = score_encoder or encoder
     rows = []
     for case in cases:
+        base = {} if strength is None else {"image": case.base, "strength": strength}
         kwargs = dict(
-            prompt=case.prompt,
+            **(prompt_inputs if prompt_inputs is not None else {"prompt": case.prompt}),
+            **base,
             height=size,
             width=size,
             num_inference_steps=steps,
@@ -124,8 +229,11 @@ def run_cases(
             ).images[0]
         else:
             output = pipeline(**kwargs).images[0]
-        true_score, random_score = score_against(encoder, output, case.attribute, case.reference, case.other)
-        rows.append({"factor": case.factor, "true": true_score, "random": random_score, "image": output})
+        true_score, random_score = score_against(score_encoder, output, case.attribute, case.reference, case.other)
+        row = {"factor": case.factor, "true": true_score, "random": random_score, "image": output}
+        if strength is not None:
+            row["subject"] = subject_cosine(score_encoder, output, case.base)
+        rows.append(row)
     return summarise(rows)
 
 
@@ -138,6 +246,7 @@ def summarise(rows: Sequence[dict]) -> dict:
             "true_wins": float(np.mean([r["true"] > r["random"] for r in subset])),
             "mean_true": float(np.mean([r["true"] for r in subset])),
             "mean_random": float(np.mean([r["random"] for r in subset])),
+            **({"mean_subject": float(np.mean([r["subject"] for r in subset]))} if "subject" in subset[0] else {}),
         }
 
     summary = block(rows)
@@ -158,6 +267,26 @@ def save_strip(cases: Sequence[TransferCase], rows: Sequence[dict], path: Path, 
     strip.save(path)
 
 
+def save_grid(
+    cases: Sequence[TransferCase], rows: Sequence[dict], control: Sequence[dict], path: Path, size: int = 128
+) -> None:
+    """One case per row: base (blank in text-to-image), reference, output with the attribute, control."""
+    from PIL import ImageDraw
+
+    header = 14
+    grid = PIL.Image.new("RGB", (4 * size, header + len(cases) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, title in enumerate(("base", "reference", "output", "control (no attribute)")):
+        draw.text((column * size + 3, 1), title, fill="black")
+    for line, (case, row, plain) in enumerate(zip(cases, rows, control, strict=True)):
+        for column, image in enumerate((case.base, case.reference, row["image"], plain["image"])):
+            if image is not None:
+                grid.paste(image.convert("RGB").resize((size, size)), (column * size, header + line * size))
+        draw.text((size + 3, header + line * size + 2), case.attribute, fill="white")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from encoder import AttributeEncoder
     from generator_plugin.plugins import load_generator
@@ -165,7 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--generator", required=True, type=Path, help="generator directory (with attribute_adapter/)")
     parser.add_argument("--adapter", type=Path, help="an attribute adapter directory other than the generator's")
-    parser.add_argument("--encoder", default=Path("models/starter/encoder"), type=Path)
+    parser.add_argument("--encoder", default=Path("models/starter/encoder"), type=Path, help="conditions the generator")
+    parser.add_argument("--score-encoder", type=Path, help="scores the outputs (default: --encoder)")
+    parser.add_argument("--real", type=Path, metavar="MANIFEST", help="held-out real cases from this manifest")
+    parser.add_argument("--base", action="store_true", help="also apply to a held-out base photo (with --real)")
+    parser.add_argument("--strength", type=float, default=0.7, help="apply-to-my-image strength")
+    parser.add_argument("--no-text", action="store_true", help="skip the text-to-image mode")
+    parser.add_argument("--prompt", default="", help="the real cases' prompt (default: the null text, zeros)")
+    parser.add_argument("--size", type=int, help="output side (default: the VAE's sample_size, else 64)")
     parser.add_argument("--cases", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
@@ -173,35 +309,81 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--no-control", action="store_true", help="skip the prompt-only control")
     parser.add_argument("--strip", type=Path, help="save a PNG strip of references and outputs")
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        help="PNG grids (base, reference, output, control; 12 cases), one per mode and scale: PATH-MODE-scaleS.png",
+    )
     parser.add_argument("--out", type=Path, help="write the summary JSON here")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.base and args.real is None:
+        parser.error("--base needs --real MANIFEST (the base photos are held-out real photos)")
 
     pipeline = load_generator("flux", args.generator, adapter_dir=args.adapter)
     pipeline.set_progress_bar_config(disable=True)
     encoder = AttributeEncoder.from_pretrained(args.encoder).eval()
-    cases = make_cases(args.cases, args.seed)
-    report: dict = {"cases": args.cases, "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance_scale}
-    for scale in args.attribute_scale:
-        started = time.perf_counter()
-        result = run_cases(
-            pipeline, encoder, cases, attribute_scale=scale, guidance_scale=args.guidance_scale, steps=args.steps
-        )
-        rows = result.pop("rows")
-        result["seconds"] = round(time.perf_counter() - started, 1)
-        report[f"attribute_scale={scale}"] = result
-        print(json.dumps({f"attribute_scale={scale}": result}), flush=True)
-        if args.strip is not None:
-            save_strip(cases, rows, args.strip.with_name(f"{args.strip.stem}-scale{scale}{args.strip.suffix}"))
-    if not args.no_control:
-        result = run_cases(
-            pipeline, encoder, cases, use_attribute=False, guidance_scale=args.guidance_scale, steps=args.steps
-        )
-        result.pop("rows")
-        report["control (no attribute)"] = result
-        print(json.dumps({"control (no attribute)": result}), flush=True)
+    score_encoder = AttributeEncoder.from_pretrained(args.score_encoder).eval() if args.score_encoder else encoder
+    size = args.size or getattr(pipeline.vae.config, "sample_size", 64)
+    if args.real is not None:
+        cases = make_real_cases(args.real, args.cases, args.seed, prompt=args.prompt, with_base=args.base)
+    else:
+        cases = make_cases(args.cases, args.seed)
+    modes = {} if args.no_text else {"text-to-image": None}
+    if args.base:
+        modes["apply-to-my-image"] = args.strength
+    report: dict = {
+        "cases": args.cases,
+        "real": str(args.real) if args.real else None,
+        "seed": args.seed,
+        "steps": args.steps,
+        "size": size,
+        "guidance_scale": args.guidance_scale,
+        "encoder": str(args.encoder),
+        "score_encoder": str(args.score_encoder or args.encoder),
+        "prompt": args.prompt if args.prompt or args.real is None else "(null text)",
+    }
+    prompt_inputs = None
+    if args.real is not None and not args.prompt:  # the null text: what the training's text dropout shows
+        embeds, pooled = pipeline.encode_prompt("", max_sequence_length=48)
+        prompt_inputs = {"prompt_embeds": torch.zeros_like(embeds), "pooled_prompt_embeds": torch.zeros_like(pooled)}
+    common = dict(
+        guidance_scale=args.guidance_scale,
+        steps=args.steps,
+        size=size,
+        score_encoder=score_encoder,
+        prompt_inputs=prompt_inputs,
+    )
+    for mode, strength in modes.items():
+        label = mode if strength is None else f"{mode} (strength {strength})"
+        results: dict = {}
+        control = None
+        if not args.no_control:
+            control = run_cases(pipeline, encoder, cases, use_attribute=False, strength=strength, **common)
+            results["control (no attribute)"] = {k: v for k, v in control.items() if k != "rows"}
+            print(json.dumps({label: {"control (no attribute)": results["control (no attribute)"]}}), flush=True)
+        for scale in args.attribute_scale:
+            started = time.perf_counter()
+            result = run_cases(pipeline, encoder, cases, attribute_scale=scale, strength=strength, **common)
+            rows = result.pop("rows")
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            results[f"attribute_scale={scale}"] = result
+            print(json.dumps({label: {f"attribute_scale={scale}": result}}), flush=True)
+            suffix = f"-{mode}-scale{scale}"
+            if args.strip is not None:
+                save_strip(cases, rows, args.strip.with_name(f"{args.strip.stem}{suffix}{args.strip.suffix}"))
+            if args.grid is not None and control is not None:
+                shown = slice(0, 12)
+                save_grid(
+                    cases[shown],
+                    rows[shown],
+                    control["rows"][shown],
+                    args.grid.with_name(f"{args.grid.stem}{suffix}{args.grid.suffix}"),
+                    size=max(size, 64),
+                )
+        report[label] = results
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

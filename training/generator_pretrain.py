@@ -30,6 +30,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 
 from generator_plugin.adapter import AttributeAdapter
 from generator_plugin.pipeline import AttributePipeline
-from training.data.pairs import load_pairs
+from training.data.pairs import PairRecord, load_pairs
 from training.data.procedural import FACTORS
 from training.loop import BatchLoss, run_steps
 from training.losses import flow_matching_inputs, flow_matching_loss, sample_sigmas
@@ -127,8 +128,13 @@ def caption_text_encoders(vocabulary: Sequence[str], seed: int = 0, max_length: 
     return {"text_encoder": clip, "tokenizer": tokenizer(), "text_encoder_2": t5, "tokenizer_2": tokenizer()}
 
 
-def build_vae(seed: int = 0, channels: Sequence[int] = (32, 64, 64), latent_channels: int = 4) -> AutoencoderKL:
-    """AutoencoderKL with 2^(len(channels) - 1) downsampling: (32, 64, 64) maps 64 x 64 RGB to 4 x 16 x 16."""
+def build_vae(
+    seed: int = 0, channels: Sequence[int] = (32, 64, 64), latent_channels: int = 4, size: int = 64
+) -> AutoencoderKL:
+    """AutoencoderKL with 2^(len(channels) - 1) downsampling: (32, 64, 64) maps 64 x 64 RGB to 4 x 16 x 16.
+
+    `size` (the training resolution) is recorded as `sample_size`, which the adapter stage reads back.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKL(
@@ -140,7 +146,7 @@ def build_vae(seed: int = 0, channels: Sequence[int] = (32, 64, 64), latent_chan
             down_block_types=("DownEncoderBlock2D",) * len(channels),
             up_block_types=("UpDecoderBlock2D",) * len(channels),
             block_out_channels=tuple(channels),
-            sample_size=64,
+            sample_size=size,
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
@@ -225,6 +231,75 @@ def embed_captions(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+class StageCheckpoint:
+    """One stage's resumable state in one file: its modules, optimizer, batch-sampling generator, steps, seconds.
+
+    `path` None: nothing is saved or restored (the default, and what the tests of a single call use).
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+    ) -> None:
+        self.path, self.modules, self.optimizer, self.generator = path, modules, optimizer, generator
+
+    def restore(self) -> dict:
+        """Load the saved state if there is one; returns run_steps' start_step / recorded / elapsed_seconds."""
+        if self.path is None or not self.path.exists():
+            return {}
+        state = torch.load(self.path, weights_only=False)
+        for name, module in self.modules.items():
+            module.load_state_dict(state["modules"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        print(json.dumps({"resumed": str(self.path), "step": state["step"]}), flush=True)
+        return {"start_step": state["step"], "recorded": state["recorded"], "elapsed_seconds": state["elapsed"]}
+
+    def save(self, step: int, recorded: list[float], elapsed: float) -> None:
+        """Write the state atomically (a temporary file renamed over the old one)."""
+        if self.path is None:
+            return
+        state = {
+            "modules": {name: module.state_dict() for name, module in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": step,
+            "recorded": list(recorded),
+            "elapsed": elapsed,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(self.path)
+
+    def run_kwargs(self) -> dict:
+        """run_steps' resume and checkpoint arguments."""
+        return {**self.restore(), "checkpoint": self.save if self.path is not None else None}
+
+
+def cached(path: Path | None, key: dict, compute):
+    """`compute()`'s value, stored at `path` with `key` and read back on a later call with the same key."""
+    if path is not None and path.exists():
+        stored = torch.load(path, weights_only=False)
+        if stored["key"] == key:
+            print(json.dumps({"cache": str(path)}), flush=True)
+            return stored["value"]
+    value = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save({"key": key, "value": value}, partial)
+        partial.replace(path)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Training loops
 
 
@@ -239,10 +314,12 @@ def train_vae(
     seed: int = 0,
     max_seconds: float | None = None,
     log_every: int = 50,
+    checkpoint_path: Path | None = None,
 ) -> list[float]:
     """MSE reconstruction + kl_weight * mean KL; returns the per-step reconstruction MSE."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    resume = StageCheckpoint(checkpoint_path, {"vae": vae}, optimizer, generator).run_kwargs()
 
     def batch_loss(step: int) -> BatchLoss:
         batch = to_unit_range(images[torch.randint(len(images), (batch_size,), generator=generator)])
@@ -255,7 +332,14 @@ def train_vae(
 
     vae.train()
     losses = run_steps(
-        "vae", optimizer, batch_loss, steps=steps, max_seconds=max_seconds, log_every=log_every, recorded_name="mse"
+        "vae",
+        optimizer,
+        batch_loss,
+        steps=steps,
+        max_seconds=max_seconds,
+        log_every=log_every,
+        recorded_name="mse",
+        **resume,
     )
     vae.eval()
     return losses
@@ -264,9 +348,20 @@ def train_vae(
 @torch.no_grad()
 def set_latent_statistics(vae: AutoencoderKL, images: torch.Tensor) -> None:
     """shift_factor = mean and scaling_factor = 1 / std of the latent means, so the flow sees unit variance."""
+    _, shift, scale = normalised_latents(vae, images)
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+
+
+@torch.no_grad()
+def normalised_latents(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Packed latents (N, S, 4 C) normalised by their own mean and std, with that shift_factor and scaling_factor.
+
+    One VAE pass gives both the statistics and the normalised latents (the transformer's training data).
+    """
     vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
-    latents = encode_latents(vae, images)
-    vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
+    raw = encode_latents(vae, images)
+    shift, scale = float(raw.mean()), float(1.0 / raw.std())
+    return (raw - shift) * scale, shift, scale
 
 
 def flow_step_loss(
@@ -320,6 +415,7 @@ def train_transformer(
     seed: int = 0,
     max_seconds: float | None = None,
     log_every: int = 50,
+    checkpoint_path: Path | None = None,
 ) -> tuple[FluxTransformer2DModel, list[float]]:
     """Flow matching on (latent, caption) examples; the caption is zeroed with p = text_dropout (the null text).
 
@@ -329,6 +425,9 @@ def train_transformer(
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     params, ema_params = list(transformer.parameters()), list(ema.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    resume = StageCheckpoint(
+        checkpoint_path, {"transformer": transformer, "ema": ema}, optimizer, generator
+    ).run_kwargs()
     image_ids = latent_image_ids(latents.shape[1])
 
     def batch_loss(step: int) -> BatchLoss:
@@ -360,6 +459,7 @@ def train_transformer(
         clip_parameters=params,
         lr_at_step=lambda step: lr * min(1.0, (step + 1) / 100),  # 100-step linear warm-up
         after_step=update_ema,
+        **resume,
     )
     transformer.eval()
     return ema, losses
@@ -380,6 +480,7 @@ def train_adapter(
     seed: int = 0,
     max_seconds: float | None = None,
     log_every: int = 50,
+    checkpoint_path: Path | None = None,
 ) -> list[float]:
     """L_gen for the pipeline's adapter with everything else frozen; returns the per-step losses.
 
@@ -392,6 +493,7 @@ def train_adapter(
     generator = torch.Generator().manual_seed(seed)
     params = list(adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    resume = StageCheckpoint(checkpoint_path, {"adapter": adapter}, optimizer, generator).run_kwargs()
     image_ids = latent_image_ids(target_latents.shape[1])
 
     def batch_loss(step: int) -> BatchLoss:
@@ -418,6 +520,7 @@ def train_adapter(
         max_seconds=max_seconds,
         log_every=log_every,
         clip_parameters=params,
+        **resume,
     )
     adapter.requires_grad_(False)
     return losses
@@ -448,16 +551,30 @@ def pretrain_base(
     text_dropout: float = 0.15,
     max_text_tokens: int = 48,
     latent_channels: int = 8,
+    work: str | Path | None = None,
 ) -> dict:
-    """VAE then transformer on the pair corpus; saves a loadable generator directory; returns the run's record."""
-    settings = {key: value for key, value in locals().items() if key not in ("data_dir", "out")}
+    """VAE then transformer on the pair corpus; saves a loadable generator directory; returns the run's record.
+
+    `work`: a folder for the resized images, the VAE latents and each stage's checkpoint, so that a rerun of
+    the same command resumes where the last one stopped (None: keep nothing).
+    """
+    settings = {key: value for key, value in locals().items() if key not in ("data_dir", "out", "work")}
     settings = {key: list(v) if isinstance(v, tuple) else v for key, v in settings.items()}
-    images, captions = load_examples(data_dir, size, max_pairs)
+    work = Path(work) if work is not None else None
+    data_key = {"data": str(Path(data_dir).resolve()), "size": size, "max_pairs": max_pairs}
+    images, captions = cached(work and work / "images.pt", data_key, lambda: load_examples(data_dir, size, max_pairs))
     print(json.dumps({"examples": len(images), "size": size}), flush=True)
 
-    vae = build_vae(seed, vae_channels, latent_channels)
-    vae_losses = train_vae(vae, images, steps=vae_steps, batch_size=vae_batch_size, seed=seed, max_seconds=vae_seconds)
-    set_latent_statistics(vae, images)
+    vae = build_vae(seed, vae_channels, latent_channels, size)
+    vae_losses = train_vae(
+        vae,
+        images,
+        steps=vae_steps,
+        batch_size=vae_batch_size,
+        seed=seed,
+        max_seconds=vae_seconds,
+        checkpoint_path=work and work / "vae.ckpt",
+    )
     vae.requires_grad_(False)
 
     text_parts = caption_text_encoders(caption_vocabulary(captions), seed=seed, max_length=max_text_tokens)
@@ -467,7 +584,9 @@ def pretrain_base(
     pipeline = AttributePipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), **text_parts
     )
-    latents = encode_latents(vae, images)  # (N, S, 4 C)
+    vae_key = {**data_key, "seed": seed, "vae_steps": len(vae_losses), "vae_channels": list(vae_channels)}
+    latents, shift, scale = cached(work and work / "latents.pt", vae_key, lambda: normalised_latents(vae, images))
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)  # latents: (N, S, 4 C)
     distinct = list(dict.fromkeys(captions))
     sequences, vectors = embed_captions(pipeline, distinct, max_text_tokens)
     position = {caption: index for index, caption in enumerate(distinct)}
@@ -483,6 +602,7 @@ def pretrain_base(
         text_dropout=text_dropout,
         seed=seed,
         max_seconds=transformer_seconds,
+        checkpoint_path=work and work / "transformer.ckpt",
     )
     pipeline = AttributePipeline(
         transformer=ema, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), **text_parts
@@ -508,7 +628,7 @@ def pretrain_adapter(
     encoder_dir: str | Path,
     *,
     out: str | Path | None = None,
-    size: int = 64,
+    size: int | None = None,
     max_pairs: int | None = None,
     seed: int = 0,
     steps: int = 100_000,
@@ -520,40 +640,48 @@ def pretrain_adapter(
     max_text_tokens: int = 48,
     encode_batch_size: int = 32,
     target: str = "pair",
+    attributes: Sequence[str] | None = None,
+    work: str | Path | None = None,
 ) -> dict:
-    """Train an attribute adapter for `encoder_dir`'s tokens; write it to out (default GEN_DIR/attribute_adapter)."""
+    """Train an attribute adapter for `encoder_dir`'s tokens; write it to out (default GEN_DIR/attribute_adapter).
+
+    `size`: the generator's resolution (default: the VAE's recorded sample_size). `attributes` (factor names,
+    e.g. lighting palette style): keep only pairs that share one of them and show two different subjects
+    (identity differs), the (reference, target) examples of "this content with that reference's attribute";
+    the reference is encoded under the shared attributes only. `work`: a folder for the precomputed
+    tokens / latents / caption features and the stage's checkpoint, so a rerun resumes.
+    """
     from encoder import AttributeEncoder
     from generator_plugin.plugins import load_generator
 
     settings = {key: value for key, value in locals().items() if key not in ("AttributeEncoder", "load_generator")}
     settings = {key: str(v) if isinstance(v, Path) else v for key, v in settings.items()}
+    settings = {key: list(v) if isinstance(v, tuple) else v for key, v in settings.items()}
     root = Path(data_dir)
+    work = Path(work) if work is not None else None
     pipeline = load_generator("flux", generator_dir)
     if pipeline.attribute_adapter is not None:
         pipeline.unload_attribute_adapter()
+    size = size or pipeline.vae.config.sample_size
     encoder = AttributeEncoder.from_pretrained(encoder_dir).eval()
-    records = [r for r in load_pairs(root, verify_images=False).records if r.positive][:max_pairs]
-    # Both directions of every pair: reference x -> target y, and y -> x.
-    references = [path for r in records for path in (r.image_x, r.image_y)]
-    if target == "pair":
-        targets = [path for r in records for path in (r.image_y, r.image_x)]
-        captions = [caption for r in records for caption in (r.caption_y, r.caption_x)]
-    elif target == "self":  # reconstruct the reference itself: a stronger signal, at the risk of copying it
-        targets = list(references)
-        captions = [caption for r in records for caption in (r.caption_x, r.caption_y)]
-    else:
-        raise ValueError(f"target must be 'pair' or 'self', got {target!r}")
-    positives = [list(r.positive) for r in records for _ in range(2)]
-    started = time.perf_counter()
-    token_chunks = []
-    with torch.no_grad():
-        for start in range(0, len(references), encode_batch_size):
-            images = [PIL.Image.open(root / p).convert("RGB") for p in references[start : start + encode_batch_size]]
-            token_chunks.append(encoder.encode(images, positives[start : start + encode_batch_size]).tokens.half())
-    tokens = torch.cat(token_chunks)  # (N, l, d_ctx)
-    latents = encode_latents(pipeline.vae, torch.stack([load_image(root / p, size) for p in targets]))
-    sequences, vectors = embed_captions(pipeline, captions, max_text_tokens)
-    print(json.dumps({"examples": len(tokens), "precompute_seconds": round(time.perf_counter() - started, 1)}))
+    records = [r for r in load_pairs(root, verify_images=False).records if r.positive]
+    if attributes:
+        records = [transfer_example(r, attributes) for r in records]
+        records = [r for r in records if r is not None]
+    records = records[:max_pairs]
+    if not records:
+        raise ValueError(f"no pairs in {root} share one of {list(attributes or [])} with a different identity")
+    key = {
+        "data": str(root.resolve()),
+        "generator": str(Path(generator_dir).resolve()),
+        "encoder": str(Path(encoder_dir).resolve()),
+        **{name: settings[name] for name in ("size", "max_pairs", "target", "attributes", "max_text_tokens")},
+    }
+    tokens, latents, sequences, vectors = cached(
+        work and work / "adapter-inputs.pt",
+        key,
+        lambda: adapter_inputs(pipeline, encoder, root, records, size, target, max_text_tokens, encode_batch_size),
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -572,6 +700,7 @@ def pretrain_adapter(
         attribute_dropout=attribute_dropout,
         seed=seed,
         max_seconds=max_seconds,
+        checkpoint_path=work and work / "adapter.ckpt",
     )
     adapter_dir = Path(out) if out is not None else Path(generator_dir) / "attribute_adapter"
     adapter.save_pretrained(adapter_dir)
@@ -586,13 +715,63 @@ def pretrain_adapter(
     return record
 
 
+def transfer_example(record: PairRecord, attributes: Sequence[str]) -> PairRecord | None:
+    """The pair as a transfer example: positives cut to the shared `attributes`; None if none or the same subject.
+
+    Needs the pair's recorded factors (realpairs / procedural records have them).
+    """
+    if not record.positive_factors or not record.factors_x or not record.factors_y:
+        return None
+    if record.factors_x.get("identity") == record.factors_y.get("identity"):
+        return None
+    kept = [(p, f) for p, f in zip(record.positive, record.positive_factors, strict=True) if f in attributes]
+    if not kept:
+        return None
+    return replace(record, positive=tuple(p for p, _ in kept), positive_factors=tuple(f for _, f in kept))
+
+
+@torch.no_grad()
+def adapter_inputs(
+    pipeline: AttributePipeline,
+    encoder,
+    root: Path,
+    records: Sequence[PairRecord],
+    size: int,
+    target: str,
+    max_text_tokens: int,
+    encode_batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adapter's frozen inputs: reference tokens (N, l, d_ctx) half, target latents, caption features."""
+    # Both directions of every pair: reference x -> target y, and y -> x.
+    references = [path for r in records for path in (r.image_x, r.image_y)]
+    if target == "pair":
+        targets = [path for r in records for path in (r.image_y, r.image_x)]
+        captions = [caption for r in records for caption in (r.caption_y, r.caption_x)]
+    elif target == "self":  # reconstruct the reference itself: a stronger signal, at the risk of copying it
+        targets = list(references)
+        captions = [caption for r in records for caption in (r.caption_x, r.caption_y)]
+    else:
+        raise ValueError(f"target must be 'pair' or 'self', got {target!r}")
+    positives = [list(r.positive) for r in records for _ in range(2)]
+    started = time.perf_counter()
+    token_chunks = []
+    for start in range(0, len(references), encode_batch_size):
+        images = [PIL.Image.open(root / p).convert("RGB") for p in references[start : start + encode_batch_size]]
+        token_chunks.append(encoder.encode(images, positives[start : start + encode_batch_size]).tokens.half())
+    tokens = torch.cat(token_chunks)  # (N, l, d_ctx)
+    latents = encode_latents(pipeline.vae, torch.stack([load_image(root / p, size) for p in targets]))
+    sequences, vectors = embed_captions(pipeline, captions, max_text_tokens)
+    print(json.dumps({"examples": len(tokens), "precompute_seconds": round(time.perf_counter() - started, 1)}))
+    return tokens, latents, sequences, vectors
+
+
 def sample_grid(
     data_dir: str | Path,
     generator_dir: str | Path,
     out: str | Path,
     *,
     count: int = 16,
-    size: int = 64,
+    size: int | None = None,
     steps: int = 20,
     guidance_scale: float = 1.0,
     seed: int = 0,
@@ -604,6 +783,7 @@ def sample_grid(
     root = Path(data_dir)
     pipeline = load_generator("flux", generator_dir)
     pipeline.set_progress_bar_config(disable=True)
+    size = size or pipeline.vae.config.sample_size
     records = load_pairs(root, verify_images=False).records[:count]
     real, fake = [], []
     for index, record in enumerate(records):
@@ -660,9 +840,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     base.add_argument("--transformer-layers", type=int, nargs=2, default=(3, 3), metavar=("DOUBLE", "SINGLE"))
     base.add_argument("--transformer-heads", type=int, default=4)
     base.add_argument("--transformer-batch-size", type=int, default=32)
+    base.add_argument("--vae-batch-size", type=int, default=16)
     base.add_argument("--transformer-lr", type=float, default=1e-3)
     base.add_argument("--vae-channels", type=int, nargs="+", default=(16, 32, 64, 64))
     base.add_argument("--latent-channels", type=int, default=8)
+    base.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
     base.add_argument("--threads", type=int)
     adapter = commands.add_parser("adapter", help="train the attribute adapter with L_gen, encoder frozen")
     adapter.add_argument("--data", required=True, type=Path)
@@ -677,6 +859,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapter.add_argument("--lr", type=float, default=1e-3)
     adapter.add_argument("--text-dropout", type=float, default=0.5)
     adapter.add_argument("--target", choices=("pair", "self"), default="pair", help="the other image, or itself")
+    adapter.add_argument("--size", type=int, help="default: the generator VAE's sample_size")
+    adapter.add_argument("--attributes", nargs="+", help="transfer pairs only: shared factor, different identity")
+    adapter.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
     adapter.add_argument("--threads", type=int)
     samples = commands.add_parser("samples", help="a grid of corpus images and samples for their captions")
     samples.add_argument("--data", required=True, type=Path)
@@ -707,6 +892,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             transformer_lr=args.transformer_lr,
             vae_channels=tuple(args.vae_channels),
             latent_channels=args.latent_channels,
+            vae_batch_size=args.vae_batch_size,
+            work=args.work,
         )
     elif args.command == "adapter":
         record = pretrain_adapter(
@@ -722,6 +909,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr=args.lr,
             text_dropout=args.text_dropout,
             target=args.target,
+            size=args.size,
+            attributes=args.attributes,
+            work=args.work,
         )
     else:
         path = sample_grid(

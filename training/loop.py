@@ -38,15 +38,27 @@ def run_steps(
     clip_parameters: Sequence[torch.Tensor] | None = None,
     lr_at_step: Callable[[int], float] | None = None,
     after_step: Callable[[int], None] | None = None,
+    start_step: int = 0,
+    recorded: Sequence[float] = (),
+    elapsed_seconds: float = 0.0,
+    checkpoint: Callable[[int, list[float], float], None] | None = None,
+    checkpoint_every_seconds: float = 120.0,
 ) -> list[float]:
     """Run up to `steps` optimizer steps (fewer once `max_seconds` have passed); returns the recorded values.
 
     Per step: batch_loss(step), zero the gradients, backward, clip to norm 1 (`clip_parameters`), set the
     learning rate (`lr_at_step`), optimizer step, `after_step(step)`. Every `log_every` steps, and when time
     runs out, a JSON line with the mean recorded value of the last `log_every` steps goes to stdout.
+
+    Resuming: `start_step`, the values `recorded` so far and the `elapsed_seconds` already spent continue an
+    earlier run (the time budget counts them). `checkpoint(steps_done, recorded, elapsed)` is called every
+    `checkpoint_every_seconds` and once at the end.
     """
-    recorded, started = [], time.perf_counter()
-    for step in range(steps):
+    recorded, started = list(recorded), time.perf_counter() - elapsed_seconds
+    last_saved, done = time.perf_counter(), start_step
+    for step in range(start_step, steps):
+        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+            break  # a resumed run whose budget is already spent
         loss = batch_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.objective.backward()
@@ -59,12 +71,18 @@ def run_steps(
         if after_step is not None:
             after_step(step)
         recorded.append((loss.objective if loss.recorded is None else loss.recorded).item())
+        done = step + 1
         if (step + 1) % log_every == 0:
             extras = {name: value.item() for name, value in loss.extras.items()}
             log_line(stage, step + 1, started, **{recorded_name: np.mean(recorded[-log_every:])}, **extras)
         if max_seconds is not None and time.perf_counter() - started > max_seconds:
             log_line(stage, step + 1, started, **{recorded_name: np.mean(recorded[-log_every:])}, stopped="max_seconds")
             break
+        if checkpoint is not None and time.perf_counter() - last_saved > checkpoint_every_seconds:
+            checkpoint(done, recorded, time.perf_counter() - started)
+            last_saved = time.perf_counter()
+    if checkpoint is not None:
+        checkpoint(done, recorded, time.perf_counter() - started)
     return recorded
 
 

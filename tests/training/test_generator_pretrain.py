@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -94,6 +95,61 @@ def generator_dir(pair_dir, tmp_path_factory) -> Path:
         transformer_batch_size=4,
     )
     return out
+
+
+TINY_BASE = dict(
+    vae_channels=(8, 16, 16),
+    vae_steps=3,
+    vae_seconds=None,
+    vae_batch_size=4,
+    transformer_layers=(1, 1),
+    transformer_heads=2,
+    transformer_head_dim=16,
+    transformer_seconds=None,
+    transformer_batch_size=4,
+)
+
+
+@pytest.mark.slow
+def test_base_stage_resumes_from_its_work_folder_as_if_never_stopped(pair_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    gp.pretrain_base(pair_dir, stopped / "gen", size=32, transformer_steps=3, work=stopped / "work", **TINY_BASE)
+    record = gp.pretrain_base(
+        pair_dir, stopped / "gen", size=32, transformer_steps=5, work=stopped / "work", **TINY_BASE
+    )
+    gp.pretrain_base(pair_dir, straight / "gen", size=32, transformer_steps=5, **TINY_BASE)
+
+    assert record["vae_steps"] == 3 and record["transformer_steps"] == 5
+    assert {p.name for p in (stopped / "work").iterdir()} == {"images.pt", "vae.ckpt", "latents.pt", "transformer.ckpt"}
+    resumed = load_file(next((stopped / "gen" / "transformer").glob("*.safetensors")))
+    uninterrupted = load_file(next((straight / "gen" / "transformer").glob("*.safetensors")))
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=1e-5, atol=1e-6)
+    assert load_generator("flux", stopped / "gen").vae.config.sample_size == 32
+
+
+def test_transfer_example_keeps_shared_attributes_of_two_different_subjects():
+    from training.data.pairs import PairRecord
+
+    pair = PairRecord(
+        image_x="x.png",
+        image_y="y.png",
+        caption_x="A photo of a cup.",
+        caption_y="A photo of a dog.",
+        positive=("image lighting", "art style", "environment behind the object"),
+        negative=("object identity",),
+        factors_x={"identity": "photo:a", "lighting": "L", "style": "photo"},
+        factors_y={"identity": "photo:b", "lighting": "L", "style": "photo"},
+        positive_factors=("lighting", "style", "background"),
+        negative_factors=("identity",),
+    )
+    kept = gp.transfer_example(pair, ["lighting", "palette", "style"])
+    assert kept.positive == ("image lighting", "art style") and kept.positive_factors == ("lighting", "style")
+    assert gp.transfer_example(pair, ["palette"]) is None
+    same_subject = dataclasses.replace(pair, factors_y={**pair.factors_y, "identity": "photo:a"})
+    assert gp.transfer_example(same_subject, ["lighting"]) is None
 
 
 @pytest.mark.slow
