@@ -56,8 +56,7 @@ def build_app(profile: str, data_dir: Path, encoder: Path | None):
     from api.app import create_app
     from api.usecases.context import build_services
     from omniattr.settings import Settings
-    from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres
-    from store import metadata
+    from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres, mark_attribute_indexed
     from store.database import upgrade_database
 
     values = dict(data_dir=data_dir, device="cpu", allowed_roots=[data_dir], index_batch_size=8)
@@ -82,15 +81,7 @@ def build_app(profile: str, data_dir: Path, encoder: Path | None):
             client.post(f"/api/collections/{collection['id']}/attributes", json={"attributes": ["lighting"]})
             services.dispatcher.join()
         else:
-            with services.session_factory.begin() as session:
-                attribute = metadata.get_or_create_attribute(session, text="lighting")
-                metadata.set_collection_attribute(
-                    session,
-                    collection_id=collection["id"],
-                    attribute_id=attribute.id,
-                    encoder_model_id=services.encoder_model_id,
-                    status="ready",
-                )
+            mark_attribute_indexed(services, collection["id"], "lighting")
 
     def cleanup() -> None:
         services.close()

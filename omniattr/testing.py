@@ -16,6 +16,22 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 
+def mark_attribute_indexed(services: Any, collection_id: int, text: str) -> None:
+    """Record `text` as indexed ("ready") for a collection without computing vectors: for checks where no worker
+    runs (the server profile in-process) and the vectors themselves are not what is tested."""
+    from store import metadata
+
+    with services.session_factory.begin() as session:
+        attribute = metadata.get_or_create_attribute(session, text=text)
+        metadata.set_collection_attribute(
+            session,
+            collection_id=collection_id,
+            attribute_id=attribute.id,
+            encoder_model_id=services.encoder_model_id,
+            status="ready",
+        )
+
+
 def create_throwaway_postgres(admin_url: str) -> str:
     """Create an empty database with a unique name on the server at `admin_url` and return its URL."""
     name = f"omniattr_test_{uuid.uuid4().hex[:12]}"

@@ -164,8 +164,9 @@ def prepare(encoder: AttributeEncoder, config: FloorFitConfig) -> FitData:
         text_pooled = backbone.text_pooled(text_states, text_mask)  # (A, d_text)
         first = [phrases.index(factor_phrases(name)[0]) for name in factors]
         descriptors, connector = [], []
-        for start in range(0, len(ordered), CONNECTOR_CHUNK // len(factors) + 1):
-            part = ordered[start : start + CONNECTOR_CHUNK // len(factors) + 1]
+        chunk = CONNECTOR_CHUNK // len(factors) + 1  # images per connector call
+        for start in range(0, len(ordered), chunk):
+            part = ordered[start : start + chunk]
             features = backbone.project(cache.trunk_features(part))
             image_index = torch.arange(len(part)).repeat_interleave(len(factors))
             text_index = torch.tensor(first).repeat(len(part))
@@ -207,19 +208,29 @@ def prepared_inputs(encoder: AttributeEncoder, config: FloorFitConfig, path: Pat
 
 
 def fit_loss(
-    floor: FloorHead, data: FitData, batch: torch.Tensor, generator: random.Random, tau: float
+    floor: FloorHead,
+    data: FitData,
+    batch: torch.Tensor,
+    generator: random.Random,
+    tau: float,
+    connector_weight: float = 1.0,
 ) -> torch.Tensor:
-    """The supervised contrastive loss of one batch of pairs, every factor read under one drawn phrase."""
+    """The supervised contrastive loss of one batch of pairs, every factor read under one drawn phrase; the
+    search vector is the model's own (`FloorHead.mix`, `connector_weight` = config.floor_connector_weight)."""
     rows = batch.flatten()  # (2B,) images: x and y of each pair
+    images, factors = len(rows), len(data.factors)
     groups = floor.group_vectors(data.descriptors[rows])  # (2B, G, d)
     chosen = [
-        generator.choice([i for i, f in enumerate(data.phrase_factor) if f == column])
-        for column in range(len(data.factors))
+        generator.choice([i for i, f in enumerate(data.phrase_factor) if f == column]) for column in range(factors)
     ]
     gates = floor.gates(data.text_pooled[chosen])  # (F, G + 1)
-    vectors = torch.einsum("fg,ngd->nfd", gates[:, :-1], groups)  # (2B, F, d)
-    vectors = vectors + gates[None, :, -1:] * data.connector[rows]  # the connector's share
-    return factor_contrastive_loss(vectors, data.labels[rows], tau=tau)
+    vectors = floor.mix(
+        groups.repeat_interleave(factors, dim=0),  # (2B * F, G, d): image-major, as the rows below
+        gates.repeat(images, 1),  # (2B * F, G + 1)
+        data.connector[rows].flatten(0, 1),  # (2B * F, d)
+        connector_weight,
+    )
+    return factor_contrastive_loss(vectors.view(images, factors, -1), data.labels[rows], tau=tau)
 
 
 def principal_projection(centred: torch.Tensor, rows: int) -> torch.Tensor:
@@ -282,14 +293,14 @@ def fit(config: FloorFitConfig, *, restart: bool = False) -> Path | None:
         generator = random.Random(config.seed * 1_000_003 + step)  # a step's draws depend only on its number
         order = torch.randperm(len(data.pairs), generator=torch.Generator().manual_seed(config.seed * 7919 + step))
         batch = data.pairs[order[: config.batch_pairs]]
-        loss = fit_loss(floor, data, batch, generator, config.tau)
+        loss = fit_loss(floor, data, batch, generator, config.tau, backbone.config.floor_connector_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         step += 1
         window.append(loss.item())
-        if step % config.log_every == 0 or step == config.steps:
+        if step % config.log_every == 0 or step == last:
             seconds = time.perf_counter() - tick
             entry = {
                 "step": step,

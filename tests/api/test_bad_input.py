@@ -12,8 +12,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from indexer.tasks import CeleryDispatcher, create_celery_app
 from omniattr.settings import Settings
-from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres
-from store import metadata
+from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres, mark_attribute_indexed
 from store.database import upgrade_database
 from tests.api.conftest import make_settings, png
 from tests.indexer.test_worker_resume import REDIS_URL, broker, start_worker  # noqa: F401 - broker: a fixture
@@ -110,15 +109,7 @@ def test_non_image_query_upload_in_the_server_profile_is_a_400(
                 f"/api/collections/{collection['id']}/images", files=[("files", ("0.png", png(0), "image/png"))]
             )
             services = client.app.state.services
-            with services.session_factory.begin() as session:  # indexed: vectors are not needed for this check
-                attribute = metadata.get_or_create_attribute(session, text="lighting")
-                metadata.set_collection_attribute(
-                    session,
-                    collection_id=collection["id"],
-                    attribute_id=attribute.id,
-                    encoder_model_id=services.encoder_model_id,
-                    status="ready",
-                )
+            mark_attribute_indexed(services, collection["id"], "lighting")  # vectors are not needed here
             form = {"collection_id": str(collection["id"]), "attribute": "lighting"}
             deadline = time.monotonic() + 90
             while True:  # a real image first: the worker is up once it answers (504: not yet)

@@ -12,8 +12,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.usecases.context import build_services
 from omniattr import testing as omniattr_testing
-from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres
-from store import metadata
+from omniattr.testing import create_throwaway_postgres, drop_throwaway_postgres, mark_attribute_indexed
 from store.database import upgrade_database
 from tests.api.conftest import make_settings, png
 from tests.api.test_bad_input import NO_WORKER_REDIS_URL
@@ -49,15 +48,7 @@ def fuzz_app(request, tmp_path_factory, tiny_encoder_dir):
             services.dispatcher.join()
             assert client.get(f"/api/jobs/{job.json()['job']['id']}").json()["status"] == "done"
         else:  # marked indexed by hand: no worker runs here
-            with services.session_factory.begin() as session:
-                attribute = metadata.get_or_create_attribute(session, text="lighting")
-                metadata.set_collection_attribute(
-                    session,
-                    collection_id=collection["id"],
-                    attribute_id=attribute.id,
-                    encoder_model_id=services.encoder_model_id,
-                    status="ready",
-                )
+            mark_attribute_indexed(services, collection["id"], "lighting")
     yield app
     services.close()
     if database_url is not None:
