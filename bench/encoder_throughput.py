@@ -6,6 +6,7 @@ random, which does not change the cost).
     python bench/encoder_throughput.py                     # compact, batch 1/8/32 x K 1/4/16
     python bench/encoder_throughput.py --device cuda       # mllm, random Qwen2.5-VL-7B-sized, bf16, 448 px
     python bench/encoder_throughput.py --mllm-config tiny  # the mllm code path on CPU, tiny model
+    python bench/encoder_throughput.py --model models/starter/encoder --batches 8 32 --ks 4   # the shipped one
 
 The mllm rows also report model FLOPs (torch's FlopCounterMode on one call: matmuls, convolutions and
 attention of the vision tower, language model and connector) and MFU against the dense bf16 peak.
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=1.0, help="repeat each timing at least this long")
     parser.add_argument("--max-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--model", help="a compact checkpoint (e.g. models/starter/encoder: with its floor)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     args = parser.parse_args()
     if args.threads:
@@ -145,8 +147,11 @@ def main() -> None:
         encoder = build_mllm_encoder(mllm_size, args.device, dtype)
         label = f"mllm ({'Qwen2.5-VL-7B-sized' if mllm_size == '7b' else 'tiny'} Qwen2.5-VL, random, {dtype})"
     else:
-        encoder = AttributeEncoder(EncoderConfig.compact(), device=args.device).eval()
-        label = "compact (EfficientNet-Lite0 + MiniLM-L6, default config)"
+        if args.model:
+            encoder = AttributeEncoder.from_pretrained(args.model, device=args.device).eval()
+        else:
+            encoder = AttributeEncoder(EncoderConfig.compact(), device=args.device).eval()
+        label = f"compact (EfficientNet-Lite0 + MiniLM-L6, {args.model or 'default config'})"
     peak = peak_flops(args.device, args.peak_tflops) if mllm_size else None
     device_name = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
