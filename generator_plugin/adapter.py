@@ -59,6 +59,10 @@ class AttributeAdapterConfig:
     num_double_blocks: int  # of the transformer the adapter was built for
     blocks: list[int] = field(default_factory=list)  # adapted double-stream block indices
     format_version: int = ADAPTER_FORMAT_VERSION
+    # True: the encoder's pooled search vector is appended to its tokens as one more token (`condition_tokens`).
+    # With the floor-fitted starter encoder the pooled vector carries what real photos' lighting and palette are
+    # (the connector's tokens alone do not: bench/RESULTS.md, "The floor fit").
+    pooled_token: bool = False
 
     @classmethod
     def for_transformer(
@@ -67,6 +71,7 @@ class AttributeAdapterConfig:
         token_dim: int,
         projection_dim: int | None = None,
         blocks: Sequence[int] | None = None,
+        pooled_token: bool = False,
     ) -> AttributeAdapterConfig:
         """Config of an adapter for `transformer`: all double-stream blocks unless `blocks` names some."""
         config = transformer.config
@@ -79,6 +84,7 @@ class AttributeAdapterConfig:
             num_attention_heads=config.num_attention_heads,
             num_double_blocks=num_double_blocks,
             blocks=sorted(blocks) if blocks is not None else list(range(num_double_blocks)),
+            pooled_token=pooled_token,
         )
 
 
@@ -205,10 +211,19 @@ class AttributeAdapter(nn.Module):
         token_dim: int,
         projection_dim: int | None = None,
         blocks: Sequence[int] | None = None,
+        pooled_token: bool = False,
     ) -> AttributeAdapter:
         """A fresh, zero-initialised adapter matching `transformer` and the encoder's token width."""
-        config = AttributeAdapterConfig.for_transformer(transformer, token_dim, projection_dim, blocks)
+        config = AttributeAdapterConfig.for_transformer(transformer, token_dim, projection_dim, blocks, pooled_token)
         return cls(config).to(device=transformer.device, dtype=transformer.dtype)
+
+    def condition_tokens(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The adapter's input from an encoder's output: `tokens` (B, l, d_ctx), with `pooled` (B, d_ctx) appended
+        as token l + 1 when the adapter was trained so (`pooled_token`). Training and the pipeline both call this.
+        """
+        if not self.config.pooled_token:
+            return tokens
+        return torch.cat([tokens, pooled.to(tokens.dtype).unsqueeze(1)], dim=1)  # (B, l + 1, d_ctx)
 
     def project_tokens(self, attribute_tokens: torch.Tensor) -> torch.Tensor:
         """Encoder tokens (B, l, d_ctx) -> adapter tokens (B, l, P)."""

@@ -383,7 +383,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             prompt / prompt_embeds + pooled_prompt_embeds: the text condition c (one of the two).
             refs: up to MAX_REFERENCES (image, attribute, weight) triples, encoded with `attribute_encoder`
                 (or `self.attribute_encoder`); or
-            attribute_tokens: precomputed encoder tokens (N, l, d_ctx) with `attribute_weights` (N floats).
+            attribute_tokens: precomputed encoder tokens (N, l, d_ctx) with `attribute_weights` (N floats); for an
+                adapter with `pooled_token`, the adapter's `condition_tokens` of the encoder's output (N, l + 1, d_ctx).
             guidance_scale: text guidance s_c; 1.0 disables it.
             negative_prompt_embeds / negative_pooled_prompt_embeds: the null text; zeros when not given.
             embedded_guidance_scale: FLUX-dev's distilled guidance input, used if the transformer has one.
@@ -617,7 +618,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             images = [image for image, _, _ in references.refs]
             attributes = [attribute for _, attribute, _ in references.refs]
             embeddings = references.encoder.encode(images, attributes)
-            tokens = embeddings.tokens  # (N, l, d_ctx)
+            # (N, l, d_ctx), or (N, l + 1, d_ctx) with the pooled vector for an adapter trained with it
+            tokens = self.attribute_adapter.condition_tokens(embeddings.tokens, embeddings.pooled)
             check_attribute_tokens(tokens, self.attribute_adapter.config.token_dim)
             weights = [weight for _, _, weight in references.refs]
             return _AttributeConditions(tokens, weights, attributes, embeddings.pooled)

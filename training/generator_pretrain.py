@@ -642,8 +642,12 @@ def pretrain_adapter(
     target: str = "pair",
     attributes: Sequence[str] | None = None,
     work: str | Path | None = None,
+    pooled_token: bool = True,
 ) -> dict:
     """Train an attribute adapter for `encoder_dir`'s tokens; write it to out (default GEN_DIR/attribute_adapter).
+
+    `pooled_token`: condition on the encoder's tokens plus its pooled search vector (AttributeAdapter.condition_tokens);
+    False: the tokens alone.
 
     `size`: the generator's resolution (default: the VAE's recorded sample_size). `attributes` (factor names,
     e.g. lighting palette style): keep only pairs that share one of them and show two different subjects
@@ -676,16 +680,19 @@ def pretrain_adapter(
         "generator": str(Path(generator_dir).resolve()),
         "encoder": str(Path(encoder_dir).resolve()),
         **{name: settings[name] for name in ("size", "max_pairs", "target", "attributes", "max_text_tokens")},
+        "tokens": "tokens+pooled",
     }
     tokens, latents, sequences, vectors = cached(
         work and work / "adapter-inputs.pt",
         key,
         lambda: adapter_inputs(pipeline, encoder, root, records, size, target, max_text_tokens, encode_batch_size),
     )
+    if not pooled_token:
+        tokens = tokens[:, :-1]  # (N, l, d_ctx): the cache holds the pooled vector as the last token
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        adapter = AttributeAdapter.for_transformer(pipeline.transformer, encoder.dimension)
+        adapter = AttributeAdapter.for_transformer(pipeline.transformer, encoder.dimension, pooled_token=pooled_token)
     pipeline.load_attribute_adapter(adapter)
     losses = train_adapter(
         pipeline,
@@ -757,8 +764,9 @@ def adapter_inputs(
     token_chunks = []
     for start in range(0, len(references), encode_batch_size):
         images = [PIL.Image.open(root / p).convert("RGB") for p in references[start : start + encode_batch_size]]
-        token_chunks.append(encoder.encode(images, positives[start : start + encode_batch_size]).tokens.half())
-    tokens = torch.cat(token_chunks)  # (N, l, d_ctx)
+        embeddings = encoder.encode(images, positives[start : start + encode_batch_size])
+        token_chunks.append(torch.cat([embeddings.tokens, embeddings.pooled.unsqueeze(1)], dim=1).half())
+    tokens = torch.cat(token_chunks)  # (N, l + 1, d_ctx): the tokens, then the pooled vector
     latents = encode_latents(pipeline.vae, torch.stack([load_image(root / p, size) for p in targets]))
     sequences, vectors = embed_captions(pipeline, captions, max_text_tokens)
     print(json.dumps({"examples": len(tokens), "precompute_seconds": round(time.perf_counter() - started, 1)}))
@@ -862,6 +870,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapter.add_argument("--size", type=int, help="default: the generator VAE's sample_size")
     adapter.add_argument("--attributes", nargs="+", help="transfer pairs only: shared factor, different identity")
     adapter.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
+    adapter.add_argument(
+        "--no-pooled-token", dest="pooled_token", action="store_false", help="condition on the tokens alone"
+    )
     adapter.add_argument("--threads", type=int)
     samples = commands.add_parser("samples", help="a grid of corpus images and samples for their captions")
     samples.add_argument("--data", required=True, type=Path)
@@ -912,6 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size=args.size,
             attributes=args.attributes,
             work=args.work,
+            pooled_token=args.pooled_token,
         )
     else:
         path = sample_grid(

@@ -162,3 +162,26 @@ def test_clear_errors(transformer, tmp_path):
         load_attribute_adapter(deeper, AttributeAdapter.for_transformer(transformer, token_dim=32))
     with pytest.raises(FileNotFoundError, match=ADAPTER_CONFIG_NAME):
         load_attribute_adapter(deeper, tmp_path / "nothing-here")
+
+
+def test_pooled_token_appends_the_search_vector_which_steers_the_output(transformer, tmp_path):
+    inputs = forward_inputs()
+    tokens = random_attribute_tokens(1)  # (1, 4, 32)
+    pooled = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+
+    plain = AttributeAdapter.for_transformer(transformer, token_dim=32)
+    assert torch.equal(plain.condition_tokens(tokens, pooled[:1]), tokens)
+
+    adapter = randomize_attribute_adapter(AttributeAdapter.for_transformer(transformer, token_dim=32, pooled_token=True))
+    conditioned = adapter.condition_tokens(tokens, pooled[:1])
+    assert conditioned.shape == (1, 5, 32)
+    assert torch.equal(conditioned[:, :4], tokens) and torch.equal(conditioned[0, 4], pooled[0])
+
+    load_attribute_adapter(transformer, adapter)
+    first = run(transformer, inputs, adapter, adapter.condition_tokens(tokens, pooled[:1]))
+    second = run(transformer, inputs, adapter, adapter.condition_tokens(tokens, pooled[1:]))
+    assert not torch.allclose(first, second)  # same tokens, another pooled vector: another output
+    unload_attribute_adapter(transformer)
+
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert AttributeAdapter.from_pretrained(tmp_path / "adapter").config.pooled_token

@@ -332,3 +332,30 @@ def test_max_references_is_the_domain_rule():
     from omniattr import domain
 
     assert generator_plugin.MAX_REFERENCES == domain.MAX_REFERENCES == 8
+
+
+def test_references_reach_a_pooled_token_adapter_as_tokens_plus_the_pooled_vector(pipe, prompt):
+    from encoder import AttributeEncoder
+    from encoder.config import EncoderConfig
+    from generator_plugin.adapter import AttributeAdapter
+    from generator_plugin.testing import randomize_attribute_adapter
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = EncoderConfig(
+            backend="compact", context_dim=32, num_queries=4, connector_depth=1, connector_width=32,
+            connector_heads=2, image_size=64,
+        )  # fmt: skip
+        encoder = AttributeEncoder(config).eval()
+    pipe.unload_attribute_adapter()
+    adapter = AttributeAdapter.for_transformer(pipe.transformer, token_dim=32, pooled_token=True)
+    pipe.load_attribute_adapter(randomize_attribute_adapter(adapter))
+    image = base_image()
+    with torch.no_grad():
+        embeddings = encoder.encode([image], ["lighting"])
+    from_refs = pipe.personalize(refs=[(image, "lighting")], attribute_encoder=encoder, **prompt, **settings())
+    expected = torch.cat([embeddings.tokens, embeddings.pooled.unsqueeze(1)], dim=1)  # (1, 5, 32)
+    from_tokens = pipe.personalize(attribute_tokens=expected, **prompt, **settings())
+    assert np.array_equal(np.asarray(from_refs.images[0]), np.asarray(from_tokens.images[0]))
+    without_pooled = pipe.personalize(attribute_tokens=embeddings.tokens, **prompt, **settings())
+    assert not np.array_equal(np.asarray(from_refs.images[0]), np.asarray(without_pooled.images[0]))

@@ -197,6 +197,7 @@ def test_adapter_stage_trains_and_loads_with_the_generator(pair_dir, generator_d
     pipeline = load_generator("flux", generator_dir, adapter_dir=adapter_dir)
     weights = [p.detach().abs().sum() for name, p in pipeline.attribute_adapter.named_parameters() if "to_v_ip" in name]
     assert float(sum(weights)) > 0  # moved away from the zero initialisation
+    assert pipeline.attribute_adapter.config.pooled_token  # the default: tokens plus the pooled search vector
 
 
 @pytest.mark.slow
