@@ -172,7 +172,9 @@ def test_pooled_token_appends_the_search_vector_which_steers_the_output(transfor
     plain = AttributeAdapter.for_transformer(transformer, token_dim=32)
     assert torch.equal(plain.condition_tokens(tokens, pooled[:1]), tokens)
 
-    adapter = randomize_attribute_adapter(AttributeAdapter.for_transformer(transformer, token_dim=32, pooled_token=True))
+    adapter = randomize_attribute_adapter(
+        AttributeAdapter.for_transformer(transformer, token_dim=32, pooled_token=True)
+    )
     conditioned = adapter.condition_tokens(tokens, pooled[:1])
     assert conditioned.shape == (1, 5, 32)
     assert torch.equal(conditioned[:, :4], tokens) and torch.equal(conditioned[0, 4], pooled[0])
