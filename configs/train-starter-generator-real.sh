@@ -32,7 +32,7 @@ stamp() { printf '[%s] %s\n' "$(date +%T)" "$*"; }
 
 stamp "base: 128 px, VAE ${VAE_SECONDS}s, transformer ${TRANSFORMER_SECONDS}s, seed 0"
 $RUN -m training.generator_pretrain base --data "$DATA" --out "$GEN" --size 128 --seed 0 --max-pairs 4000 \
-  --vae-channels 8 16 32 64 --vae-batch-size 8 --vae-seconds "$VAE_SECONDS" \
+  --vae-channels 8 16 32 64 --vae-norm-groups 1 --vae-batch-size 8 --vae-seconds "$VAE_SECONDS" \
   --transformer-seconds "$TRANSFORMER_SECONDS" --work "$WORK/base-work" --threads 1 | tee -a "$WORK/base.log"
 
 stamp "adapter: ${ADAPTER_SECONDS}s, seed 0, encoder frozen, transfer pairs (lighting, palette, style)"

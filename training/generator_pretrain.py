@@ -129,11 +129,19 @@ def caption_text_encoders(vocabulary: Sequence[str], seed: int = 0, max_length: 
 
 
 def build_vae(
-    seed: int = 0, channels: Sequence[int] = (32, 64, 64), latent_channels: int = 4, size: int = 64
+    seed: int = 0,
+    channels: Sequence[int] = (32, 64, 64),
+    latent_channels: int = 4,
+    size: int = 64,
+    norm_groups: int = 1,
 ) -> AutoencoderKL:
     """AutoencoderKL with 2^(len(channels) - 1) downsampling: (32, 64, 64) maps 64 x 64 RGB to 4 x 16 x 16.
 
     `size` (the training resolution) is recorded as `sample_size`, which the adapter stage reads back.
+    `norm_groups`: GroupNorm groups. One group normalises over all channels and keeps their ratios; as many groups
+    as the first level has channels (8 on 8, the earlier setting) is an instance norm that removes each feature
+    map's mean, and on flat colours it learnt half as much of the colour (tests/training, bench/RESULTS.md
+    "Why the 128 px generator is grey").
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -142,7 +150,7 @@ def build_vae(
             out_channels=3,
             latent_channels=latent_channels,
             layers_per_block=1,
-            norm_num_groups=8,
+            norm_num_groups=norm_groups,
             down_block_types=("DownEncoderBlock2D",) * len(channels),
             up_block_types=("UpDecoderBlock2D",) * len(channels),
             block_out_channels=tuple(channels),
@@ -345,6 +353,11 @@ def train_vae(
     return losses
 
 
+def chroma(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> each pixel minus the mean of its three channels: the colour without the grey level."""
+    return images - images.mean(dim=1, keepdim=True)
+
+
 @torch.no_grad()
 def set_latent_statistics(vae: AutoencoderKL, images: torch.Tensor) -> None:
     """shift_factor = mean and scaling_factor = 1 / std of the latent means, so the flow sees unit variance."""
@@ -538,6 +551,7 @@ def pretrain_base(
     max_pairs: int | None = None,
     seed: int = 0,
     vae_channels: Sequence[int] = (16, 32, 64, 64),
+    vae_norm_groups: int = 1,
     vae_steps: int = 100_000,
     vae_seconds: float | None = 240,
     vae_batch_size: int = 16,
@@ -565,7 +579,7 @@ def pretrain_base(
     images, captions = cached(work and work / "images.pt", data_key, lambda: load_examples(data_dir, size, max_pairs))
     print(json.dumps({"examples": len(images), "size": size}), flush=True)
 
-    vae = build_vae(seed, vae_channels, latent_channels, size)
+    vae = build_vae(seed, vae_channels, latent_channels, size, vae_norm_groups)
     vae_losses = train_vae(
         vae,
         images,
@@ -584,7 +598,13 @@ def pretrain_base(
     pipeline = AttributePipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), **text_parts
     )
-    vae_key = {**data_key, "seed": seed, "vae_steps": len(vae_losses), "vae_channels": list(vae_channels)}
+    vae_key = {
+        **data_key,
+        "seed": seed,
+        "vae_steps": len(vae_losses),
+        "vae_channels": list(vae_channels),
+        "vae_norm_groups": vae_norm_groups,
+    }
     latents, shift, scale = cached(work and work / "latents.pt", vae_key, lambda: normalised_latents(vae, images))
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)  # latents: (N, S, 4 C)
     distinct = list(dict.fromkeys(captions))
@@ -851,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base.add_argument("--vae-batch-size", type=int, default=16)
     base.add_argument("--transformer-lr", type=float, default=1e-3)
     base.add_argument("--vae-channels", type=int, nargs="+", default=(16, 32, 64, 64))
+    base.add_argument("--vae-norm-groups", type=int, default=1, help="GroupNorm groups (1 keeps colour)")
     base.add_argument("--latent-channels", type=int, default=8)
     base.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
     base.add_argument("--threads", type=int)
@@ -902,6 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             transformer_batch_size=args.transformer_batch_size,
             transformer_lr=args.transformer_lr,
             vae_channels=tuple(args.vae_channels),
+            vae_norm_groups=args.vae_norm_groups,
             latent_channels=args.latent_channels,
             vae_batch_size=args.vae_batch_size,
             work=args.work,

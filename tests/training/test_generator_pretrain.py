@@ -50,6 +50,23 @@ def test_vocabulary_covers_captions_and_ends_with_eos(pair_dir):
 
 
 @pytest.mark.slow
+def test_one_norm_group_learns_flat_colours_better_than_an_instance_norm():
+    """Flat random colours, 300 steps: the chroma (colour minus grey) left in the reconstruction error, as a share
+    of the chroma's variance. The instance-norm setting (8 groups on 8 channels) kept the starter VAE grey."""
+    colours = torch.randint(0, 256, (256, 3, 1, 1), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    images = colours.expand(256, 3, 32, 32).contiguous()
+    x = gp.to_unit_range(images[:64])
+    left = {}
+    for groups in (1, 8):
+        vae = gp.build_vae(seed=0, channels=(8, 16), latent_channels=4, size=32, norm_groups=groups)
+        gp.train_vae(vae, images, steps=300, batch_size=16, lr=1e-3, log_every=1000)
+        with torch.no_grad():
+            y = vae.eval().decode(vae.encode(x).latent_dist.mean).sample
+        left[groups] = float(((gp.chroma(x) - gp.chroma(y)) ** 2).mean() / (gp.chroma(x) ** 2).mean())
+    assert left[1] < 0.4 and left[1] < 0.6 * left[8], left
+
+
+@pytest.mark.slow
 def test_vae_loss_decreases_on_a_fixed_batch(pair_dir):
     images, _ = gp.load_examples(pair_dir, 32)
     vae = gp.build_vae(seed=0, channels=(8, 16))
@@ -245,3 +262,13 @@ def test_prompt_without_drops_the_attribute_phrase():
             prompt = bench.prompt_without(factors, factor)
             caption = caption_for(factors, template=2).lower()
             assert prompt.lower().count(phrase.lower()) == caption.count(phrase.lower()) - 1
+
+
+def test_vae_colour_scores_a_perfect_and_a_grey_reconstruction():
+    bench = _load_bench("vae_colour")
+    images = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    exact = gp.to_unit_range(images)
+    assert bench.colour_scores(images, exact) == {"mse": 0.0, "chroma_left": 0.0}
+    grey = exact.mean(dim=1, keepdim=True).expand_as(exact)  # the grey level kept, the colour gone
+    scores = bench.colour_scores(images, grey)
+    assert scores["chroma_left"] == 1.0 and scores["mse"] > 0
