@@ -120,10 +120,11 @@ def build_worker_context(settings: Settings) -> WorkerContext:
         lock = DataDirLock(settings.data_dir)
         vectors = open_vector_index(kind="embedded", data_dir=settings.vectors_dir, reserve_bytes=reserve_bytes)
     generator = None
-    if settings.generator_path:
+    generator_path = settings.resolved_generator_path
+    if generator_path is not None:
         generator = GeneratorProvider(
             settings.generator_plugin,
-            settings.generator_path,
+            generator_path,
             device=settings.device,
             steps=settings.generation_steps,
             size=settings.generation_size,

@@ -108,8 +108,9 @@ def require_generator(generator_available: bool) -> None:
     """ConflictError, saying how to configure one, when this server has no generator."""
     if not generator_available:
         raise ConflictError(
-            "no generator is configured on this server; set OMNIATTR_GENERATOR_PATH to a diffusers-format "
-            "generator directory (and OMNIATTR_GENERATOR_PLUGIN if it is not 'flux')"
+            "generations are off on this server: no OMNIATTR_GENERATOR_PATH and no shipped starter generator, or "
+            "OMNIATTR_GENERATIONS_ENABLED=false; set OMNIATTR_GENERATOR_PATH to a diffusers-format generator "
+            "directory (and OMNIATTR_GENERATOR_PLUGIN if it is not 'flux')"
         )
 
 

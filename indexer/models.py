@@ -113,14 +113,14 @@ class GeneratorProvider:
         if not self.path.is_dir():
             raise InvalidInputError(
                 f"OMNIATTR_GENERATOR_PATH {self.path} is not a directory; point it at a diffusers-format generator "
-                "folder, or unset it to run without generations"
+                "folder, or set OMNIATTR_GENERATIONS_ENABLED=false to run without generations"
             )
         missing = [name for name in REQUIRED_SUBFOLDERS if not (self.path / name).is_dir()]
         if self.plugin == "flux" and missing:
             raise InvalidInputError(
                 f"OMNIATTR_GENERATOR_PATH {self.path} is not a diffusers FLUX directory: it lacks "
                 f"{', '.join(name + '/' for name in missing)}; point it at the folder that holds "
-                f"{', '.join(name + '/' for name in REQUIRED_SUBFOLDERS)}, or unset it"
+                f"{', '.join(name + '/' for name in REQUIRED_SUBFOLDERS)}, or set OMNIATTR_GENERATIONS_ENABLED=false"
             )
 
     def get(self) -> AttributePipeline:

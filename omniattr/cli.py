@@ -176,6 +176,18 @@ def cmd_settings(args: argparse.Namespace) -> int:
         if in_use
         else "nothing: set OMNIATTR_ENCODER_PATH or run `omniattr init-encoder`"
     )
+    # Likewise the generator: an unset generator_path falls back to the shipped starter generator.
+    generator = settings.resolved_generator_path
+    shown["generator_path"] = str(generator) if generator else None
+    shown["generator_path_from"] = (
+        "OMNIATTR_GENERATIONS_ENABLED=false: generations are off"
+        if not settings.generations_enabled
+        else "OMNIATTR_GENERATOR_PATH"
+        if settings.generator_path is not None
+        else "the shipped starter generator"
+        if generator
+        else "nothing (generations are off): set OMNIATTR_GENERATOR_PATH"
+    )
     print(json.dumps(shown, indent=2))
     return 0
 

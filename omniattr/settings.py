@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The starter encoder shipped in a source checkout (models/starter/encoder, trained by configs/train-starter.sh).
 # An installed wheel has no models/ folder: there OMNIATTR_ENCODER_PATH or `omniattr init-encoder` is needed.
 SHIPPED_ENCODER_PATH = Path(__file__).resolve().parent.parent / "models" / "starter" / "encoder"
+# The starter generator shipped beside it (diffusers layout with attribute_adapter/); same rule: source checkout only.
+SHIPPED_GENERATOR_PATH = Path(__file__).resolve().parent.parent / "models" / "starter" / "generator"
 
 
 class Profile(StrEnum):
@@ -52,7 +54,15 @@ class Settings(BaseSettings):
     )
     device: str = "auto"
     generator_path: Path | None = Field(
-        default=None, description="Generator weights in diffusers format; generations are off without one."
+        default=None,
+        description=(
+            "Generator weights in diffusers format; default: the starter generator shipped in a source checkout "
+            "(models/starter/generator) when present. Generations are off without one."
+        ),
+    )
+    generations_enabled: bool = Field(
+        default=True,
+        description="false turns generations off (API 409, no Personalize on the page) whatever the generator path.",
     )
     generator_plugin: str = Field(default="flux", description="Entry point in the omniattr.generators group.")
     generation_steps: int = Field(default=28, ge=1, le=200)
@@ -127,6 +137,16 @@ class Settings(BaseSettings):
         if self.default_encoder_path.is_dir():
             return self.default_encoder_path
         return SHIPPED_ENCODER_PATH if (SHIPPED_ENCODER_PATH / "encoder_config.json").is_file() else None
+
+    @property
+    def resolved_generator_path(self) -> Path | None:
+        """The generator generations use: None when switched off, else the configured one, else the shipped starter
+        generator when its model_index.json exists (a source checkout), else None (generations off)."""
+        if not self.generations_enabled:
+            return None
+        if self.generator_path is not None:
+            return self.generator_path
+        return SHIPPED_GENERATOR_PATH if (SHIPPED_GENERATOR_PATH / "model_index.json").is_file() else None
 
     @property
     def vectors_dir(self) -> Path:

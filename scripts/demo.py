@@ -5,7 +5,9 @@ index computes only missing attributes):
 1. write ~300 images under data/demo/images: scikit-image's bundled photos, each in a dozen lighting, colour
    and art-style variants, plus procedurally rendered objects (training/data/procedural.py);
 2. pick the encoder: the shipped starter model (models/starter/encoder) when present, otherwise an untrained
-   compact encoder from `omniattr init-encoder` (with a warning: rankings then are not meaningful);
+   compact encoder from `omniattr init-encoder` (with a warning: rankings then are not meaningful); the
+   generator is left to the settings rule (`omniattr up` uses the shipped models/starter/generator when
+   present, Settings.resolved_generator_path), and the demo says which;
 3. `omniattr ingest` and `omniattr index` (embedded profile, data under data/demo/omniattr, progress bars);
 4. `omniattr up` on 127.0.0.1, then print the URL and three example queries with their top results, and
    keep serving until Ctrl-C (`--check` stops the server after printing instead).
@@ -199,6 +201,18 @@ def choose_encoder(data_dir: Path, env: dict[str, str]) -> Path:
     return fallback
 
 
+def describe_generator() -> str:
+    """The demo's line about Personalize. The demo sets no OMNIATTR_GENERATOR_PATH (demo_environment drops every
+    OMNIATTR_* variable), so `omniattr up` resolves the generator by the settings rule: the shipped starter
+    generator when present, else none."""
+    # The defaults, without reading this process's environment (what demo_environment drops).
+    generator = Settings.model_construct().resolved_generator_path
+    if generator is None:
+        return "[demo] generator: none (models/starter/generator is not here), so Personalize is off"
+    where = generator.relative_to(ROOT) if generator.is_relative_to(ROOT) else generator
+    return f"[demo] generator: the shipped starter model, {where} (tick results, type a prompt, Personalize)"
+
+
 # --- 3. ingest and index ------------------------------------------------------------------------------
 
 
@@ -336,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     build_collection(images_dir)
     env["OMNIATTR_ENCODER_PATH"] = str(choose_encoder(data_dir, env))
+    print(describe_generator())
     run([omniattr(), "ingest", str(images_dir), "--collection", COLLECTION], env)
     run([omniattr(), "index", "--collection", COLLECTION, *ATTRIBUTES], env)
 

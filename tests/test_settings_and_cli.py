@@ -98,3 +98,49 @@ def test_cli_settings_masks_passwords(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "s3cret" not in result.stdout and "topsecret" not in result.stdout
     assert "postgresql+psycopg://app:***@db/omni" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_generator(tmp_path_factory) -> Path:
+    """A tiny real generator saved the way a shipped one is (diffusers layout, attribute_adapter/)."""
+    from generator_plugin.testing import tiny_generator
+
+    root = tmp_path_factory.mktemp("starter") / "generator"
+    tiny_generator(seed=0).save_pretrained(root)
+    return root
+
+
+def test_unset_generator_path_resolves_to_the_shipped_generator(saved_tiny_generator, tmp_path, monkeypatch):
+    """Like the encoder: an unset OMNIATTR_GENERATOR_PATH uses models/starter/generator when it is there, and
+    load_generator reads what the rule points at."""
+    from generator_plugin.plugins import load_generator
+
+    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no stray .env file
+    monkeypatch.setattr("omniattr.settings.SHIPPED_GENERATOR_PATH", saved_tiny_generator)
+    settings = Settings()
+    assert settings.generator_path is None and settings.resolved_generator_path == saved_tiny_generator
+    assert load_generator("flux", settings.resolved_generator_path).attribute_adapter is not None
+
+    # A configured path wins over the shipped one.
+    elsewhere = tmp_path / "my-generator"
+    assert Settings(generator_path=elsewhere).resolved_generator_path == elsewhere
+
+    # The off switch wins over both, from the environment as a user sets it.
+    monkeypatch.setenv("OMNIATTR_GENERATIONS_ENABLED", "false")
+    assert Settings().resolved_generator_path is None
+    assert Settings(generator_path=elsewhere).resolved_generator_path is None
+
+
+def test_generations_are_off_without_a_shipped_generator(tmp_path, monkeypatch):
+    """An installed wheel (no models/ folder), or a folder without model_index.json: no generator, same as before."""
+    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("omniattr.settings.SHIPPED_GENERATOR_PATH", tmp_path / "no-models" / "generator")
+    assert Settings().resolved_generator_path is None
+    half = tmp_path / "half" / "generator"
+    (half / "transformer").mkdir(parents=True)  # a copy that never finished: no model_index.json
+    monkeypatch.setattr("omniattr.settings.SHIPPED_GENERATOR_PATH", half)
+    assert Settings().resolved_generator_path is None

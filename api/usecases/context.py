@@ -116,7 +116,8 @@ def build_services(settings: Settings) -> Services:
     closers.append(sweeper.close)
     return Services(
         encoder_model_id=encoder_model_id,
-        generator_plugin=settings.generator_plugin if settings.generator_path else None,
+        # The worker context's generator (Settings.resolved_generator_path), so the API and the worker agree.
+        generator_plugin=settings.generator_plugin if context.generator is not None else None,
         session_factory=context.session_factory,
         read_session_factory=make_session_factory(context.session_factory.kw["bind"], read_only=True),
         vectors=context.vectors,

@@ -114,6 +114,21 @@ def test_settings_shows_the_encoder_in_use(tmp_path, monkeypatch, capsys):
     assert shown["encoder_path_from"] == "the shipped starter encoder"
 
 
+def test_settings_shows_the_generator_in_use(generator_dir, tmp_path, monkeypatch, capsys):
+    for key in [k for k in os.environ if k.startswith("OMNIATTR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("omniattr.settings.SHIPPED_GENERATOR_PATH", generator_dir)
+    assert main(["settings"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["generator_path"] == str(generator_dir)
+    assert shown["generator_path_from"] == "the shipped starter generator"
+    monkeypatch.setenv("OMNIATTR_GENERATIONS_ENABLED", "false")
+    assert main(["settings"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["generator_path"] is None and shown["generator_path_from"].endswith("generations are off")
+
+
 @pytest.mark.slow
 def test_search_by_id_does_not_load_the_model(embedded_env, capsys):
     """A search by stored id needs no encoder: torch (and qdrant-client, the server backend) stay unimported."""

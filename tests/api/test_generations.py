@@ -152,8 +152,30 @@ def test_generation_errors(tmp_path, tiny_encoder_dir, generator_dir, monkeypatc
         blank = client.post("/api/generations", json={"refs": [{"image_id": ids[0], "attribute": "a"}], "prompt": " "})
         assert blank.status_code == 400 and "prompt is empty" in blank.json()["detail"]
         assert client.get("/api/generations/424242").status_code == 404
-    with client_for(tmp_path / "off", tiny_encoder_dir, monkeypatch) as client:
+    # Generations switched off: refused (409) even though a generator is shipped beside the code.
+    monkeypatch.setattr("omniattr.settings.SHIPPED_GENERATOR_PATH", generator_dir)
+    with client_for(tmp_path / "off", tiny_encoder_dir, monkeypatch, generations_enabled=False) as client:
         assert client.get("/api/health").json()["generator"] is None
         ids = upload(client, count=1)
         off = client.post("/api/generations", json={"refs": [{"image_id": ids[0], "attribute": "a"}], "prompt": "x"})
         assert off.status_code == 409 and "OMNIATTR_GENERATOR_PATH" in off.json()["detail"]
+
+
+@pytest.mark.slow
+def test_personalize_uses_the_shipped_generator_by_default(tmp_path, tiny_encoder_dir, generator_dir, monkeypatch):
+    """No generator setting at all: a source checkout's models/starter/generator (here the tiny saved one in its
+    place) serves a personalize request."""
+    monkeypatch.setattr("omniattr.settings.SHIPPED_GENERATOR_PATH", generator_dir)
+    with client_for(tmp_path, tiny_encoder_dir, monkeypatch) as client:
+        assert client.app.state.settings.generator_path is None
+        assert client.get("/api/health").json()["generator"] == "flux"
+        ids = upload(client, count=1)
+        response = client.post(
+            "/api/generations",
+            json={"refs": [{"image_id": ids[0], "attribute": "lighting"}], "prompt": "a cup", "seed": 7},
+        )
+        assert response.status_code == 202, response.text
+        assert wait_for_job(client, response.json()["job_id"])["status"] == "done"
+        done = client.get(f"/api/generations/{response.json()['id']}").json()
+        assert done["status"] == "done" and set(done["transfer_scores"]) == {"lighting"}
+        assert Image.open(io.BytesIO(client.get(done["output_url"]).content)).size == (64, 64)

@@ -87,3 +87,16 @@ def test_demo_environment_is_embedded_whatever_the_caller_set(demo, tmp_path, mo
     env = demo.demo_environment(tmp_path)
     assert env["OMNIATTR_PROFILE"] == "embedded" and env["OMNIATTR_DATA_DIR"] == str(tmp_path)
     assert "OMNIATTR_DATABASE_URL" not in env
+
+
+def test_demo_says_whether_the_shipped_generator_serves_personalize(demo, tmp_path, monkeypatch):
+    """The demo sets no generator: `omniattr up` takes models/starter/generator by the settings rule, and the demo's
+    line follows the same rule (whatever OMNIATTR_* the caller had set, as demo_environment drops them)."""
+    monkeypatch.setenv("OMNIATTR_GENERATIONS_ENABLED", "false")  # dropped for the demo's server: must not count
+    monkeypatch.setattr("omniattr.settings.SHIPPED_GENERATOR_PATH", tmp_path / "absent")
+    assert "none" in demo.describe_generator() and "Personalize is off" in demo.describe_generator()
+    shipped = tmp_path / "starter" / "generator"
+    shipped.mkdir(parents=True)
+    (shipped / "model_index.json").write_text("{}")  # the settings rule looks for this file only
+    monkeypatch.setattr("omniattr.settings.SHIPPED_GENERATOR_PATH", shipped)
+    assert demo.describe_generator().startswith("[demo] generator: the shipped starter model")
