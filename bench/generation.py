@@ -190,7 +190,9 @@ def run_apply(args: argparse.Namespace) -> list[dict]:
     images += [synthetic_photo(seed) for seed in range(len(images), 4)]
     base, references = images[0], images[1:4]
     with torch.no_grad():
-        args.attribute_tokens = encoder.encode([base], ["lighting"]).tokens.shape[1]  # l, for the description
+        embeddings = encoder.encode([base], ["lighting"])
+    # l, for the description: the adapter's input (with the pooled vector for a pooled_token adapter)
+    args.attribute_tokens = pipe.attribute_adapter.condition_tokens(embeddings.tokens, embeddings.pooled).shape[1]
     attributes = ("lighting", "color palette", "art style")
     common = dict(
         prompt=args.prompt,
