@@ -21,7 +21,7 @@ def _load_generation_bench():
 
 def test_apply_to_my_image_rows_on_a_saved_generator_with_a_pooled_token_adapter(tmp_path, capsys):
     from encoder import AttributeEncoder
-    from encoder.config import EncoderConfig
+    from encoder.testing import tiny_compact_config
     from generator_plugin import AttributePipeline
     from generator_plugin.adapter import AttributeAdapter
     from generator_plugin.testing import randomize_attribute_adapter, tiny_generator, tiny_text_encoders
@@ -35,10 +35,7 @@ def test_apply_to_my_image_rows_on_a_saved_generator_with_a_pooled_token_adapter
     randomize_attribute_adapter(adapter).save_pretrained(generator_dir / "attribute_adapter")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        config = EncoderConfig(
-            backend="compact", context_dim=32, num_queries=4, connector_depth=1, connector_width=32,
-            connector_heads=2, image_size=64,
-        )  # fmt: skip
+        config = tiny_compact_config(image_size=64)
         AttributeEncoder(config).save_pretrained(encoder_dir)
 
     bench = _load_generation_bench()

@@ -336,16 +336,13 @@ def test_max_references_is_the_domain_rule():
 
 def test_references_reach_a_pooled_token_adapter_as_tokens_plus_the_pooled_vector(pipe, prompt):
     from encoder import AttributeEncoder
-    from encoder.config import EncoderConfig
+    from encoder.testing import tiny_compact_config
     from generator_plugin.adapter import AttributeAdapter
     from generator_plugin.testing import randomize_attribute_adapter
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        config = EncoderConfig(
-            backend="compact", context_dim=32, num_queries=4, connector_depth=1, connector_width=32,
-            connector_heads=2, image_size=64,
-        )  # fmt: skip
+        config = tiny_compact_config(image_size=64)
         encoder = AttributeEncoder(config).eval()
     pipe.unload_attribute_adapter()
     adapter = AttributeAdapter.for_transformer(pipe.transformer, token_dim=32, pooled_token=True)
