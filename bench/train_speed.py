@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.config import TrainConfig, load_train_config  # noqa: E402
 from training.data.pairs import PairDataset, load_pairs, records_with_both  # noqa: E402
 from training.feature_cache import FeatureCache  # noqa: E402
-from training.floor_fit import FIXED_GROUPS, FloorFitConfig, fit_loss, prepare  # noqa: E402
+from training.floor_fit import FloorFitConfig, fit_loss, prepare, trainable_parameters  # noqa: E402
 from training.trainer import AttributeTrainingModule, _CachedPairDataset, build_encoder  # noqa: E402
 
 PARTS = ("features", "text", "connector", "floor", "backward+step")
@@ -187,10 +187,8 @@ def floor_stage(base: dict, data: Path, work: Path, picks, records, args) -> tup
     prepared = time.perf_counter() - start
     row_of = {pair_id: i for i, pair_id in enumerate(fit_data.pair_ids)}
     floor = encoder.backbone.floor
-    for name in FIXED_GROUPS:  # as in the fit: these projections are fixed, not trained
-        floor.projections[name].requires_grad_(False)
     floor.train()
-    optimizer = torch.optim.AdamW([p for p in floor.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW(trainable_parameters(floor), lr=1e-3)  # as in the fit: FIXED_GROUPS stay fixed
     times = []
     for index, pick in enumerate(picks):
         batch = fit_data.pairs[[row_of[records[i].id] for i in pick]]

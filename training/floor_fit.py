@@ -233,12 +233,19 @@ def fit_loss(
     return factor_contrastive_loss(vectors.view(images, factors, -1), data.labels[rows], tau=tau)
 
 
+def trainable_parameters(floor: FloorHead) -> list[torch.nn.Parameter]:
+    """Freeze the FIXED_GROUPS projections and return what the fit trains: the other projections and the gate."""
+    for name in FIXED_GROUPS:
+        floor.projections[name].requires_grad_(False)
+    return [parameter for parameter in floor.parameters() if parameter.requires_grad]
+
+
 def principal_projection(centred: torch.Tensor, rows: int) -> torch.Tensor:
     """(rows, D) projection onto the top principal directions of centred (N, D) descriptors, each L2-normalised
     first (the floor compares directions); where rows >= D an orthonormal basis of all of them, padded with zeros."""
     unit = F.normalize(centred.double(), dim=-1)
     covariance = unit.t() @ unit / len(unit)  # (D, D)
-    values, vectors = torch.linalg.eigh(covariance)  # ascending
+    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
     top = vectors.flip(1)[:, : min(rows, centred.shape[1])].t()  # (k, D), largest variance first
     return torch.cat([top, top.new_zeros(rows - len(top), centred.shape[1])]).float()
 
@@ -271,10 +278,8 @@ def fit(config: FloorFitConfig, *, restart: bool = False) -> Path | None:
         for name in FIXED_GROUPS:
             projection = floor.projections[name]
             projection.weight.copy_(principal_projection(centred[list(GROUPS).index(name)], projection.out_features))
-            projection.requires_grad_(False)
     floor.train()
-    trainable = [p for p in floor.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(floor), lr=config.lr, weight_decay=config.weight_decay)
     step = 0
     state_path = out / STATE_NAME
     if state_path.is_file() and not restart:

@@ -700,15 +700,13 @@ def pretrain_adapter(
         "generator": str(Path(generator_dir).resolve()),
         "encoder": str(Path(encoder_dir).resolve()),
         **{name: settings[name] for name in ("size", "max_pairs", "target", "attributes", "max_text_tokens")},
-        "tokens": "tokens+pooled",
+        "inputs": "tokens, pooled",
     }
-    tokens, latents, sequences, vectors = cached(
+    tokens, pooled, latents, sequences, vectors = cached(
         work and work / "adapter-inputs.pt",
         key,
         lambda: adapter_inputs(pipeline, encoder, root, records, size, target, max_text_tokens, encode_batch_size),
     )
-    if not pooled_token:
-        tokens = tokens[:, :-1]  # (N, l, d_ctx): the cache holds the pooled vector as the last token
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -716,7 +714,7 @@ def pretrain_adapter(
     pipeline.load_attribute_adapter(adapter)
     losses = train_adapter(
         pipeline,
-        tokens,
+        adapter.condition_tokens(tokens, pooled),  # what the pipeline gives it: (N, l [+ 1], d_ctx)
         latents,
         sequences,
         vectors,
@@ -767,8 +765,9 @@ def adapter_inputs(
     target: str,
     max_text_tokens: int,
     encode_batch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The adapter's frozen inputs: reference tokens (N, l, d_ctx) half, target latents, caption features."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adapter's frozen inputs: reference tokens (N, l, d_ctx) and pooled vectors (N, d_ctx), both half;
+    target latents; caption features."""
     # Both directions of every pair: reference x -> target y, and y -> x.
     references = [path for r in records for path in (r.image_x, r.image_y)]
     if target == "pair":
@@ -781,16 +780,17 @@ def adapter_inputs(
         raise ValueError(f"target must be 'pair' or 'self', got {target!r}")
     positives = [list(r.positive) for r in records for _ in range(2)]
     started = time.perf_counter()
-    token_chunks = []
+    token_chunks, pooled_chunks = [], []
     for start in range(0, len(references), encode_batch_size):
         images = [PIL.Image.open(root / p).convert("RGB") for p in references[start : start + encode_batch_size]]
         embeddings = encoder.encode(images, positives[start : start + encode_batch_size])
-        token_chunks.append(torch.cat([embeddings.tokens, embeddings.pooled.unsqueeze(1)], dim=1).half())
-    tokens = torch.cat(token_chunks)  # (N, l + 1, d_ctx): the tokens, then the pooled vector
+        token_chunks.append(embeddings.tokens.half())
+        pooled_chunks.append(embeddings.pooled.half())
+    tokens, pooled = torch.cat(token_chunks), torch.cat(pooled_chunks)  # (N, l, d_ctx), (N, d_ctx)
     latents = encode_latents(pipeline.vae, torch.stack([load_image(root / p, size) for p in targets]))
     sequences, vectors = embed_captions(pipeline, captions, max_text_tokens)
     print(json.dumps({"examples": len(tokens), "precompute_seconds": round(time.perf_counter() - started, 1)}))
-    return tokens, latents, sequences, vectors
+    return tokens, pooled, latents, sequences, vectors
 
 
 def sample_grid(
@@ -871,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base.add_argument("--vae-batch-size", type=int, default=16)
     base.add_argument("--transformer-lr", type=float, default=1e-3)
     base.add_argument("--vae-channels", type=int, nargs="+", default=(16, 32, 64, 64))
-    base.add_argument("--vae-norm-groups", type=int, default=1, help="GroupNorm groups (1 keeps colour)")
+    base.add_argument("--vae-norm-groups", type=int, default=1, help="GroupNorm groups (1: over all channels)")
     base.add_argument("--latent-channels", type=int, default=8)
     base.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
     base.add_argument("--threads", type=int)
