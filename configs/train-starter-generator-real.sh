@@ -3,17 +3,17 @@
 #
 #   PYTHON=.venv/bin/python DATA=runs/real/data-train bash configs/train-starter-generator-real.sh
 #
-# DATA: the realpairs corpus of configs/train-starter-real.sh (TRAIN sources only, 224 px). Rerunning the same
-# command resumes: WORK keeps the resized images, the VAE latents, the adapter's precomputed encoder tokens /
+# DATA: the realpairs corpus of configs/train-starter-real.sh (TRAIN sources only, 224 px, with --bases).
+# Rerunning the same command resumes: WORK keeps the resized images, the VAE latents, the adapter's precomputed encoder tokens /
 # latents / caption features and each stage's checkpoint (time budgets count the time already spent).
 # 1. base: AutoencoderKL (channels 8 16 32 64, one GroupNorm group: 128 x 128 RGB -> 16 x 16 x 8 latents, 64 packed
 #    tokens) for VAE_SECONDS, then a FluxTransformer2DModel (3 double + 3 single blocks, 4 heads x 32) for
 #    TRANSFORMER_SECONDS on both sides of the first 4000 pairs; seed 0.
 # 2. adapter: models/starter/encoder's tokens plus its pooled search vector (frozen) -> the attribute adapter,
 #    on the "transfer" pairs only: pairs sharing lighting, palette or art style whose subjects differ. Reference =
-#    one side encoded under the shared attributes, target = the other side under its own caption. Apply-to-my-image
-#    has no separate base here: the target's own noised latent plays the base (img2img starts from a noised base
-#    latent).
+#    one side encoded under the shared attributes, target = the other side under its own caption. Half of the steps
+#    train apply-to-my-image: they start from the target's base image (the same content with the shared attribute
+#    changed, realpairs --bases) noised to a sigma in 0.5-0.95 and end at the target (losses.bridge_inputs).
 # Then measure with bench/transfer_score.py --real ... --base (the commands are in bench/RESULTS.md).
 # --threads 1 and nice: the machine has two cores shared with other jobs.
 # Status (CPU runs, 2026-12-01): transfer on held-out real images 40-48 % for apply-to-my-image, no better than

@@ -5,7 +5,8 @@
 #   PYTHON=.venv/bin/python bash configs/train-starter-real.sh
 #
 # 1. the real images (training/data/realdata.py: Debian packages and PyPI wheels, ~730 MB of downloads once);
-# 2. real-content pairs with recorded factors from the TRAIN sources only (training/data/realpairs.py);
+# 2. real-content pairs with recorded factors from the TRAIN sources only (training/data/realpairs.py), with the
+#    base images the generator's apply-to-my-image training uses (--bases; the pairs are the same without them);
 # 3. the floor fit (training/floor_fit.py): the trained connector, projector and LoRA of $ENCODER stay frozen;
 #    the frozen trunk's features are cached once per image, the connector's reading once per (image, factor),
 #    then the floor's projections and its text gate (which also weighs the connector) train from those.
@@ -33,7 +34,7 @@ stamp "$PAIRS real-content pairs (seed 0, 224 px) -> $OUT/data-train"
 if [ "$(wc -l < "$OUT/data-train/pairs.jsonl" 2>/dev/null || echo 0)" -lt "$PAIRS" ]; then
   rm -rf "$OUT/data-train"
   $PY -m training.data.realpairs --manifest "$REALDATA/manifest.jsonl" --out "$OUT/data-train" --pairs "$PAIRS" \
-    --seed 0 --size 224 --workers "$WORKERS"
+    --seed 0 --size 224 --workers "$WORKERS" --bases lighting,palette,style
 fi
 stamp "floor fit from $ENCODER, $STEPS steps -> $OUT/floor"
 $PY -m training.floor_fit --encoder "$ENCODER" --data "$OUT/data-train" --cache "$OUT/feature-cache" \

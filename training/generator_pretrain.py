@@ -17,7 +17,9 @@ caption, which the transformer learns to read. The result is a diffusers-layout 
 its caption, conditioned on E(reference, all its positives), condition dropout as the pipeline drops
 conditions) with the encoder frozen, so its tokens, the target latents and the caption features are computed
 once and every step runs only the transformer. `training.trainer` trains the same objective with the encoder
-unfrozen (L_gen + L_con), at the cost of an encoder forward and backward per step.
+unfrozen (L_gen + L_con), at the cost of an encoder forward and backward per step. Pairs that carry base images
+(realpairs --bases) also train apply-to-my-image: from the target's base noised to an img2img start sigma to the
+target (losses.bridge_inputs), so the adapter learns to replace the base's attribute with the reference's.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from generator_plugin.pipeline import AttributePipeline
 from training.data.pairs import PairRecord, load_pairs
 from training.data.procedural import FACTORS
 from training.loop import BatchLoss, run_steps
-from training.losses import flow_matching_inputs, flow_matching_loss, sample_sigmas
+from training.losses import bridge_inputs, flow_matching_inputs, flow_matching_loss, sample_sigmas
 from training.trainer import pack_latents
 
 PRETRAIN_CONFIG_NAME = "pretrain_config.json"
@@ -385,11 +387,23 @@ def flow_step_loss(
     image_ids: torch.Tensor,  # (S, 3)
     generator: torch.Generator,
     attention_kwargs: dict | None = None,
+    bridge: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The flow-matching velocity MSE of one batch (the trainer's L_gen with the conditions given)."""
+    """The flow-matching velocity MSE of one batch (the trainer's L_gen with the conditions given).
+
+    bridge: (base latents (B, S, 4 C), starts (B,) in (0, 1]): row b runs img2img's path from its base noised to
+    starts[b] (losses.bridge_inputs) at a sigma drawn uniformly below it; a start of 1 is plain flow matching.
+    """
     noise = torch.randn(clean.shape, generator=generator)
     sigmas = sample_sigmas(len(clean), "logit_normal", generator=generator)  # (B,)
-    noisy, target = flow_matching_inputs(clean, noise, sigmas)
+    if bridge is None:
+        noisy, target = flow_matching_inputs(clean, noise, sigmas)
+    else:
+        base, starts = bridge
+        bridged = starts < 1.0
+        below = starts * torch.rand(len(clean), generator=generator).clamp_min(1e-3)  # (B,) in (0, start]
+        sigmas = torch.where(bridged, below, sigmas)
+        noisy, target = bridge_inputs(clean, base, noise, starts, sigmas)
     predicted = transformer(
         hidden_states=noisy,
         timestep=sigmas,
@@ -494,11 +508,16 @@ def train_adapter(
     max_seconds: float | None = None,
     log_every: int = 50,
     checkpoint_path: Path | None = None,
+    base_latents: torch.Tensor | None = None,  # (N, S, 4 C) the target's base image; NaN rows: none
+    bridge_share: float = 0.5,
+    strength_range: tuple[float, float] = (0.5, 0.95),
 ) -> list[float]:
     """L_gen for the pipeline's adapter with everything else frozen; returns the per-step losses.
 
     text_dropout is higher than the trainer's default so the adapter learns D(A, 0), the row that personalize
-    and compose add to the text's flow field.
+    and compose add to the text's flow field. With base_latents, a share `bridge_share` of the rows that have a
+    base train apply-to-my-image instead: start from the base noised to a start sigma drawn in `strength_range`
+    and end at the target (flow_step_loss's bridge), so the adapter learns to override the base's attribute.
     """
     transformer, adapter = pipeline.transformer, pipeline.attribute_adapter
     transformer.requires_grad_(False)
@@ -509,10 +528,19 @@ def train_adapter(
     resume = StageCheckpoint(checkpoint_path, {"adapter": adapter}, optimizer, generator).run_kwargs()
     image_ids = latent_image_ids(target_latents.shape[1])
 
+    has_base = None if base_latents is None else ~base_latents.flatten(1).isnan().any(dim=1)  # (N,)
+    low, high = strength_range
+
     def batch_loss(step: int) -> BatchLoss:
         index = torch.randint(len(target_latents), (batch_size,), generator=generator)
         keep_text = _drop(1.0 - text_dropout, batch_size, generator)
         keep_attribute = _drop(1.0 - attribute_dropout, batch_size, generator)
+        bridge = None
+        if has_base is not None:
+            bridged = has_base[index] & (torch.rand(batch_size, generator=generator) < bridge_share)  # (B,)
+            starts = low + (high - low) * torch.rand(batch_size, generator=generator)
+            bases = torch.where(bridged.view(-1, 1, 1), base_latents[index].nan_to_num(), target_latents[index])
+            bridge = (bases, torch.where(bridged, starts, torch.ones_like(starts)))
         return BatchLoss(
             flow_step_loss(
                 transformer,
@@ -522,6 +550,7 @@ def train_adapter(
                 image_ids,
                 generator,
                 attention_kwargs=adapter.attention_kwargs(reference_tokens[index].float(), keep_attribute),
+                bridge=bridge,
             )
         )
 
@@ -663,6 +692,8 @@ def pretrain_adapter(
     attributes: Sequence[str] | None = None,
     work: str | Path | None = None,
     pooled_token: bool = True,
+    bridge_share: float = 0.5,
+    strength_range: tuple[float, float] = (0.5, 0.95),
 ) -> dict:
     """Train an attribute adapter for `encoder_dir`'s tokens; write it to out (default GEN_DIR/attribute_adapter).
 
@@ -674,6 +705,9 @@ def pretrain_adapter(
     (identity differs), the (reference, target) examples of "this content with that reference's attribute";
     the reference is encoded under the shared attributes only. `work`: a folder for the precomputed
     tokens / latents / caption features and the stage's checkpoint, so a rerun resumes.
+
+    Pairs with base images (realpairs --bases) also train apply-to-my-image: `bridge_share` of their steps start
+    from the target's base noised to a sigma in `strength_range` (train_adapter).
     """
     from encoder import AttributeEncoder
     from generator_plugin.plugins import load_generator
@@ -700,9 +734,9 @@ def pretrain_adapter(
         "generator": str(Path(generator_dir).resolve()),
         "encoder": str(Path(encoder_dir).resolve()),
         **{name: settings[name] for name in ("size", "max_pairs", "target", "attributes", "max_text_tokens")},
-        "inputs": "tokens, pooled",
+        "inputs": "tokens, pooled, bases",
     }
-    tokens, pooled, latents, sequences, vectors = cached(
+    tokens, pooled, latents, bases, sequences, vectors = cached(
         work and work / "adapter-inputs.pt",
         key,
         lambda: adapter_inputs(pipeline, encoder, root, records, size, target, max_text_tokens, encode_batch_size),
@@ -726,12 +760,16 @@ def pretrain_adapter(
         seed=seed,
         max_seconds=max_seconds,
         checkpoint_path=work and work / "adapter.ckpt",
+        base_latents=bases,
+        bridge_share=bridge_share,
+        strength_range=strength_range,
     )
     adapter_dir = Path(out) if out is not None else Path(generator_dir) / "attribute_adapter"
     adapter.save_pretrained(adapter_dir)
     record = {
         "stage": "adapter",
         "examples": len(tokens),
+        "with_base": int((~bases.flatten(1).isnan().any(dim=1)).sum()),
         "settings": settings,
         "steps": len(losses),
         "loss_first_last": [_mean_head(losses), _mean_tail(losses)],
@@ -788,9 +826,20 @@ def adapter_inputs(
         pooled_chunks.append(embeddings.pooled.half())
     tokens, pooled = torch.cat(token_chunks), torch.cat(pooled_chunks)  # (N, l, d_ctx), (N, d_ctx)
     latents = encode_latents(pipeline.vae, torch.stack([load_image(root / p, size) for p in targets]))
+    # The target's base image (realpairs --bases): the same content without the reference's attribute value.
+    if target == "pair":
+        base_paths = [(r.meta or {}).get(key) for r in records for key in ("base_y", "base_x")]
+    else:
+        base_paths = [None] * len(targets)
+    bases = torch.full_like(latents, float("nan"))  # NaN rows: no base
+    with_base = [i for i, path in enumerate(base_paths) if path]
+    if with_base:
+        images = torch.stack([load_image(root / base_paths[i], size) for i in with_base])
+        bases[with_base] = encode_latents(pipeline.vae, images)
     sequences, vectors = embed_captions(pipeline, captions, max_text_tokens)
-    print(json.dumps({"examples": len(tokens), "precompute_seconds": round(time.perf_counter() - started, 1)}))
-    return tokens, pooled, latents, sequences, vectors
+    seconds = round(time.perf_counter() - started, 1)
+    print(json.dumps({"examples": len(tokens), "with_base": len(with_base), "precompute_seconds": seconds}))
+    return tokens, pooled, latents, bases, sequences, vectors
 
 
 def sample_grid(
@@ -894,6 +943,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapter.add_argument(
         "--no-pooled-token", dest="pooled_token", action="store_false", help="condition on the tokens alone"
     )
+    adapter.add_argument(
+        "--bridge-share", type=float, default=0.5, help="share of steps on pairs with a base that start from it"
+    )
+    adapter.add_argument(
+        "--strength-range",
+        type=float,
+        nargs=2,
+        default=(0.5, 0.95),
+        metavar=("LOW", "HIGH"),
+        help="start sigmas of those steps (img2img strength 0.7 at 20 steps starts near sigma 0.79)",
+    )
     adapter.add_argument("--threads", type=int)
     samples = commands.add_parser("samples", help="a grid of corpus images and samples for their captions")
     samples.add_argument("--data", required=True, type=Path)
@@ -946,6 +1006,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             attributes=args.attributes,
             work=args.work,
             pooled_token=args.pooled_token,
+            bridge_share=args.bridge_share,
+            strength_range=tuple(args.strength_range),
         )
     else:
         path = sample_grid(

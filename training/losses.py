@@ -57,6 +57,22 @@ def flow_matching_inputs(
     return noisy, noise - clean
 
 
+def bridge_inputs(
+    clean: torch.Tensor, base: torch.Tensor, noise: torch.Tensor, starts: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow matching from a noised base latent to the clean target: img2img's path, for apply-to-my-image.
+
+    Sampling at strength s starts from x_s = (1 - s) base + s noise and integrates to sigma 0; the straight path
+    from x_s to the target x_0 has the constant velocity v = (x_s - x_0) / s, and at sigma t <= s it is at
+    x_t = x_0 + t v. clean, base and noise (B, S, C); starts (B,) in (0, 1]; sigmas (B,) in [0, starts].
+    With base = clean, or s = 1, this is flow_matching_inputs.
+    """
+    shape = (-1, *([1] * (clean.ndim - 1)))
+    start, sigma = starts.to(clean.dtype).view(shape), sigmas.to(clean.dtype).view(shape)  # (B, 1, 1)
+    velocity = ((1.0 - start) * base + start * noise - clean) / start  # (B, S, C)
+    return clean + sigma * velocity, velocity
+
+
 def flow_matching_loss(predicted_velocity: torch.Tensor, target_velocity: torch.Tensor) -> torch.Tensor:
     """Mean squared error between predicted and target velocities, in float32 whatever the autocast dtype."""
     return F.mse_loss(predicted_velocity.float(), target_velocity.float())

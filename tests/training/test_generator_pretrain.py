@@ -218,6 +218,39 @@ def test_adapter_stage_trains_and_loads_with_the_generator(pair_dir, generator_d
 
 
 @pytest.mark.slow
+def test_adapter_stage_trains_apply_to_my_image_from_the_pairs_base_images(pair_dir, generator_dir, tmp_path):
+    import json
+    import shutil
+
+    from encoder import AttributeEncoder
+    from encoder.testing import tiny_compact_config
+
+    data = tmp_path / "pairs"
+    shutil.copytree(pair_dir, data)
+    rows = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines()]
+    for row in rows[::2]:  # every other pair gets bases (realpairs --bases writes them; any image will do here)
+        row["meta"] = {**(row.get("meta") or {}), "base_x": row["image_y"], "base_y": row["image_x"]}
+    (data / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    encoder_dir = tmp_path / "encoder"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AttributeEncoder(tiny_compact_config(image_size=64)).save_pretrained(encoder_dir)
+
+    record = gp.pretrain_adapter(
+        data, generator_dir, encoder_dir, out=tmp_path / "adapter", steps=4, max_seconds=None, batch_size=4,
+        bridge_share=1.0, work=tmp_path / "work",
+    )  # fmt: skip
+
+    assert record["examples"] == 2 * len(rows) and record["with_base"] == 2 * len(rows[::2])
+    assert record["settings"]["bridge_share"] == 1.0 and np.isfinite(record["loss_first_last"]).all()
+    _tokens, _pooled, latents, bases, *_ = torch.load(tmp_path / "work" / "adapter-inputs.pt", weights_only=False)[
+        "value"
+    ]
+    assert torch.equal(bases[0], latents[1]) and torch.equal(bases[1], latents[0])  # x's base is y, y's is x
+    assert bases[2:4].isnan().all()  # the second pair has none
+
+
+@pytest.mark.slow
 def test_transfer_score_identical_reference_wins_and_scores_are_cosines():
     from encoder import AttributeEncoder
     from encoder.config import EncoderConfig

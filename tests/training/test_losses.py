@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from training.losses import (
+    bridge_inputs,
     contrastive_loss,
     factor_contrastive_loss,
     flow_matching_inputs,
@@ -73,6 +74,23 @@ def test_flow_matching_inputs_follow_flux_convention():
     # MSE by hand: predicted zeros -> mean of squared velocities.
     expected = sum(v * v for v in (noise - clean).flatten().tolist()) / 4
     assert flow_matching_loss(torch.zeros_like(velocity), velocity).item() == pytest.approx(expected)
+
+
+def test_bridge_inputs_run_from_the_noised_base_to_the_target():
+    generator = torch.Generator().manual_seed(0)
+    clean, base, noise = (torch.randn(3, 4, 2, generator=generator) for _ in range(3))  # (B=3, S=4, C=2)
+    starts = torch.tensor([0.6, 0.8, 1.0])
+    # At sigma = start the state is img2img's first latent: the base noised to the start.
+    at_start, velocity = bridge_inputs(clean, base, noise, starts, starts)
+    assert torch.allclose(at_start, (1 - starts.view(-1, 1, 1)) * base + starts.view(-1, 1, 1) * noise)
+    # Euler steps with the target velocity from any sigma below the start land on the target, not on the base.
+    sigmas = torch.tensor([0.3, 0.5, 0.9])
+    noisy, velocity = bridge_inputs(clean, base, noise, starts, sigmas)
+    assert torch.allclose(noisy - sigmas.view(-1, 1, 1) * velocity, clean, atol=1e-6)
+    # Start 1 (or a base equal to the target) is plain flow matching.
+    plain = flow_matching_inputs(clean, noise, sigmas)
+    assert torch.allclose(bridge_inputs(clean, base, noise, torch.ones(3), sigmas)[0], plain[0], atol=1e-6)
+    assert torch.allclose(bridge_inputs(clean, clean, noise, starts, sigmas)[1], plain[1], atol=1e-6)
 
 
 def test_sample_sigmas_in_unit_interval():

@@ -26,6 +26,12 @@ A factor a filter hides is not recorded for that image (a pencil sketch shows ne
 A pair draws x, re-draws a weighted choice of factors for y, and names a few shared factors as positives and the
 differing ones as negatives, with the procedural generator's paraphrase machinery. Continuous parameters (gains,
 strengths, crop and placement jitter) are drawn per image inside the training ranges and kept in `meta`.
+
+With `--bases lighting,palette,style`, a pair of two different subjects that shares one of those factors also gets
+a base image per side (`meta["base_x"]`, `meta["base_y"]`): that side's content, placement and crop with the shared
+factors changed (half of the time to a user photo's plain value: neutral light, natural colours, a photo). Base,
+reference and target are the triplet apply-to-my-image is trained on: start from the base, end at the target,
+steered by the other side. The pair's own images and record fields are the same with or without bases.
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ CONDITION_PARTS = {
 }
 POSES = ("rot000", "rot000-mirrored")
 NATURAL = "natural:"
+# The value a user's own photo usually has: a base image takes it half of the time (otherwise another value).
+BASE_FACTORS = {"lighting": NEUTRAL_LIGHT, "palette": "natural", "style": "photo"}
 
 
 @dataclass(frozen=True)
@@ -324,6 +332,9 @@ class RealPairsConfig:
     condition_share: float = 0.35  # of the relit ones: golden hour, night, fog or backlight
     filter_share: float = 0.35  # photo-mode and composite images passed through an art-style filter
     material_share: float = 0.3  # composite subjects re-surfaced with a pattern
+    # Factors for which a transfer pair (two subjects sharing one of them) also gets a base image per side: the
+    # same content, placement and crop with those shared factors changed (apply-to-my-image training triplets).
+    base_factors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.size < 32:
@@ -339,6 +350,9 @@ class RealPairsConfig:
             raise ValueError(f"mode weights need exactly the modes {', '.join(MODES)} with one above 0")
         if self.max_changed < 1:
             raise ValueError(f"max_changed must be at least 1, got {self.max_changed}")
+        unknown = sorted(set(self.base_factors) - set(BASE_FACTORS))
+        if unknown:
+            raise ValueError(f"base factor(s) {', '.join(unknown)} unsupported; choose from {', '.join(BASE_FACTORS)}")
 
 
 def _pick(rng: np.random.Generator, options: Sequence, weights: Sequence[float] | None = None):
@@ -451,6 +465,26 @@ def change_image(
         changed = _exemplar(rng, library, _pick(rng, kinds)) if kinds else spec
         return replace(changed, palette=spec.palette, lighting=spec.lighting)
     raise ValueError(f"unknown factor {name!r}; known: {', '.join(FACTOR_NAMES)}")
+
+
+def base_image(
+    spec: ImageSpec, names: Sequence[str], rng: np.random.Generator, library: Library, config: RealPairsConfig
+) -> ImageSpec | None:
+    """spec with each factor in `names` set to another value, all else kept: the photo a user would start from
+    to give it the reference's value. None when a factor cannot change alone (an exemplar's style is its identity)."""
+    base = spec
+    for name in names:
+        if name == "style" and spec.mode == "exemplar":
+            return None
+        natural = BASE_FACTORS[name]
+        if getattr(base, name) != natural and rng.random() < 0.5:
+            base = replace(base, **{name: natural})
+        else:
+            base = change_image(base, name, rng, library, config)
+    before, after = recorded_factors(spec, library), recorded_factors(base, library)
+    if any(name in before and before.get(name) == after.get(name) for name in names):
+        return None
+    return base
 
 
 @dataclass(frozen=True)
@@ -669,6 +703,19 @@ def render_pair(out: Path, manifest: str, seed: int, index: int, config: RealPai
         target.write_bytes(encode_png(_to_pil(image)))
         paths.append(relative)
         params.append({key: round(value, 4) if isinstance(value, float) else value for key, value in drawn.items()})
+    meta = {}
+    shared = [name for _, name in spec.positive if name in config.base_factors]
+    if shared and spec.factors_x.get("identity") != spec.factors_y.get("identity"):
+        rng = np.random.default_rng([seed, index, 1])  # apart from the pair's own draws: x and y stay the same
+        for side, image_spec, jitter in (("x", spec.x, spec.jitter_x), ("y", spec.y, spec.jitter_y)):
+            base = base_image(image_spec, shared, rng, library, config)
+            if base is None:
+                continue
+            image, _ = render_image(base, library, config.size, jitter)  # same jitter: same crop and placement
+            relative = f"images/{index // 1000:04d}/{index:07d}_{side}_base.png"
+            (out / relative).write_bytes(encode_png(_to_pil(image)))
+            meta[f"base_{side}"] = relative
+            meta[f"base_factors_{side}"] = recorded_factors(base, library)
     return PairRecord(
         image_x=paths[0],
         image_y=paths[1],
@@ -693,6 +740,7 @@ def render_pair(out: Path, manifest: str, seed: int, index: int, config: RealPai
             "jitter_y": spec.jitter_y,
             "params_x": params[0],
             "params_y": params[1],
+            **meta,
         },
     )
 
@@ -756,10 +804,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"how often each factor is the one changed (defaults: {DEFAULT_CHANGE_WEIGHTS})",
     )
     parser.add_argument("--max-changed", type=int, default=2, help="most factors re-drawn for image y (default 2)")
+    parser.add_argument(
+        "--bases",
+        default="",
+        metavar="FACTOR[,...]",
+        help="for pairs of two subjects sharing one of these factors (lighting, palette, style), also write each "
+        "side's base image: the same content with the shared factors changed (apply-to-my-image training)",
+    )
     args = parser.parse_args(argv)
     try:
         config = RealPairsConfig(
-            size=args.size, change_weights=parse_weights(args.weights), max_changed=args.max_changed
+            size=args.size,
+            change_weights=parse_weights(args.weights),
+            max_changed=args.max_changed,
+            base_factors=tuple(name.strip() for name in args.bases.split(",") if name.strip()),
         )
         started = time.perf_counter()
         count = generate_dataset(args.manifest, args.out, args.pairs, args.seed, config, workers=args.workers)

@@ -111,6 +111,38 @@ def test_same_seed_same_bytes_with_one_or_two_workers(manifest, tmp_path):
     assert first != _files(tmp_path / "d")
 
 
+def test_bases_change_only_the_shared_transfer_factors_and_leave_the_pairs_as_they_were(manifest, tmp_path):
+    generate_dataset(manifest, tmp_path / "plain", 24, seed=3, config=RealPairsConfig(size=SIZE))
+    config = RealPairsConfig(size=SIZE, base_factors=("lighting", "palette", "style"))
+    generate_dataset(manifest, tmp_path / "bases", 24, seed=3, config=config)
+
+    plain, bases = _files(tmp_path / "plain"), _files(tmp_path / "bases")
+    assert {name: data for name, data in bases.items() if name.endswith(("_x.png", "_y.png"))} == {
+        name: data for name, data in plain.items() if name.endswith(".png")
+    }
+    with_base = 0
+    pairs = zip(load_pairs(tmp_path / "bases").records, load_pairs(tmp_path / "plain").records, strict=True)
+    for record, before in pairs:
+        assert replace(record, meta=before.meta) == before  # the record is the same apart from its base entries
+        shared = {"lighting", "palette", "style"} & set(record.positive_factors)
+        eligible = shared and record.factors_x["identity"] != record.factors_y["identity"]
+        for side, factors in (("x", record.factors_x), ("y", record.factors_y)):
+            if f"base_{side}" not in record.meta:
+                continue
+            assert eligible
+            with_base += 1
+            base_factors = record.meta[f"base_factors_{side}"]
+            for name in set(factors) | set(base_factors):
+                if name in shared:  # the reference's value is gone from the base ...
+                    assert base_factors.get(name) != factors.get(name), (name, side)
+                elif name not in ("palette", "lighting"):  # ... the content stays (a filter may hide these two)
+                    assert base_factors.get(name) == factors.get(name), (name, side)
+            base = np.asarray(Image.open(tmp_path / "bases" / record.meta[f"base_{side}"]), np.float32)
+            image = np.asarray(Image.open(tmp_path / "bases" / getattr(record, f"image_{side}")), np.float32)
+            assert base.shape == image.shape and np.abs(base - image).mean() > 1.0
+    assert with_base >= 4
+
+
 def test_pair_file_loads_clean_and_records_the_real_factors(manifest, tmp_path):
     assert main(["--manifest", str(manifest), "--out", str(tmp_path), "--pairs", "8", "--seed", "1",
                  "--size", str(SIZE)]) == 0  # fmt: skip
