@@ -9,7 +9,8 @@ and the random reference R' is another held-out photo under another class of the
 generates from the prompt alone; apply-to-my-image (`--base`) starts from a third held-out photo, untransformed
 (the user's photo), at `--strength`. Besides the wins, apply-to-my-image reports the "subject" cosine of the
 output to the base, cos(pooled E(O, subject), pooled E(base, subject)): the output should keep the base's
-subject at least as well as the control does.
+subject at least as well as the control does. With `--base` the report starts with the scorer's ceiling: the
+"ideal output", the base under the reference's own transform class, scored as is and after the generator's VAE.
 
 Procedural cases: a reference image R (procedural, 224 px), one attribute a the starter encoder reads well (art style,
 background, colour), a random other reference R' whose value of a differs from R's, and a prompt: the caption of
@@ -64,6 +65,7 @@ class TransferCase:
     prompt: str
     seed: int
     base: PIL.Image.Image | None = None  # apply-to-my-image: the photo the attribute is applied to
+    ideal: PIL.Image.Image | None = None  # the base under the reference's own transform: a perfect output
 
 
 def prompt_without(factors: dict[str, str], factor: str) -> str:
@@ -158,6 +160,7 @@ def make_real_cases(
                 prompt=prompt,
                 seed=seed * 1000 + index,
                 base=heldout_real.to_image(arrays[base]) if with_base else None,
+                ideal=render(base, true_class, 3) if with_base else None,
             )
         )
     return cases
@@ -235,6 +238,23 @@ def run_cases(
             row["subject"] = subject_cosine(score_encoder, output, case.base)
         rows.append(row)
     return summarise(rows)
+
+
+def score_ideal(cases: Sequence[TransferCase], score_encoder, pipeline=None, size: int = 128) -> dict:
+    """The scorer's ceiling: each case's ideal output (the base under the reference's own transform class), as
+    is, or through the generator's VAE at `size` when a pipeline is given (what a perfect transformer and adapter
+    could at best decode). Summarised like run_cases."""
+    rows = []
+    for case in cases:
+        output = case.ideal
+        if pipeline is not None:
+            with torch.no_grad():
+                latent = pipeline.encode_image(case.ideal, size, size)  # (1, S, 4 C)
+                output = pipeline.decode_latents(latent, size, size, "pil")[0][0]
+        true_score, random_score = score_against(score_encoder, output, case.attribute, case.reference, case.other)
+        subject = subject_cosine(score_encoder, output, case.base)
+        rows.append({"factor": case.factor, "true": true_score, "random": random_score, "subject": subject})
+    return {key: value for key, value in summarise(rows).items() if key != "rows"}
 
 
 def summarise(rows: Sequence[dict]) -> dict:
@@ -356,6 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_encoder=score_encoder,
         prompt_inputs=prompt_inputs,
     )
+    if args.base:  # the ceiling a perfect generator would reach under this scorer
+        report["ideal output (base under the reference's transform)"] = {
+            "as is": score_ideal(cases, score_encoder),
+            "through the VAE": score_ideal(cases, score_encoder, pipeline, size),
+        }
+        print(json.dumps({"ideal": report["ideal output (base under the reference's transform)"]}), flush=True)
     for mode, strength in modes.items():
         label = mode if strength is None else f"{mode} (strength {strength})"
         results: dict = {}

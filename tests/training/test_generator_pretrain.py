@@ -283,6 +283,28 @@ def test_transfer_score_identical_reference_wins_and_scores_are_cosines():
     assert summary["true_wins"] == 0.5 and summary["per_factor"]["color"]["mean_true"] == pytest.approx(0.55)
 
 
+@pytest.mark.slow
+def test_ideal_outputs_score_the_ceiling_as_is_and_through_the_vae(generator_dir):
+    from encoder import AttributeEncoder
+    from encoder.testing import tiny_compact_config
+
+    bench = _load_bench("transfer_score")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = AttributeEncoder(tiny_compact_config(image_size=64)).eval()
+    procedural = bench.make_cases(count=4, seed=1, size=64)
+    cases = [  # the ideal output is the reference itself: it wins against any other reference
+        dataclasses.replace(case, base=procedural[(i + 1) % 4].reference, ideal=case.reference)
+        for i, case in enumerate(procedural)
+    ]
+    as_is = bench.score_ideal(cases, encoder)
+    assert as_is["true_wins"] == 1.0 and as_is["mean_true"] == pytest.approx(1.0, abs=1e-4)
+    assert -1.0 <= as_is["mean_subject"] <= 1.0
+    pipeline = load_generator("flux", generator_dir)
+    through_vae = bench.score_ideal(cases, encoder, pipeline, size=64)
+    assert through_vae["cases"] == 4 and through_vae["mean_true"] < as_is["mean_true"]  # the VAE loses a little
+
+
 def test_prompt_without_drops_the_attribute_phrase():
     from training.data.procedural import FACTORS, caption_for
 
