@@ -143,6 +143,14 @@ def test_bases_change_only_the_shared_transfer_factors_and_leave_the_pairs_as_th
     assert with_base >= 4
 
 
+def test_bases_flag_writes_bases_and_refuses_a_factor_it_cannot_change_alone(manifest, tmp_path, capsys):
+    args = ["--manifest", str(manifest), "--pairs", "12", "--seed", "3", "--size", str(SIZE)]
+    assert main([*args, "--out", str(tmp_path / "bad"), "--bases", "lighting,identity"]) == 2
+    assert "base factor(s) identity unsupported; choose from lighting, palette, style" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "good"), "--bases", "lighting, palette,style"]) == 0
+    assert any("base_x" in record.meta for record in load_pairs(tmp_path / "good").records)
+
+
 def test_pair_file_loads_clean_and_records_the_real_factors(manifest, tmp_path):
     assert main(["--manifest", str(manifest), "--out", str(tmp_path), "--pairs", "8", "--seed", "1",
                  "--size", str(SIZE)]) == 0  # fmt: skip
