@@ -63,6 +63,16 @@ class AttributeAdapterConfig:
     # With the floor-fitted starter encoder the pooled vector carries what real photos' lighting and palette are
     # (the connector's tokens alone do not: bench/RESULTS.md, "The floor fit").
     pooled_token: bool = False
+    # A reference of weight w steers with w * weight_gain in the guidance rule (pipeline.combine_velocities): the
+    # adapter's calibrated strength, so that a user's default weight 1 gives a visible transfer. Set after training
+    # (training.generator_pretrain adapter --weight-gain), e.g. from bench/transfer_score.py on tuning cases.
+    weight_gain: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.weight_gain, (int, float)) and math.isfinite(self.weight_gain) and self.weight_gain > 0
+        ):
+            raise ValueError(f"weight_gain must be a finite number above 0, got {self.weight_gain!r}")
 
     @classmethod
     def for_transformer(

@@ -17,7 +17,8 @@ InstructPix2Pix-style text guidance):
   Training must drop conditions the same way.
 - Personalization is the one-reference case with w_1 = `attribute_scale`: D(A, c) "with guidance" means the
   attribute's flow field D(A, 0) - D(0, 0) added to the (text-guided) prompt's flow field. So compose with one
-  reference of weight w equals personalize with attribute_scale = w, by construction.
+  reference of weight w equals personalize with attribute_scale = w, by construction. Every w_i is the user's
+  weight times the adapter's calibrated `weight_gain` (AttributeAdapterConfig; 1 unless the adapter sets it).
 - Every step evaluates the N + 2 condition rows [D(0,0), D(0,c), D(A_1,0) .. D(A_N,0)] in one batched
   transformer forward (`condition_batch_size` can split it to save memory; 1 gives N + 2 sequential calls).
 - Apply to my image (img2img, diffusers' convention and FluxImg2ImgPipeline's steps): with `image=` and
@@ -621,10 +622,12 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             # (N, l, d_ctx), or (N, l + 1, d_ctx) with the pooled vector for an adapter trained with it
             tokens = self.attribute_adapter.condition_tokens(embeddings.tokens, embeddings.pooled)
             check_attribute_tokens(tokens, self.attribute_adapter.config.token_dim)
-            weights = [weight for _, _, weight in references.refs]
+            gain = self.attribute_adapter.config.weight_gain  # the adapter's calibrated strength
+            weights = [weight * gain for _, _, weight in references.refs]
             return _AttributeConditions(tokens, weights, attributes, embeddings.pooled)
         if references.attribute_tokens is not None and len(references.attribute_tokens):
-            weights = [float(w) for w in references.attribute_weights]
+            gain = self.attribute_adapter.config.weight_gain
+            weights = [float(w) * gain for w in references.attribute_weights]
             return _AttributeConditions(references.attribute_tokens, weights, None, None)
         return _AttributeConditions(None, [], None, None)
 

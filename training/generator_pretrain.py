@@ -694,6 +694,7 @@ def pretrain_adapter(
     pooled_token: bool = True,
     bridge_share: float = 0.5,
     strength_range: tuple[float, float] = (0.5, 0.95),
+    weight_gain: float = 1.0,
 ) -> dict:
     """Train an attribute adapter for `encoder_dir`'s tokens; write it to out (default GEN_DIR/attribute_adapter).
 
@@ -706,7 +707,9 @@ def pretrain_adapter(
     the reference is encoded under the shared attributes only. `work`: a folder for the precomputed
     tokens / latents / caption features and the stage's checkpoint, so a rerun resumes.
 
-    Pairs with base images (realpairs --bases) also train apply-to-my-image: `bridge_share` of their steps start
+    `weight_gain`: recorded in the adapter's config; a reference of weight w then steers with w * weight_gain
+    (calibrate it on tuning cases, e.g. bench/transfer_score.py --seed 1). Pairs with base images (realpairs --bases)
+    also train apply-to-my-image: `bridge_share` of their steps start
     from the target's base noised to a sigma in `strength_range` (train_adapter).
     """
     from encoder import AttributeEncoder
@@ -745,6 +748,7 @@ def pretrain_adapter(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         adapter = AttributeAdapter.for_transformer(pipeline.transformer, encoder.dimension, pooled_token=pooled_token)
+    adapter.config = replace(adapter.config, weight_gain=float(weight_gain))  # checked by the config
     pipeline.load_attribute_adapter(adapter)
     losses = train_adapter(
         pipeline,
@@ -954,6 +958,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar=("LOW", "HIGH"),
         help="start sigmas of those steps (img2img strength 0.7 at 20 steps starts near sigma 0.79)",
     )
+    adapter.add_argument(
+        "--weight-gain",
+        type=float,
+        default=1.0,
+        help="recorded in the adapter: a reference of weight w steers with w x this",
+    )
     adapter.add_argument("--threads", type=int)
     samples = commands.add_parser("samples", help="a grid of corpus images and samples for their captions")
     samples.add_argument("--data", required=True, type=Path)
@@ -1008,6 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pooled_token=args.pooled_token,
             bridge_share=args.bridge_share,
             strength_range=tuple(args.strength_range),
+            weight_gain=args.weight_gain,
         )
     else:
         path = sample_grid(

@@ -147,6 +147,16 @@ def test_save_and_load_keep_config_and_weights(transformer, tmp_path):
     unload_attribute_adapter(transformer)
     reloaded = load_attribute_adapter(transformer, tmp_path / "adapter")
     assert torch.equal(run(transformer, inputs, reloaded, tokens), expected)
+    assert reloaded.config.weight_gain == 1.0  # the default
+    unload_attribute_adapter(transformer)
+
+    # an adapter saved before weight_gain existed loads with gain 1; a bad gain is refused with its value
+    del config["weight_gain"]
+    (tmp_path / "adapter" / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    assert AttributeAdapter.from_pretrained(tmp_path / "adapter").config.weight_gain == 1.0
+    (tmp_path / "adapter" / ADAPTER_CONFIG_NAME).write_text(json.dumps({**config, "weight_gain": 0}))
+    with pytest.raises(ValueError, match="weight_gain must be a finite number above 0, got 0"):
+        AttributeAdapter.from_pretrained(tmp_path / "adapter")
 
 
 def test_clear_errors(transformer, tmp_path):

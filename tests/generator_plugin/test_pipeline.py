@@ -214,6 +214,24 @@ def test_weight_zero_reference_contributes_nothing(pipe, prompt):
     assert np.abs(both.images - first.images).max() <= 1e-5
 
 
+def test_the_adapters_weight_gain_multiplies_every_weight(pipe, prompt):
+    tokens = random_attribute_tokens(2)
+
+    def latents(weights):
+        return pipe.compose(
+            attribute_tokens=tokens, attribute_weights=weights, **prompt, **settings(output_type="latent")
+        ).images
+
+    expected = latents([2.4, 0.6])
+    pipe.attribute_adapter.config = dataclasses.replace(pipe.attribute_adapter.config, weight_gain=3.0)
+    try:
+        gained = latents([0.8, 0.2])
+    finally:
+        pipe.attribute_adapter.config = dataclasses.replace(pipe.attribute_adapter.config, weight_gain=1.0)
+    assert (gained - expected).abs().max() < 1e-5
+    assert (latents([0.8, 0.2]) - expected).abs().max() > 1e-3  # without the gain: another image
+
+
 def test_fixed_seed_reproduces_the_image(pipe, prompt):
     common = dict(attribute_tokens=random_attribute_tokens(2), attribute_weights=[1.0, 0.5], **prompt)
     first = pipe.compose(**common, **settings(seed=7))
