@@ -196,7 +196,9 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
-        self.default_image_size = 128 * self.vae_scale_factor  # FLUX's 1024 x 1024
+        # The output side without height / width: the size the VAE was trained at (FLUX.1's VAE config says 1024,
+        # the CPU starter's 128), else FLUX's 128 latent cells.
+        self.default_image_size = int(getattr(vae.config, "sample_size", None) or 128 * self.vae_scale_factor)
         self.attribute_adapter = None
         self.attribute_encoder: AttributeEncoder | None = None  # used when a call passes none
 

@@ -209,3 +209,60 @@ def test_first_hour_on_the_page(server_with_broken_generator, tmp_path):
         page.screenshot(path=str(ARTIFACTS / "page-first-hour.png"), full_page=True)
         browser.close()
     assert errors == []
+
+
+@pytest.fixture
+def server_with_shipped_models(tmp_path):
+    """`omniattr up` as on a fresh clone: no encoder or generator setting, so the shipped starters are used."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
+    env.update(OMNIATTR_DATA_DIR=str(tmp_path / "data"), OMNIATTR_DEVICE="cpu")
+    with running_server(env, tmp_path) as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_personalize_and_apply_to_my_image_with_the_shipped_generator(server_with_shipped_models, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    files = []
+    for i in range(6):
+        path = tmp_path / f"photo{i}.png"
+        path.write_bytes(png(i, size=128))
+        files.append(path)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server_with_shipped_models)
+        page.fill("#new-collection", "mine")
+        page.click("#create-collection")
+        expect(page.locator("#collection")).to_contain_text("mine (0)")
+        page.set_input_files("#upload", [str(p) for p in files])
+        expect(page.locator("#grid .tile")).to_have_count(6, timeout=30_000)
+        page.fill("#attribute", "lighting")
+        page.click("#index-attribute")
+        expect(page.locator("#jobs li[data-status=done]")).to_have_count(1, timeout=120_000)
+        page.locator("#grid .tile").first.click()
+        page.click("#search")
+        expect(page.locator("#results .tile")).to_have_count(5)
+
+        # The Personalize section shows with no setting: the shipped generator is on.
+        expect(page.locator("#generate-panel")).to_be_visible()
+        page.locator("#results .tile input[type=checkbox]").nth(0).check()
+        page.fill("#prompt", "a photo")
+        page.click("#personalize")
+        expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 128, timeout=180_000)
+        expect(page.locator("#generation-base")).to_have_text("Made from noise (text to image).")
+
+        query_id = page.eval_on_selector("#grid .tile.query", "tile => tile.dataset.imageId")
+        page.select_option("#base", f"image:{query_id}")
+        page.fill("#strength", "0.6")
+        page.click("#personalize")
+        expect(page.locator("#generation-base")).to_have_text(
+            f"Applied to image {query_id} at strength 0.6.", timeout=180_000
+        )
+        expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 128)
+        page.screenshot(path=str(ARTIFACTS / "page-shipped-generator.png"), full_page=True)
+        browser.close()
+    assert errors == []

@@ -232,6 +232,14 @@ def test_the_adapters_weight_gain_multiplies_every_weight(pipe, prompt):
     assert (latents([0.8, 0.2]) - expected).abs().max() > 1e-3  # without the gain: another image
 
 
+def test_without_a_size_the_output_has_the_vaes_trained_size(pipe, prompt):
+    vae = copy.deepcopy(pipe.vae)
+    vae.register_to_config(sample_size=32)  # a VAE trained at 32 px (the CPU starter's records 128)
+    small = AttributePipeline(**{**pipe.components, "vae": vae})
+    unsized = {key: value for key, value in settings().items() if key not in ("height", "width")}
+    assert small(**prompt, **unsized).images[0].size == (32, 32)
+
+
 def test_fixed_seed_reproduces_the_image(pipe, prompt):
     common = dict(attribute_tokens=random_attribute_tokens(2), attribute_weights=[1.0, 0.5], **prompt)
     first = pipe.compose(**common, **settings(seed=7))
