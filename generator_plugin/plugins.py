@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+if TYPE_CHECKING:  # torch and diffusers load with a generator, not with this registry (start-up checks use it)
+    import torch
 
-from generator_plugin.pipeline import AttributePipeline
+    from generator_plugin.pipeline import AttributePipeline
 
 ENTRY_POINT_GROUP = "omniattr.generators"
 ADAPTER_SUBFOLDER = "attribute_adapter"
@@ -87,6 +87,11 @@ class FluxGeneratorPlugin:
                 f"{', '.join(name + '/' for name in missing)}. "
                 f"It needs {', '.join(name + '/' for name in REQUIRED_SUBFOLDERS)}."
             )
+        import torch
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        from generator_plugin.pipeline import AttributePipeline
+
         if dtype is None:
             dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
         transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)

@@ -246,7 +246,8 @@ def test_adapter_stage_trains_apply_to_my_image_from_the_pairs_base_images(pair_
     _tokens, _pooled, latents, bases, *_ = torch.load(tmp_path / "work" / "adapter-inputs.pt", weights_only=False)[
         "value"
     ]
-    assert torch.equal(bases[0], latents[1]) and torch.equal(bases[1], latents[0])  # x's base is y, y's is x
+    # x's base is y and y's is x (encoded in other batches: equal up to the batch's float rounding)
+    assert torch.allclose(bases[0], latents[1], atol=1e-5) and torch.allclose(bases[1], latents[0], atol=1e-5)
     assert bases[2:4].isnan().all()  # the second pair has none
 
 
