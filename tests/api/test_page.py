@@ -24,6 +24,27 @@ CHROMIUM_ARGS = [
 ]
 
 
+def photo_files(tmp_path: Path, count: int, size: int) -> list[Path]:
+    """`count` distinct PNG photos of `size` px written under tmp_path."""
+    files = []
+    for i in range(count):
+        path = tmp_path / f"photo{i}.png"
+        path.write_bytes(png(i, size=size))
+        files.append(path)
+    return files
+
+
+def create_and_upload(page, name: str, files: list[Path], timeout_ms: int = 5_000) -> None:
+    """Create collection `name` on the page and upload `files` into it; wait for their tiles."""
+    from playwright.sync_api import expect
+
+    page.fill("#new-collection", name)
+    page.click("#create-collection")
+    expect(page.locator("#collection")).to_contain_text(f"{name} (0)")
+    page.set_input_files("#upload", [str(p) for p in files])
+    expect(page.locator("#grid .tile")).to_have_count(len(files), timeout=timeout_ms)
+
+
 @pytest.fixture
 def server(tmp_path, tiny_encoder_dir, generator_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
@@ -43,11 +64,7 @@ def server(tmp_path, tiny_encoder_dir, generator_dir):
 def test_search_from_the_page(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    files = []
-    for i in range(8):
-        path = tmp_path / f"photo{i}.png"
-        path.write_bytes(png(i, size=64))
-        files.append(path)
+    files = photo_files(tmp_path, 8, size=64)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -150,22 +167,14 @@ def test_first_hour_on_the_page(server_with_broken_generator, tmp_path):
     failed with its job's bar not drawn full."""
     from playwright.sync_api import expect, sync_playwright
 
-    files = []
-    for i in range(8):
-        path = tmp_path / f"photo{i}.png"
-        path.write_bytes(png(i, size=64))
-        files.append(path)
+    files = photo_files(tmp_path, 8, size=64)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1000, "height": 600})
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(server_with_broken_generator)
-        page.fill("#new-collection", "first")
-        page.click("#create-collection")
-        expect(page.locator("#collection")).to_contain_text("first (0)")
-        page.set_input_files("#upload", [str(p) for p in files])
-        expect(page.locator("#grid .tile")).to_have_count(8)
+        create_and_upload(page, "first", files)
 
         # tiles are named and open a larger view (the original)
         expect(page.locator("#grid .tile .name").first).to_have_text("photo0.png")
@@ -224,22 +233,14 @@ def server_with_shipped_models(tmp_path):
 def test_personalize_and_apply_to_my_image_with_the_shipped_generator(server_with_shipped_models, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    files = []
-    for i in range(6):
-        path = tmp_path / f"photo{i}.png"
-        path.write_bytes(png(i, size=128))
-        files.append(path)
+    files = photo_files(tmp_path, 6, size=128)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(server_with_shipped_models)
-        page.fill("#new-collection", "mine")
-        page.click("#create-collection")
-        expect(page.locator("#collection")).to_contain_text("mine (0)")
-        page.set_input_files("#upload", [str(p) for p in files])
-        expect(page.locator("#grid .tile")).to_have_count(6, timeout=30_000)
+        create_and_upload(page, "mine", files, timeout_ms=30_000)
         page.fill("#attribute", "lighting")
         page.click("#index-attribute")
         expect(page.locator("#jobs li[data-status=done]")).to_have_count(1, timeout=120_000)
