@@ -774,6 +774,7 @@ def pretrain_adapter(
         "stage": "adapter",
         "examples": len(tokens),
         "with_base": int((~bases.flatten(1).isnan().any(dim=1)).sum()),
+        "encoder_version": encoder.version,  # the tokens it reads: retrain or re-check it when this changes
         "settings": settings,
         "steps": len(losses),
         "loss_first_last": [_mean_head(losses), _mean_tail(losses)],
