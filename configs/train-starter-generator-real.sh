@@ -18,9 +18,10 @@
 #    --weight-gain 3: a reference of weight 1 steers with 3 (chosen on bench/transfer_score.py --seed 1 cases).
 # Then measure with bench/transfer_score.py --real ... --base (the commands are in bench/RESULTS.md).
 # --threads 1 and nice: the machine has two cores shared with other jobs.
-# Status (CPU, 2026-12-01, fourth session): this recipe made models/starter/generator (base 50 min on one thread,
-# adapter 30 min: 15 on one thread, then resumed for 15 on two). VAE chroma_left 0.10 on held-out photos (bench/vae_colour.py); apply-to-my-image transfer on
-# held-out real images in bench/RESULTS.md ("The shipped starter generator").
+# Status (CPU, 2026-12-01, fourth session): this recipe made models/starter/generator (base 50 min on one thread;
+# adapter 30 min: 15 on one thread, then resumed for 15 on two, 6907 steps; one thread throughout gives fewer).
+# VAE chroma_left 0.10 on held-out photos (bench/vae_colour.py); apply-to-my-image transfer on held-out real images
+# in bench/RESULTS.md ("The shipped starter generator").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

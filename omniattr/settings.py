@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The starter encoder shipped in a source checkout (models/starter/encoder, trained by configs/train-starter.sh).
 # An installed wheel has no models/ folder: there OMNIATTR_ENCODER_PATH or `omniattr init-encoder` is needed.
 SHIPPED_ENCODER_PATH = Path(__file__).resolve().parent.parent / "models" / "starter" / "encoder"
-# Where a starter generator goes beside it (diffusers layout with attribute_adapter/; none ships yet); same rule.
+# The starter generator shipped beside it (diffusers layout with attribute_adapter/); same rule: source checkout only.
 SHIPPED_GENERATOR_PATH = Path(__file__).resolve().parent.parent / "models" / "starter" / "generator"
 
 

@@ -708,9 +708,9 @@ def pretrain_adapter(
     tokens / latents / caption features and the stage's checkpoint, so a rerun resumes.
 
     `weight_gain`: recorded in the adapter's config; a reference of weight w then steers with w * weight_gain
-    (calibrate it on tuning cases, e.g. bench/transfer_score.py --seed 1). Pairs with base images (realpairs --bases)
-    also train apply-to-my-image: `bridge_share` of their steps start
-    from the target's base noised to a sigma in `strength_range` (train_adapter).
+    (calibrate it on tuning cases, e.g. bench/transfer_score.py --seed 1). Pairs with base images (realpairs
+    --bases) also train apply-to-my-image: `bridge_share` of their steps start from the target's base noised to a
+    sigma in `strength_range` (train_adapter).
     """
     from encoder import AttributeEncoder
     from generator_plugin.plugins import load_generator
