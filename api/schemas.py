@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omniattr.domain import (
     DEFAULT_BASE_STRENGTH,
+    DEFAULT_KEEP_DETAIL,
     MAX_ATTRIBUTE_CHARS,
+    MAX_KEEP_DETAIL,
     MAX_NAME_CHARS,
     MAX_REFERENCES,
     MAX_SEARCH_RESULTS,
@@ -184,6 +186,14 @@ class GenerationCreate(BaseModel):
         le=1,
         description=f"With a base image: how much of the schedule runs from it, in (0, 1]; small keeps the base, "
         f"1 starts from noise. Default {DEFAULT_BASE_STRENGTH}.",
+    )
+    keep_detail: float | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_KEEP_DETAIL,
+        description=f"With a base image: keep its detail finer than this blur sigma, in output pixels (the output "
+        f"is blur(generated) + base - blur(base)); 0 returns the generator's output as is. Default "
+        f"{DEFAULT_KEEP_DETAIL}. It also keeps the base's texture: for an art style, try 0.",
     )
 
 

@@ -11,6 +11,8 @@ generates from the prompt alone; apply-to-my-image (`--base`) starts from a thir
 output to the base, cos(pooled E(O, subject), pooled E(base, subject)): the output should keep the base's
 subject at least as well as the control does. With `--base` the report starts with the scorer's ceiling: the
 "ideal output", the base under the reference's own transform class, scored as is and after the generator's VAE.
+`--keep-detail SIGMA` keeps the base's detail finer than SIGMA px on every apply-to-my-image output, the control's
+and the ideal's through the VAE included (the pipeline's keep_detail; the product's requests default to it).
 
 Procedural cases: a reference image R (procedural, 224 px), one attribute a the starter encoder reads well (art style,
 background, colour), a random other reference R' whose value of a differs from R's, and a prompt: the caption of
@@ -199,19 +201,21 @@ def run_cases(
     steps: int = 20,
     max_text_tokens: int = 48,
     strength: float | None = None,
+    keep_detail: float | None = None,
     score_encoder=None,
     prompt_inputs: dict | None = None,
 ) -> dict:
     """Generate every case (with the attribute, or prompt only as the control) and summarise the wins.
 
     strength: apply to the case's base image at that strength (apply to my image); None: text-to-image.
+    keep_detail: with a strength, keep the base's detail finer than this sigma (the pipeline's keep_detail).
     score_encoder: the encoder that scores the outputs (default `encoder`, which conditions the generator).
     prompt_inputs: precomputed prompt_embeds / pooled_prompt_embeds instead of the case's prompt text.
     """
     score_encoder = score_encoder or encoder
     rows = []
     for case in cases:
-        base = {} if strength is None else {"image": case.base, "strength": strength}
+        base = {} if strength is None else {"image": case.base, "strength": strength, "keep_detail": keep_detail}
         kwargs = dict(
             **(prompt_inputs if prompt_inputs is not None else {"prompt": case.prompt}),
             **base,
@@ -240,17 +244,21 @@ def run_cases(
     return summarise(rows)
 
 
-def score_ideal(cases: Sequence[TransferCase], score_encoder, pipeline=None, size: int = 128) -> dict:
+def score_ideal(
+    cases: Sequence[TransferCase], score_encoder, pipeline=None, size: int = 128, keep_detail: float | None = None
+) -> dict:
     """The scorer's ceiling: each case's ideal output (the base under the reference's own transform class), as
     is, or through the generator's VAE at `size` when a pipeline is given (what a perfect transformer and adapter
-    could at best decode). Summarised like run_cases."""
+    could at best decode), then with the base's detail kept when `keep_detail` is given. Summarised like
+    run_cases."""
     rows = []
     for case in cases:
         output = case.ideal
         if pipeline is not None:
             with torch.no_grad():
                 latent = pipeline.encode_image(case.ideal, size, size)  # (1, S, 4 C)
-                output = pipeline.decode_latents(latent, size, size, "pil")[0][0]
+                detail = (pipeline.preprocess_base(case.base, size, size), keep_detail) if keep_detail else None
+                output = pipeline.decode_latents(latent, size, size, "pil", detail)[0][0]
         true_score, random_score = score_against(score_encoder, output, case.attribute, case.reference, case.other)
         subject = subject_cosine(score_encoder, output, case.base)
         rows.append({"factor": case.factor, "true": true_score, "random": random_score, "subject": subject})
@@ -319,6 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--real", type=Path, metavar="MANIFEST", help="held-out real cases from this manifest")
     parser.add_argument("--base", action="store_true", help="also apply to a held-out base photo (with --real)")
     parser.add_argument("--strength", type=float, default=0.7, help="apply-to-my-image strength")
+    parser.add_argument(
+        "--keep-detail",
+        type=float,
+        metavar="SIGMA",
+        help="apply-to-my-image (control, outputs and the ideal through the VAE): keep the base's detail finer than "
+        "SIGMA output pixels (the product's default is omniattr.domain.DEFAULT_KEEP_DETAIL; default here: off)",
+    )
     parser.add_argument("--no-text", action="store_true", help="skip the text-to-image mode")
     parser.add_argument("--prompt", default="", help="the real cases' prompt (default: the null text, zeros)")
     parser.add_argument("--size", type=int, help="output side (default: the VAE's sample_size, else 64)")
@@ -364,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "encoder": str(args.encoder),
         "score_encoder": str(args.score_encoder or args.encoder),
         "prompt": args.prompt if args.prompt or args.real is None else "(null text)",
+        "keep_detail": args.keep_detail,
     }
     prompt_inputs = None
     if args.real is not None and not args.prompt:  # the null text: what the training's text dropout shows
@@ -379,20 +395,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.base:  # the ceiling a perfect generator would reach under this scorer
         report["ideal output (base under the reference's transform)"] = {
             "as is": score_ideal(cases, score_encoder),
-            "through the VAE": score_ideal(cases, score_encoder, pipeline, size),
+            "through the VAE": score_ideal(cases, score_encoder, pipeline, size, args.keep_detail),
         }
         print(json.dumps({"ideal": report["ideal output (base under the reference's transform)"]}), flush=True)
     for mode, strength in modes.items():
         label = mode if strength is None else f"{mode} (strength {strength})"
+        detail = args.keep_detail if strength is not None else None
+        if detail:
+            label += f", detail kept under {detail} px"
         results: dict = {}
         control = None
         if not args.no_control:
-            control = run_cases(pipeline, encoder, cases, use_attribute=False, strength=strength, **common)
+            control = run_cases(
+                pipeline, encoder, cases, use_attribute=False, strength=strength, keep_detail=detail, **common
+            )
             results["control (no attribute)"] = {k: v for k, v in control.items() if k != "rows"}
             print(json.dumps({label: {"control (no attribute)": results["control (no attribute)"]}}), flush=True)
         for scale in args.attribute_scale:
             started = time.perf_counter()
-            result = run_cases(pipeline, encoder, cases, attribute_scale=scale, strength=strength, **common)
+            result = run_cases(
+                pipeline, encoder, cases, attribute_scale=scale, strength=strength, keep_detail=detail, **common
+            )
             rows = result.pop("rows")
             result["seconds"] = round(time.perf_counter() - started, 1)
             results[f"attribute_scale={scale}"] = result

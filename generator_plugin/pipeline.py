@@ -27,6 +27,12 @@ InstructPix2Pix-style text guidance):
   the latent is the flow-matching interpolation `scheduler.scale_noise(base, t_start, noise)`, and only the
   remaining steps run, with the same guidance rule. Without a strength a base image uses
   `omniattr.domain.DEFAULT_BASE_STRENGTH` (0.6); without an image nothing changes (s = 1, pure noise).
+- Keeping the base's detail (`keep_detail=` sigma > 0, with a base image): the decoded output becomes
+  blur(output) + base - blur(base), a Gaussian of std sigma output pixels (the "detail transfer" of relighting
+  workflows): the attribute's change is kept at scales coarser than sigma and the base's own finer detail put
+  back. A small generator's VAE and transformer blur what they draw; this returns the subject's edges and
+  texture, and also the base's texture where a reference's art style would replace it. Off by default here
+  (None or 0); the product's requests default to `omniattr.domain.DEFAULT_KEEP_DETAIL`.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from generator_plugin.adapter import AttributeAdapterLoaderMixin, check_attribute_tokens
-from omniattr.domain import DEFAULT_BASE_STRENGTH, MAX_REFERENCES
+from omniattr.domain import DEFAULT_BASE_STRENGTH, MAX_KEEP_DETAIL, MAX_REFERENCES
 
 if TYPE_CHECKING:
     from encoder import AttributeEncoder
@@ -116,6 +122,7 @@ class SamplingInputs:
     latents: torch.Tensor | None = None  # (B, S, 4 * C_lat), packed
     image: PIL.Image.Image | None = None  # the base image; resized and centre-cropped to height x width
     strength: float | None = None  # share of the schedule run from the base; after check_inputs a float
+    keep_detail: float | None = None  # Gaussian sigma (output pixels) of the base detail kept; None / 0: off
 
 
 @dataclass(frozen=True, eq=False)
@@ -320,12 +327,16 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         return self.scheduler.timesteps[start:]
 
     @torch.no_grad()
-    def encode_image(self, image: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
-        """A base image -> its packed VAE latent (1, S, 4 * C_lat), resized and centre-cropped to height x width."""
+    def preprocess_base(self, image: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
+        """A base image -> (1, 3, H, W) pixels in [-1, 1], resized and centre-cropped to height x width."""
         if image.mode != "RGB":  # greyscale, palette, alpha: the VAE takes 3 channels
             image = image.convert("RGB")
         pixels = self.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
-        pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)  # (1, 3, H, W) in [-1, 1]
+        return pixels.to(device=self._execution_device, dtype=self.vae.dtype)
+
+    def encode_image(self, image: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
+        """A base image -> its packed VAE latent (1, S, 4 * C_lat), resized and centre-cropped to height x width."""
+        pixels = self.preprocess_base(image, height, width)  # (1, 3, H, W) in [-1, 1]
         # The posterior's mode, not a sample: the same base gives the same latent; the seed drives the noise.
         latent = self.vae.encode(pixels).latent_dist.mode()  # (1, C_lat, h, w)
         latent = (latent - self.vae.config.shift_factor) * self.vae.config.scaling_factor
@@ -374,6 +385,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         latents: torch.Tensor | None = None,
         image: PIL.Image.Image | None = None,
         strength: float | None = None,
+        keep_detail: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         condition_batch_size: int | None = None,
@@ -394,6 +406,8 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             image: a base image to start from (apply to my image); None generates from noise.
             strength: in (0, 1], how much of the schedule runs from the base image: small keeps it, 1.0 starts
                 from pure noise. Default: DEFAULT_BASE_STRENGTH (0.6) with an image, 1.0 without.
+            keep_detail: with an image, keep the base's detail finer than this Gaussian sigma (output pixels):
+                the output is blur(output) + base - blur(base). None or 0: the generator's output as is.
             condition_batch_size: at most this many condition rows per transformer forward (None: all N + 2).
             score_transfer: re-encode every output under each attribute and return the transfer scores.
 
@@ -427,6 +441,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
                     latents=latents,
                     image=image,
                     strength=strength,
+                    keep_detail=keep_detail,
                 ),
                 output_type=output_type,
                 condition_batch_size=condition_batch_size,
@@ -463,7 +478,10 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         latents = self.denoise(latents, timesteps, text, conditions, inputs)
 
         # 5. Decode, and score the outputs against the references
-        images, decoded = self.decode_latents(latents, sampling.height, sampling.width, inputs.output_type)
+        detail = None  # the base's pixels and the sigma of the detail kept from them
+        if sampling.keep_detail:
+            detail = (self.preprocess_base(sampling.image, sampling.height, sampling.width), sampling.keep_detail)
+        images, decoded = self.decode_latents(latents, sampling.height, sampling.width, inputs.output_type, detail)
         scores = self.score_outputs(images, decoded, conditions, inputs)
 
         self.maybe_free_model_hooks()
@@ -482,6 +500,10 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         sampling = self._check_sampling(inputs.sampling)
         if inputs.output_type not in OUTPUT_TYPES:
             raise GeneratorInputError(f"output_type must be one of {OUTPUT_TYPES}; got {inputs.output_type!r}.")
+        if sampling.keep_detail and inputs.output_type == "latent":
+            raise GeneratorInputError(
+                "keep_detail works on the decoded pixels: ask for output_type 'pil', 'np' or 'pt', or leave it out."
+            )
         if inputs.condition_batch_size is not None and inputs.condition_batch_size < 1:
             raise GeneratorInputError(
                 f"condition_batch_size must be None or at least 1; got {inputs.condition_batch_size}."
@@ -586,7 +608,7 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
                 raise GeneratorInputError(
                     f"latents must be packed with shape {expected}; got {tuple(sampling.latents.shape)}."
                 )
-        return dataclasses.replace(sampling, strength=_check_base(sampling))
+        return dataclasses.replace(sampling, strength=_check_base(sampling), keep_detail=_check_detail(sampling))
 
     def encode_text(self, text: PromptInputs) -> _TextConditions:
         """The prompt's embeddings (encoded here from a prompt string) and the null text's, on the device."""
@@ -758,14 +780,25 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         return latents
 
     def decode_latents(
-        self, latents: torch.Tensor, height: int, width: int, output_type: str
+        self,
+        latents: torch.Tensor,
+        height: int,
+        width: int,
+        output_type: str,
+        detail: tuple[torch.Tensor, float] | None = None,
     ) -> tuple[list[PIL.Image.Image] | np.ndarray | torch.Tensor, torch.Tensor | None]:
-        """Packed latents -> images of `output_type`, and the decoded (B, 3, H, W) tensor (None for "latent")."""
+        """Packed latents -> images of `output_type`, and the decoded (B, 3, H, W) tensor (None for "latent").
+
+        detail: (base pixels (1, 3, H, W) in [-1, 1], sigma): keep the base's detail finer than sigma
+        (`keep_base_detail`).
+        """
         if output_type == "latent":
             return latents, None
         unpacked = self.unpack_latents(latents, height, width)  # (B, C_lat, h, w)
         unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
         decoded = self.vae.decode(unpacked.to(self.vae.dtype)).sample  # (B, 3, H, W) in [-1, 1]
+        if detail is not None:
+            decoded = keep_base_detail(decoded, *detail)
         return self.image_processor.postprocess(decoded, output_type=output_type), decoded
 
     def score_outputs(
@@ -836,6 +869,42 @@ def _check_base(sampling: SamplingInputs) -> float:
             f"to at least {1 / sampling.num_inference_steps:.3g} or raise num_inference_steps."
         )
     return float(strength)
+
+
+def _check_detail(sampling: SamplingInputs) -> float:
+    """The sigma of the base detail to keep: 0.0 (off) or a number in (0, MAX_KEEP_DETAIL] with a base image."""
+    sigma = sampling.keep_detail
+    if sigma is None:
+        return 0.0
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma <= MAX_KEEP_DETAIL:
+        raise GeneratorInputError(
+            f"keep_detail must be a number in [0, {MAX_KEEP_DETAIL}] (a blur sigma in output pixels; 0 turns it "
+            f"off); got {sigma!r}."
+        )
+    if sigma and sampling.image is None:
+        raise GeneratorInputError(
+            f"keep_detail {sigma} keeps a base image's detail: pass image= (or leave keep_detail out)."
+        )
+    return float(sigma)
+
+
+def gaussian_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, C, H, W) -> the same blurred by a Gaussian of std `sigma` pixels (separable, reflected borders)."""
+    radius = min(math.ceil(3 * sigma), pixels.shape[-2] - 1, pixels.shape[-1] - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=pixels.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).to(pixels.dtype)  # (2r + 1,)
+    channels = pixels.shape[1]
+    padded = F.pad(pixels, (radius, radius, radius, radius), mode="reflect")  # (B, C, H + 2r, W + 2r)
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)  # (B, C, H, W)
+
+
+def keep_base_detail(decoded: torch.Tensor, base: torch.Tensor, sigma: float) -> torch.Tensor:
+    """blur(decoded) + base - blur(base), clamped to [-1, 1]: the outputs' content coarser than `sigma` pixels
+    with the base's finer detail. decoded (B, 3, H, W) and base (1, 3, H, W), both in [-1, 1]."""
+    base = base.to(decoded.dtype)
+    return (gaussian_blur(decoded, sigma) + base - gaussian_blur(base, sigma)).clamp(-1.0, 1.0)
 
 
 def _check_weight(weight: Any, position: int) -> float:

@@ -6,7 +6,8 @@ image and stores each attribute's transfer score (re-encoding of the output vs. 
 
 Apply to my image: a request may also name a base image to start from (a stored image, `base_image_id`, or
 an uploaded file kept under `generations/bases/` by its sha256, `base_upload`) and a `strength` in (0, 1]
-(the pipeline's img2img convention; DEFAULT_BASE_STRENGTH when not given).
+(the pipeline's img2img convention; DEFAULT_BASE_STRENGTH when not given), and `keep_detail`, the blur sigma in
+output pixels under which the output keeps the base's own detail (DEFAULT_KEEP_DETAIL when not given; 0: off).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 from indexer.context import PlannedJob, WorkerContext
 from indexer.ingest import ImageRejected, MediaStore, decode_image, sha256_hex
 from indexer.models import GeneratorProvider
-from omniattr.domain import DEFAULT_BASE_STRENGTH, MAX_REFERENCES, ImageStatus, JobKind
+from omniattr.domain import DEFAULT_BASE_STRENGTH, DEFAULT_KEEP_DETAIL, MAX_REFERENCES, ImageStatus, JobKind
 from store import metadata
 from store.errors import ConflictError, InvalidInputError, StoreError
 
@@ -46,12 +47,14 @@ def plan_generation(
     base_image_id: int | None = None,
     base_upload: str | None = None,
     strength: float | None = None,
+    keep_detail: float | None = None,
     generator_available: bool = True,
 ) -> tuple[PlannedJob, int]:
     """Record a generation request and its one-shard job; returns (plan, generation id).
 
     `base_image_id` (a stored image) or `base_upload` (the sha256 of a file `store_base_upload` kept) makes it
-    apply-to-my-image at `strength` (DEFAULT_BASE_STRENGTH when None).
+    apply-to-my-image at `strength` (DEFAULT_BASE_STRENGTH when None), keeping the base's detail finer than
+    `keep_detail` output pixels (DEFAULT_KEEP_DETAIL when None; 0 keeps the generator's output as is).
     """
     require_generator(generator_available)
     if not 1 <= len(references) <= MAX_REFERENCES:
@@ -80,12 +83,17 @@ def plan_generation(
             raise InvalidInputError(
                 "strength needs a base image to start from: give base_image_id or upload one (or leave strength out)"
             )
+        if keep_detail is not None:
+            raise InvalidInputError(
+                "keep_detail keeps a base image's detail: give base_image_id or upload one (or leave keep_detail out)"
+            )
     else:
         if base_image_id is not None:
             base = metadata.get_image(session, image_id=base_image_id)  # NotFoundError: 404
             if base.status != ImageStatus.READY:
                 raise InvalidInputError(f"image {base.id} cannot be the base image: its status is {base.status}")
         strength = DEFAULT_BASE_STRENGTH if strength is None else strength
+        keep_detail = DEFAULT_KEEP_DETAIL if keep_detail is None else keep_detail
     request = {
         "refs": refs,
         "prompt": prompt,
@@ -95,6 +103,7 @@ def plan_generation(
         "base_image_id": base_image_id,
         "base_upload": base_upload,
         "strength": strength,
+        "keep_detail": keep_detail,
     }
     job = metadata.create_job(session, kind=JobKind.GENERATE, params={}, shards=[[0]])
     generation = metadata.create_generation(session, request=request, job_id=job.id)
@@ -221,6 +230,7 @@ def _render(
         width=generator_provider.size,
         image=base,
         strength=request.get("strength"),
+        keep_detail=request.get("keep_detail"),  # absent from requests recorded before it existed: off
     )
     buffer = io.BytesIO()
     output.images[0].save(buffer, format="PNG")

@@ -28,7 +28,14 @@ import httpx
 from pydantic import ValidationError
 
 from omniattr import __version__
-from omniattr.domain import DEFAULT_BASE_STRENGTH, GenerationStatus, ImageStatus, JobKind, JobStatus
+from omniattr.domain import (
+    DEFAULT_BASE_STRENGTH,
+    DEFAULT_KEEP_DETAIL,
+    GenerationStatus,
+    ImageStatus,
+    JobKind,
+    JobStatus,
+)
 from omniattr.settings import Settings
 from store.database import make_engine, make_session_factory, upgrade_database
 from store.errors import StoreError
@@ -370,6 +377,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         raise CommandError("give at least one --ref IMAGE_ID:ATTRIBUTE[:WEIGHT]")
     if args.strength is not None and args.base is None:
         raise CommandError("--strength needs --base IMAGE_ID|FILE (the image to start from)")
+    if args.keep_detail is not None and args.base is None:
+        raise CommandError("--keep-detail needs --base IMAGE_ID|FILE (the image whose detail is kept)")
     body: dict[str, Any] = {
         "refs": refs,
         "prompt": args.prompt,
@@ -377,6 +386,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "guidance_scale": args.guidance,
         "strength": args.strength,
+        "keep_detail": args.keep_detail,
     }
     base_file = None
     if args.base is not None:
@@ -406,7 +416,12 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         Path(args.out).write_bytes(image.content)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in generation["transfer_scores"].items())
     request = generation["request"]
-    base = f", from {args.base} at strength {request['strength']}" if args.base is not None else ""
+    base = ""
+    if args.base is not None:
+        base = (
+            f", from {args.base} at strength {request['strength']}, its detail kept under {request['keep_detail']} px"
+        )
+
     _print(args, {**generation, "file": str(args.out)}, f"wrote {args.out} (attribute transfer: {scores}{base})")
     return 0
 
@@ -642,6 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--strength",
         type=float,
         help=f"with --base, in (0, 1]: small keeps the base, 1 starts from noise (default {DEFAULT_BASE_STRENGTH})",
+    )
+    personalize.add_argument(
+        "--keep-detail",
+        type=float,
+        metavar="SIGMA",
+        help=f"with --base: keep the base's detail finer than this blur sigma in output pixels; 0 returns the "
+        f"generator's output as is, e.g. to carry an art style (default {DEFAULT_KEEP_DETAIL})",
     )
 
     jobs = command("jobs", cmd_jobs, remote=True)

@@ -51,6 +51,7 @@ def _create(
         base_image_id=body.base_image_id,
         base_upload=base_upload,
         strength=body.strength,
+        keep_detail=body.keep_detail,
     )
     return generation_public(generation)
 

@@ -171,6 +171,7 @@ function refreshBaseOptions() {
   select.replaceChildren(...options);
   select.value = options.some((option) => option.value === current) ? current : "";
   $("strength").disabled = !select.value;
+  $("keep-detail").disabled = !select.value;
 }
 
 // --- search -----------------------------------------------------------------------------------------
@@ -229,7 +230,10 @@ async function personalize() {
   const refs = [...state.selected].map((imageId) => ({ image_id: imageId, attribute: state.lastAttribute }));
   const body = { refs, prompt: $("prompt").value.trim() };
   const base = $("base").value;
-  if (base) body.strength = Number($("strength").value);
+  if (base) {
+    body.strength = Number($("strength").value);
+    if (!$("keep-detail").checked) body.keep_detail = 0;  // checked: the server's default sigma
+  }
   let generation;
   if (base === "upload") {
     const form = new FormData();
@@ -268,7 +272,10 @@ async function personalize() {
   const from = request.base_image_id ? `image ${request.base_image_id}` : request.base_upload ? "the uploaded image" : null;
   caption.append(Object.assign(document.createElement("p"), {
     id: "generation-base", className: "muted",
-    textContent: from ? `Applied to ${from} at strength ${request.strength}.` : "Made from noise (text to image).",
+    textContent: from
+      ? `Applied to ${from} at strength ${request.strength}` +
+        (request.keep_detail ? `, its detail kept (${request.keep_detail} px).` : ", the generator's output as is.")
+      : "Made from noise (text to image).",
   }));
   view.replaceChildren(img, caption);
   updateButtons();

@@ -24,11 +24,12 @@ def create_generation(
     base_image_id: int | None = None,
     base_upload: bytes | None = None,
     strength: float | None = None,
+    keep_detail: float | None = None,
 ) -> Generation:
     """Record a personalize (one reference) or compose request and start its job; returns its row.
 
     With `base_image_id` (a stored image) or `base_upload` (an image file's bytes) it is apply-to-my-image:
-    the generator starts from that image at `strength`.
+    the generator starts from that image at `strength`, and the output keeps its detail finer than `keep_detail`.
     """
     upload = None  # (sha256, PNG bytes): decoded before the transaction, written inside it
     if base_upload is not None:
@@ -45,6 +46,7 @@ def create_generation(
             base_image_id=base_image_id,
             base_upload=upload[0] if upload else None,
             strength=strength,
+            keep_detail=keep_detail,
             generator_available=services.generator_plugin is not None,
         )
         if upload is not None:  # the request is valid: keep the base; a failed write rolls the request back

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from omniattr.cli import main
+from omniattr.domain import DEFAULT_KEEP_DETAIL
 from tests.api.conftest import png, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,14 +100,28 @@ def test_personalize_writes_the_image(embedded_env, generator_dir, tmp_path, mon
     assert (tmp_path / "by-id.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mine = tmp_path / "mine.png"
     mine.write_bytes(png(42, size=96))
-    by_file = run_json(capsys, *common, "--base", str(mine), "--strength", "0.3", "--out", str(tmp_path / "f.png"))
+    by_file = run_json(
+        capsys,
+        *common,
+        "--base",
+        str(mine),
+        "--strength",
+        "0.3",
+        "--keep-detail",
+        "0",
+        "--out",
+        str(tmp_path / "f.png"),
+    )
     assert by_file["request"]["base_image_id"] is None and by_file["request"]["strength"] == 0.3
+    assert (by_id["request"]["keep_detail"], by_file["request"]["keep_detail"]) == (DEFAULT_KEEP_DETAIL, 0)
     assert by_file["request"]["base_upload"] == hashlib.sha256(mine.read_bytes()).hexdigest()
     assert (tmp_path / "f.png").read_bytes() != (tmp_path / "by-id.png").read_bytes()
     assert main([*common, "--base", "no-such-file.png"]) == 2
     assert "no such file, and not an image id" in capsys.readouterr().err
     assert main([*common, "--strength", "0.5"]) == 2
     assert "--strength needs --base" in capsys.readouterr().err
+    assert main([*common, "--keep-detail", "2"]) == 2
+    assert "--keep-detail needs --base" in capsys.readouterr().err
     assert main([*common, "--base", "4", "--strength", "1.5"]) == 2
     assert "HTTP 422" in capsys.readouterr().err
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.app import create_app
-from omniattr.domain import DEFAULT_BASE_STRENGTH
+from omniattr.domain import DEFAULT_BASE_STRENGTH, DEFAULT_KEEP_DETAIL
 from store.database import upgrade_database
 from tests.api.conftest import make_settings, png, wait_for_job
 
@@ -83,7 +83,8 @@ def test_personalize_and_compose(tmp_path, tiny_encoder_dir, generator_dir, monk
 
 @pytest.mark.slow
 def test_apply_to_my_image(tmp_path, tiny_encoder_dir, generator_dir, monkeypatch):
-    """A base image (stored or uploaded) and a strength: the generation starts from it and records both."""
+    """A base image (stored or uploaded), a strength and the detail kept: the generation starts from the base,
+    keeps its detail (DEFAULT_KEEP_DETAIL unless told) and records all three."""
     with client_for(tmp_path, tiny_encoder_dir, monkeypatch, generator_path=generator_dir) as client:
         ids = upload(client)
         refs = [{"image_id": ids[0], "attribute": "lighting"}, {"image_id": ids[1], "attribute": "art style"}]
@@ -96,10 +97,18 @@ def test_apply_to_my_image(tmp_path, tiny_encoder_dir, generator_dir, monkeypatc
         done = client.get(f"/api/generations/{generation['id']}").json()
         assert done["status"] == "done" and set(done["transfer_scores"]) == {"lighting", "art style"}
         assert done["request"]["base_image_id"] == ids[2] and done["request"]["strength"] == 0.5
+        assert done["request"]["keep_detail"] == DEFAULT_KEEP_DETAIL
         from_base = client.get(done["output_url"]).content
         assert Image.open(io.BytesIO(from_base)).size == (64, 64)
+        as_is = client.post(
+            "/api/generations", json={**body, "base_image_id": ids[2], "strength": 0.5, "keep_detail": 0}
+        )
+        assert as_is.json()["request"]["keep_detail"] == 0
+        assert wait_for_job(client, as_is.json()["job_id"])["status"] == "done"
+        assert client.get(f"/api/generations/{as_is.json()['id']}/image").content != from_base  # the detail mattered
         plain = client.post("/api/generations", json=body).json()
         assert plain["request"]["base_image_id"] is None and plain["request"]["strength"] is None
+        assert plain["request"]["keep_detail"] is None
         wait_for_job(client, plain["job_id"])
         assert client.get(f"/api/generations/{plain['id']}/image").content != from_base  # the base mattered
 
@@ -123,6 +132,11 @@ def test_apply_to_my_image(tmp_path, tiny_encoder_dir, generator_dir, monkeypatc
         assert missing.status_code == 404 and "4242" in missing.json()["detail"]
         no_base = client.post("/api/generations", json={**body, "strength": 0.5})
         assert no_base.status_code == 400 and "strength needs a base image" in no_base.json()["detail"]
+        for keep_detail in (-1, 33, "a lot"):
+            bad = client.post("/api/generations", json={**body, "base_image_id": ids[2], "keep_detail": keep_detail})
+            assert bad.status_code == 422, (keep_detail, bad.text)
+        no_base = client.post("/api/generations", json={**body, "keep_detail": 2})
+        assert no_base.status_code == 400 and "keep_detail keeps a base image's detail" in no_base.json()["detail"]
         not_image = client.post(
             "/api/generations/upload",
             files={"base": ("notes.txt", b"not an image", "text/plain")},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from omniattr.domain import DEFAULT_KEEP_DETAIL
 from tests.api.conftest import png, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,24 +114,29 @@ def test_search_from_the_page(server, tmp_path):
 
         # Apply to my image: the query image as the base at strength 0.4, then an uploaded file as the base.
         # The caption is built from the generation's recorded request, so it shows what the server stored.
+        # By default the output keeps the base's detail (DEFAULT_KEEP_DETAIL); unticked, the generator's output.
         expect(page.locator("#strength")).to_be_disabled()  # text to image until a base is chosen
+        expect(page.locator("#keep-detail")).to_be_disabled()
         query_id = page.eval_on_selector("#grid .tile.query", "tile => tile.dataset.imageId")
         page.select_option("#base", f"image:{query_id}")
         expect(page.locator("#strength")).to_be_enabled()
+        expect(page.locator("#keep-detail")).to_be_checked()
         page.fill("#strength", "0.4")
         expect(page.locator("#strength-value")).to_have_text("0.40")
         page.click("#personalize")
         expect(page.locator("#generation-base")).to_have_text(
-            f"Applied to image {query_id} at strength 0.4.", timeout=120_000
+            f"Applied to image {query_id} at strength 0.4, its detail kept ({DEFAULT_KEEP_DETAIL:g} px).",
+            timeout=120_000,
         )
         expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 64)
         mine = tmp_path / "mine.png"
         mine.write_bytes(png(50, size=96))
         page.set_input_files("#base-upload", str(mine))
         expect(page.locator("#base")).to_have_value("upload")
+        page.uncheck("#keep-detail")
         page.click("#personalize")
         expect(page.locator("#generation-base")).to_have_text(
-            "Applied to the uploaded image at strength 0.4.", timeout=120_000
+            "Applied to the uploaded image at strength 0.4, the generator's output as is.", timeout=120_000
         )
         expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 64)
         expect(page.locator("#transfer-scores li")).to_have_count(2)
@@ -261,7 +267,8 @@ def test_personalize_and_apply_to_my_image_with_the_shipped_generator(server_wit
         page.fill("#strength", "0.6")
         page.click("#personalize")
         expect(page.locator("#generation-base")).to_have_text(
-            f"Applied to image {query_id} at strength 0.6.", timeout=180_000
+            f"Applied to image {query_id} at strength 0.6, its detail kept ({DEFAULT_KEEP_DETAIL:g} px).",
+            timeout=180_000,
         )
         expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 128)
         page.screenshot(path=str(ARTIFACTS / "page-shipped-generator.png"), full_page=True)

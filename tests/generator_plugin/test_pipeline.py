@@ -18,6 +18,8 @@ from generator_plugin.pipeline import (
     PromptInputs,
     ReferenceInputs,
     SamplingInputs,
+    gaussian_blur,
+    keep_base_detail,
 )
 from generator_plugin.testing import random_attribute_tokens, tiny_generator, tiny_text_encoders
 from omniattr.domain import DEFAULT_BASE_STRENGTH
@@ -188,6 +190,49 @@ def test_small_strength_keeps_the_base_image(pipe, prompt):
     assert torch.equal(personalized, composed)
 
 
+def test_keep_detail_puts_the_base_detail_on_the_output(pipe, prompt):
+    """keep_detail = sigma: output = blur(generated) + base - blur(base), the generated image's coarse content
+    with the base's fine detail; 0 is the generator's output as is."""
+    image = PIL.Image.fromarray(
+        np.random.default_rng(3).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    )  # a noisy base: all detail
+
+    def run(**kwargs):  # the same noise every call
+        return pipe(image=image, strength=0.5, **prompt, **settings(num_inference_steps=4, output_type="pt"), **kwargs)
+
+    raw = run().images  # (1, 3, H, W) in [0, 1]
+    assert torch.equal(run(keep_detail=0).images, raw)
+    kept = run(keep_detail=1.5).images
+    base = pipe.preprocess_base(image, HEIGHT, WIDTH)  # (1, 3, H, W) in [-1, 1]
+
+    def detail(pixels):  # what a blur of sigma 1.5 removes
+        return pixels - gaussian_blur(pixels, 1.5)
+
+    base_detail = detail(base)
+    # the tiny random VAE decodes to a near-flat image: its detail is far from the base's, the kept one is close
+    assert (detail(raw * 2 - 1) - base_detail).abs().mean() > 3 * (detail(kept * 2 - 1) - base_detail).abs().mean()
+    # and the coarse content is still the generator's
+    assert (gaussian_blur(kept * 2 - 1, 4.0) - gaussian_blur(raw * 2 - 1, 4.0)).abs().mean() < 0.05
+
+
+def test_keep_base_detail_is_the_blurred_output_plus_the_base_detail():
+    generator = torch.Generator().manual_seed(1)
+    decoded, base = torch.rand(2, 3, 16, 16, generator=generator) - 0.5, torch.rand(1, 3, 16, 16, generator=generator)
+    kept = keep_base_detail(decoded, base, 1.0)
+    assert kept.shape == decoded.shape
+    assert torch.allclose(kept, gaussian_blur(decoded, 1.0) + base - gaussian_blur(base, 1.0))  # inside [-1, 1]
+    assert keep_base_detail(decoded * 4, base * 4, 1.0).abs().max() <= 1.0  # clamped
+
+
+def test_gaussian_blur_keeps_flat_images_and_the_mean():
+    flat = torch.full((2, 3, 16, 16), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 2.0), flat, atol=1e-6)
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    blurred = gaussian_blur(noise, 2.0)
+    assert blurred.shape == noise.shape and blurred.std() < 0.5 * noise.std()
+    assert torch.isfinite(gaussian_blur(noise, 30.0)).all()  # a radius beyond the image is clipped to it
+
+
 @pytest.mark.slow
 def test_one_reference_with_weight_one_equals_personalization(pipe, prompt):
     tokens = random_attribute_tokens(1)
@@ -313,6 +358,11 @@ def test_bad_input_is_refused_with_a_message_naming_the_fix(pipe, prompt):
         (dict(image=np.zeros((64, 64, 3))), GeneratorInputError, r"must be a PIL.Image; got ndarray.*Image.open"),
         (dict(image=image, latents=torch.zeros(1, 16, 16)), GeneratorInputError, "either latents .* or a base"),
         (dict(image=image, strength=1e-20), GeneratorInputError, "leaves none of the 1 steps"),
+        (dict(keep_detail=2.0), GeneratorInputError, "keeps a base image's detail: pass image="),
+        (dict(image=image, keep_detail=-1.0), GeneratorInputError, r"keep_detail must be a number in \[0, 32"),
+        (dict(image=image, keep_detail=float("nan")), GeneratorInputError, "keep_detail must be a number"),
+        (dict(image=image, keep_detail=True), GeneratorInputError, "keep_detail must be a number"),
+        (dict(image=image, keep_detail=2.0, output_type="latent"), GeneratorInputError, "works on the decoded"),
     ]
     for kwargs, error, message in cases:
         call = {**prompt, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 1, **kwargs}
