@@ -638,7 +638,9 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
         )
 
     def encode_attributes(self, references: ReferenceInputs) -> _AttributeConditions:
-        """Encode checked (image, attribute, weight) references with the encoder, or take precomputed tokens."""
+        """Encode checked (image, attribute, weight) references with the encoder, or take precomputed tokens.
+
+        Every weight is multiplied by the adapter's calibrated `weight_gain` (1 unless the adapter sets it)."""
         if references.refs:
             images = [image for image, _, _ in references.refs]
             attributes = [attribute for _, attribute, _ in references.refs]
@@ -646,14 +648,17 @@ class AttributePipeline(DiffusionPipeline, AttributeAdapterLoaderMixin):
             # (N, l, d_ctx), or (N, l + 1, d_ctx) with the pooled vector for an adapter trained with it
             tokens = self.attribute_adapter.condition_tokens(embeddings.tokens, embeddings.pooled)
             check_attribute_tokens(tokens, self.attribute_adapter.config.token_dim)
-            gain = self.attribute_adapter.config.weight_gain  # the adapter's calibrated strength
-            weights = [weight * gain for _, _, weight in references.refs]
+            weights = self._gained(weight for _, _, weight in references.refs)
             return _AttributeConditions(tokens, weights, attributes, embeddings.pooled)
         if references.attribute_tokens is not None and len(references.attribute_tokens):
-            gain = self.attribute_adapter.config.weight_gain
-            weights = [float(w) * gain for w in references.attribute_weights]
+            weights = self._gained(references.attribute_weights)
             return _AttributeConditions(references.attribute_tokens, weights, None, None)
         return _AttributeConditions(None, [], None, None)
+
+    def _gained(self, weights) -> list[float]:
+        """The user's reference weights times the adapter's weight gain: the w_i of the guidance rule."""
+        gain = self.attribute_adapter.config.weight_gain
+        return [float(weight) * gain for weight in weights]
 
     def prepare_latents(
         self, batch_size, num_latent_channels, height, width, dtype, device, generator, latents=None

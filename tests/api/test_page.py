@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,30 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def server_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """This process's environment without any OMNIATTR_ setting, plus a fresh data directory and `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
+    env.update(OMNIATTR_DATA_DIR=str(tmp_path / "data"), OMNIATTR_DEVICE="cpu", **settings)
+    return env
+
+
+@contextmanager
+def browser_page(url: str, width: int, height: int) -> Iterator[tuple[object, list[str]]]:
+    """A headless Chromium page opened at `url`, and the list its uncaught script errors are collected into."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            yield page, errors
+        finally:
+            browser.close()
 
 
 def photo_files(tmp_path: Path, count: int, size: int) -> list[Path]:
@@ -48,11 +74,9 @@ def create_and_upload(page, name: str, files: list[Path], timeout_ms: int = 5_00
 
 @pytest.fixture
 def server(tmp_path, tiny_encoder_dir, generator_dir):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
-    env.update(
-        OMNIATTR_DATA_DIR=str(tmp_path / "data"),
+    env = server_env(
+        tmp_path,
         OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
-        OMNIATTR_DEVICE="cpu",
         OMNIATTR_GENERATOR_PATH=str(generator_dir),
         OMNIATTR_GENERATION_STEPS="2",
         OMNIATTR_GENERATION_SIZE="64",
@@ -63,16 +87,11 @@ def server(tmp_path, tiny_encoder_dir, generator_dir):
 
 @pytest.mark.slow
 def test_search_from_the_page(server, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     files = photo_files(tmp_path, 8, size=64)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(server)
+    with browser_page(server, 1200, 1000) as (page, errors):
         expect(page.locator("#collection-info")).to_contain_text("No collection yet")
 
         page.fill("#new-collection", "holiday")
@@ -148,7 +167,6 @@ def test_search_from_the_page(server, tmp_path):
         expect(page.locator("#error")).to_contain_text("press Index this attribute")
 
         page.screenshot(path=str(ARTIFACTS / "page-search.png"), full_page=True)
-        browser.close()
     assert errors == []
 
 
@@ -156,11 +174,9 @@ def test_search_from_the_page(server, tmp_path):
 def server_with_broken_generator(tmp_path, tiny_encoder_dir):
     from tests.api.test_first_hour import broken_generator
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
-    env.update(
-        OMNIATTR_DATA_DIR=str(tmp_path / "data"),
+    env = server_env(
+        tmp_path,
         OMNIATTR_ENCODER_PATH=str(tiny_encoder_dir),
-        OMNIATTR_DEVICE="cpu",
         OMNIATTR_GENERATOR_PATH=str(broken_generator(tmp_path)),
     )
     with running_server(env, tmp_path) as url:
@@ -171,15 +187,10 @@ def server_with_broken_generator(tmp_path, tiny_encoder_dir):
 def test_first_hour_on_the_page(server_with_broken_generator, tmp_path):
     """Banner in view, named tiles with a larger view, results cleared on switching, a failed generation shown
     failed with its job's bar not drawn full."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     files = photo_files(tmp_path, 8, size=64)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1000, "height": 600})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(server_with_broken_generator)
+    with browser_page(server_with_broken_generator, 1000, 600) as (page, errors):
         create_and_upload(page, "first", files)
 
         # tiles are named and open a larger view (the original)
@@ -222,30 +233,22 @@ def test_first_hour_on_the_page(server_with_broken_generator, tmp_path):
         expect(page.locator("#results .tile")).to_have_count(0)
         expect(page.locator("#results-panel")).to_be_hidden()
         page.screenshot(path=str(ARTIFACTS / "page-first-hour.png"), full_page=True)
-        browser.close()
     assert errors == []
 
 
 @pytest.fixture
 def server_with_shipped_models(tmp_path):
     """`omniattr up` as on a fresh clone: no encoder or generator setting, so the shipped starters are used."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIATTR_")}
-    env.update(OMNIATTR_DATA_DIR=str(tmp_path / "data"), OMNIATTR_DEVICE="cpu")
-    with running_server(env, tmp_path) as url:
+    with running_server(server_env(tmp_path), tmp_path) as url:
         yield url
 
 
 @pytest.mark.slow
 def test_personalize_and_apply_to_my_image_with_the_shipped_generator(server_with_shipped_models, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     files = photo_files(tmp_path, 6, size=128)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(server_with_shipped_models)
+    with browser_page(server_with_shipped_models, 1200, 1000) as (page, errors):
         create_and_upload(page, "mine", files, timeout_ms=30_000)
         page.fill("#attribute", "lighting")
         page.click("#index-attribute")
@@ -272,5 +275,4 @@ def test_personalize_and_apply_to_my_image_with_the_shipped_generator(server_wit
         )
         expect(page.locator("#generation img")).to_have_js_property("naturalWidth", 128)
         page.screenshot(path=str(ARTIFACTS / "page-shipped-generator.png"), full_page=True)
-        browser.close()
     assert errors == []
