@@ -40,7 +40,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +67,6 @@ SUBJECT_PHRASES = ("subject", "object", "the subject", "what is shown", "main ob
 # (principal_projection) instead of learned: see the module docstring.
 FIXED_GROUPS = ("head", "style")
 CONNECTOR_CHUNK = 256  # (image, phrase) pairs per frozen connector call while precomputing
-# What a user means by "the same subject under another look": a pair that keeps its identity should differ in one
-# of these for its identity to teach the subject (subject_needs_look_change).
-LOOK_FACTORS = ("lighting", "palette", "style")
 
 
 @dataclass
@@ -90,8 +87,6 @@ class FloorFitConfig:
     log_every: int = 50
     threads: int = 1  # one torch thread: on the shared 2-core machine 3x the pairs/s of two (bench/RESULTS.md)
     stop_at: int | None = None  # stop (with a checkpoint) after this step; a later call continues the schedule
-    # Read "identity" only on pairs whose two images differ in look (LOOK_FACTORS); see subject_needs_look_change.
-    identity_look_change: bool = False
 
 
 def factor_phrases(name: str) -> tuple[str, ...]:
@@ -212,29 +207,6 @@ def prepared_inputs(encoder: AttributeEncoder, config: FloorFitConfig, path: Pat
     return data
 
 
-def subject_needs_look_change(data: FitData) -> tuple[FitData, int]:
-    """The data with "identity" unknown (-1) on both images of every pair that keeps its identity and its look:
-    the same recorded lighting, palette and style (LOOK_FACTORS, unknown counting as a value).
-
-    Most real-content pairs that share an identity change one factor of a scene and keep the rest (background,
-    layout, colours: bench/RESULTS.md), so their identity positives are told apart from other images by the
-    colour and light descriptors as well as by the subject, and the gate learns to read "subject" partly from
-    those. Kept, a positive pair shows the subject under another look, which only what stays of the subject
-    explains. Returns the new data and how many pairs lost their identity label."""
-    if "identity" not in data.factors:
-        return data, 0
-    identity = data.factors.index("identity")
-    look = [data.factors.index(name) for name in LOOK_FACTORS if name in data.factors]
-    labels = data.labels.clone()
-    x, y = data.pairs[:, 0], data.pairs[:, 1]  # (P,)
-    same_identity = (labels[x, identity] >= 0) & (labels[x, identity] == labels[y, identity])
-    same_look = (labels[x][:, look] == labels[y][:, look]).all(dim=1)
-    dropped = same_identity & same_look  # (P,)
-    labels[x[dropped], identity] = -1
-    labels[y[dropped], identity] = -1
-    return replace(data, labels=labels), int(dropped.sum())
-
-
 def fit_loss(
     floor: FloorHead,
     data: FitData,
@@ -297,9 +269,6 @@ def fit(config: FloorFitConfig, *, restart: bool = False) -> Path | None:
         f"{len(data.phrases)} phrases; prepared in {time.perf_counter() - started:.0f} s",
         file=sys.stderr,
     )
-    if config.identity_look_change:
-        data, dropped = subject_needs_look_change(data)
-        print(f"identity read on pairs that change look only: {dropped} pairs dropped from it", file=sys.stderr)
     floor = backbone.floor
     # The fixed parts (a resumed fit computes the same and loads them from its state anyway): the centre
     # (encoder/floor.py) and the principal projections of FIXED_GROUPS.
@@ -380,11 +349,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=FloorFitConfig.checkpoint_every)
     parser.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (resume later)")
     parser.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start again")
-    parser.add_argument(
-        "--identity-look-change",
-        action="store_true",
-        help="read identity only on pairs whose images differ in lighting, palette or style",
-    )
     args = parser.parse_args(argv)
     config = FloorFitConfig(
         encoder=args.encoder,
@@ -400,7 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
         stop_at=args.stop_at,
-        identity_look_change=args.identity_look_change,
     )
     saved = fit(config, restart=args.restart)
     if saved is not None:

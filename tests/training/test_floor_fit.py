@@ -11,16 +11,7 @@ import torch.nn.functional as F
 from encoder import AttributeEncoder
 from encoder.testing import tiny_compact_config
 from training.data.procedural import ProceduralConfig, generate_dataset
-from training.floor_fit import (
-    ENCODER_DIR,
-    FIXED_GROUPS,
-    LOG_NAME,
-    STATE_NAME,
-    FitData,
-    FloorFitConfig,
-    fit,
-    subject_needs_look_change,
-)
+from training.floor_fit import ENCODER_DIR, FIXED_GROUPS, LOG_NAME, STATE_NAME, FloorFitConfig, fit
 
 
 @pytest.fixture(scope="module")
@@ -118,36 +109,3 @@ def test_the_connector_gate_weighs_the_connector_against_the_descriptors(trained
 def test_the_connector_gate_needs_the_floor():
     with pytest.raises(ValueError, match="floor_gate_connector"):
         tiny_compact_config(floor_gate_connector=True)
-
-
-def test_identity_is_read_only_on_pairs_that_change_look():
-    """A pair that keeps its identity and its lighting, palette and style loses its identity label on both
-    images; one that keeps the identity under another look, and one of two identities, keep theirs."""
-    factors = ["identity", "lighting", "palette", "style", "background"]
-    labels = torch.tensor(
-        [
-            [0, 10, 20, 30, 40],  # pair 0: same identity, same look (only the background changes)
-            [0, 10, 20, 30, 41],
-            [1, 10, 20, 30, 40],  # pair 1: same identity, another lighting
-            [1, 11, 20, 30, 40],
-            [2, 10, 20, 30, 40],  # pair 2: two identities, same look
-            [3, 10, 20, 30, 40],
-            [4, 10, -1, 31, 40],  # pair 3: same identity, the palette hidden on one side (a filter): changed
-            [4, 10, 21, 30, 40],
-        ]
-    )
-    data = FitData(
-        descriptors=torch.zeros(8, 1),
-        connector=torch.zeros(8, 5, 1),
-        labels=labels,
-        pairs=torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]),
-        pair_ids=["a", "b", "c", "d"],
-        factors=factors,
-        phrases=factors,
-        phrase_factor=[0, 1, 2, 3, 4],
-        text_pooled=torch.zeros(5, 1),
-    )
-    kept, dropped = subject_needs_look_change(data)
-    assert dropped == 1
-    assert kept.labels[:, 0].tolist() == [-1, -1, 1, 1, 2, 3, 4, 4]
-    assert torch.equal(kept.labels[:, 1:], labels[:, 1:]) and torch.equal(data.labels, labels)  # a copy
