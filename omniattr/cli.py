@@ -418,10 +418,9 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     request = generation["request"]
     base = ""
     if args.base is not None:
-        base = (
-            f", from {args.base} at strength {request['strength']}, its detail kept under {request['keep_detail']} px"
-        )
-
+        detail = request["keep_detail"]
+        kept = f"its detail kept under {detail:g} px" if detail else "the generator's output as is"
+        base = f", from {args.base} at strength {request['strength']}, {kept}"
     _print(args, {**generation, "file": str(args.out)}, f"wrote {args.out} (attribute transfer: {scores}{base})")
     return 0
 

@@ -120,6 +120,8 @@ def test_personalize_writes_the_image(embedded_env, generator_dir, tmp_path, mon
     assert "no such file, and not an image id" in capsys.readouterr().err
     assert main([*common, "--strength", "0.5"]) == 2
     assert "--strength needs --base" in capsys.readouterr().err
+    assert main([*common, "--base", "4", "--keep-detail", "0", "--out", str(tmp_path / "as-is.png")]) == 0
+    assert "from 4 at strength 0.6, the generator's output as is)" in capsys.readouterr().out
     assert main([*common, "--keep-detail", "2"]) == 2
     assert "--keep-detail needs --base" in capsys.readouterr().err
     assert main([*common, "--base", "4", "--strength", "1.5"]) == 2
