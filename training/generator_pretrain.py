@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -695,6 +695,7 @@ def pretrain_adapter(
     bridge_share: float = 0.5,
     strength_range: tuple[float, float] = (0.5, 0.95),
     weight_gain: float = 1.0,
+    init_adapter: str | Path | None = None,
 ) -> dict:
     """Train an attribute adapter for `encoder_dir`'s tokens; write it to out (default GEN_DIR/attribute_adapter).
 
@@ -711,6 +712,9 @@ def pretrain_adapter(
     (calibrate it on tuning cases, e.g. bench/transfer_score.py --seed 1). Pairs with base images (realpairs
     --bases) also train apply-to-my-image: `bridge_share` of their steps start from the target's base noised to a
     sigma in `strength_range` (train_adapter).
+
+    `init_adapter`: an adapter directory to continue from (its weights, a fresh optimizer and step count) instead
+    of a new adapter; it must fit this generator and encoder and read the pooled token as `pooled_token` says.
     """
     from encoder import AttributeEncoder
     from generator_plugin.plugins import load_generator
@@ -748,6 +752,8 @@ def pretrain_adapter(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         adapter = AttributeAdapter.for_transformer(pipeline.transformer, encoder.dimension, pooled_token=pooled_token)
+    if init_adapter is not None:
+        adapter = continued_adapter(adapter, init_adapter)
     adapter.config = replace(adapter.config, weight_gain=float(weight_gain))  # checked by the config
     pipeline.load_attribute_adapter(adapter)
     losses = train_adapter(
@@ -781,6 +787,23 @@ def pretrain_adapter(
     }
     (adapter_dir / "adapter_train_record.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def continued_adapter(fresh: AttributeAdapter, directory: str | Path) -> AttributeAdapter:
+    """The adapter saved in `directory`, checked to have `fresh`'s shape (same generator, encoder width and
+    pooled token: every field of the config but the weight gain); ValueError naming the difference otherwise."""
+    loaded = AttributeAdapter.from_pretrained(directory)
+    differ = [
+        name
+        for name in asdict(fresh.config)
+        if name != "weight_gain" and getattr(fresh.config, name) != getattr(loaded.config, name)
+    ]
+    if differ:
+        raise ValueError(
+            f"--init-adapter {directory} does not fit this generator and encoder: its {', '.join(differ)} differ "
+            "(train a new adapter instead, without --init-adapter)"
+        )
+    return loaded
 
 
 def transfer_example(record: PairRecord, attributes: Sequence[str]) -> PairRecord | None:
@@ -965,6 +988,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1.0,
         help="recorded in the adapter: a reference of weight w steers with w x this",
     )
+    adapter.add_argument(
+        "--init-adapter",
+        type=Path,
+        help="continue training this adapter directory (e.g. a shipped one) instead of starting a new adapter",
+    )
     adapter.add_argument("--threads", type=int)
     samples = commands.add_parser("samples", help="a grid of corpus images and samples for their captions")
     samples.add_argument("--data", required=True, type=Path)
@@ -1020,6 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bridge_share=args.bridge_share,
             strength_range=tuple(args.strength_range),
             weight_gain=args.weight_gain,
+            init_adapter=args.init_adapter,
         )
     else:
         path = sample_grid(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from generator_plugin.adapter import AttributeAdapter
 from generator_plugin.plugins import load_generator
 from training import generator_pretrain as gp
 from training.data.procedural import generate_dataset
@@ -215,6 +216,38 @@ def test_adapter_stage_trains_and_loads_with_the_generator(pair_dir, generator_d
     weights = [p.detach().abs().sum() for name, p in pipeline.attribute_adapter.named_parameters() if "to_v_ip" in name]
     assert float(sum(weights)) > 0  # moved away from the zero initialisation
     assert pipeline.attribute_adapter.config.pooled_token  # the default: tokens plus the pooled search vector
+
+
+@pytest.mark.slow
+def test_adapter_stage_continues_from_an_adapter(pair_dir, generator_dir, tmp_path):
+    """--init-adapter: training starts from the saved adapter's weights (lr 0 keeps them exactly) and refuses
+    an adapter of another shape."""
+    from encoder import AttributeEncoder
+    from encoder.testing import tiny_compact_config
+
+    encoder_dir = tmp_path / "encoder"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AttributeEncoder(tiny_compact_config(image_size=64)).save_pretrained(encoder_dir)
+    common = dict(steps=3, max_seconds=None, batch_size=4)
+    gp.pretrain_adapter(pair_dir, generator_dir, encoder_dir, out=tmp_path / "first", **common)
+    record = gp.pretrain_adapter(
+        pair_dir, generator_dir, encoder_dir, out=tmp_path / "second", init_adapter=tmp_path / "first", lr=0.0,
+        weight_gain=2.0, **common,
+    )  # fmt: skip
+    assert record["settings"]["init_adapter"] == str(tmp_path / "first")
+    first = AttributeAdapter.from_pretrained(tmp_path / "first")
+    second = AttributeAdapter.from_pretrained(tmp_path / "second")
+    assert second.config.weight_gain == 2.0  # the run's gain, not the init's
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert any(p.abs().sum() > 0 for n, p in first.named_parameters() if "to_v_ip" in n)  # not the zero init
+
+    with pytest.raises(ValueError, match="pooled_token differ"):
+        gp.pretrain_adapter(
+            pair_dir, generator_dir, encoder_dir, out=tmp_path / "third", init_adapter=tmp_path / "first",
+            pooled_token=False, **common,
+        )  # fmt: skip
 
 
 @pytest.mark.slow
