@@ -23,7 +23,8 @@ DEFAULT_BASE_STRENGTH = 0.6
 # Apply to my image: the output keeps the base image's detail finer than this Gaussian sigma, in output pixels
 # (blur(output) + base - blur(base)); 0 is the generator's output as is. The 128 px starter generator draws a
 # blurred copy of the base's layout, and 2 px gives its subject back (bench/RESULTS.md, "Keeping the base's
-# detail"); it also keeps the base's texture, so a request that carries an art style may want 0.
+# detail in apply to my image"); it also keeps the base's texture, so a request that carries an art style may
+# want 0.
 DEFAULT_KEEP_DETAIL = 2.0
 MAX_KEEP_DETAIL = 32.0
 MAX_SEARCH_TERMS = 8

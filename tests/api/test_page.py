@@ -72,6 +72,18 @@ def create_and_upload(page, name: str, files: list[Path], timeout_ms: int = 5_00
     expect(page.locator("#grid .tile")).to_have_count(len(files), timeout=timeout_ms)
 
 
+def index_and_search(page, attribute: str, results: int, timeout_ms: int) -> None:
+    """Index `attribute` on the page, query with the first tile and wait for `results` result tiles."""
+    from playwright.sync_api import expect
+
+    page.fill("#attribute", attribute)
+    page.click("#index-attribute")
+    expect(page.locator("#jobs li[data-status=done]")).to_have_count(1, timeout=timeout_ms)
+    page.locator("#grid .tile").first.click()
+    page.click("#search")
+    expect(page.locator("#results .tile")).to_have_count(results)
+
+
 @pytest.fixture
 def server(tmp_path, tiny_encoder_dir, generator_dir):
     env = server_env(
@@ -202,12 +214,7 @@ def test_first_hour_on_the_page(server_with_broken_generator, tmp_path):
         page.click("#viewer-close")
         expect(page.locator("#viewer")).to_be_hidden()
 
-        page.fill("#attribute", "lighting")
-        page.click("#index-attribute")
-        expect(page.locator("#jobs li[data-status=done]")).to_have_count(1, timeout=60_000)
-        page.locator("#grid .tile").first.click()
-        page.click("#search")
-        expect(page.locator("#results .tile")).to_have_count(7)
+        index_and_search(page, "lighting", results=7, timeout_ms=60_000)
 
         # a failed generation: shown failed, the spinner text gone, its job's bar not full
         page.locator("#results .tile input[type=checkbox]").nth(0).check()
@@ -250,12 +257,7 @@ def test_personalize_and_apply_to_my_image_with_the_shipped_generator(server_wit
     files = photo_files(tmp_path, 6, size=128)
     with browser_page(server_with_shipped_models, 1200, 1000) as (page, errors):
         create_and_upload(page, "mine", files, timeout_ms=30_000)
-        page.fill("#attribute", "lighting")
-        page.click("#index-attribute")
-        expect(page.locator("#jobs li[data-status=done]")).to_have_count(1, timeout=120_000)
-        page.locator("#grid .tile").first.click()
-        page.click("#search")
-        expect(page.locator("#results .tile")).to_have_count(5)
+        index_and_search(page, "lighting", results=5, timeout_ms=120_000)
 
         # The Personalize section shows with no setting: the shipped generator is on.
         expect(page.locator("#generate-panel")).to_be_visible()
