@@ -22,7 +22,8 @@ output O wins when its transfer score for a against R beats the one against R':
     cos(pooled E(O, a), pooled E(R, a))  >  cos(pooled E(O, a), pooled E(R', a))
 
 The control runs the same cases, prompts and noise with the attribute off (prompt only: the null condition),
-where R and R' should win about equally often. The bar (issues #9 and 18): >= 80 % of the cases.
+where R and R' should win about equally often. The bar (issues #9 and 18): >= 80 % of the cases. Each win
+fraction comes with its binomial standard error (`true_wins_se`): 16 cases per attribute give about 11 points.
 `--encoder` conditions the generator (its tokens); `--score-encoder` (default: the same) scores the outputs.
 
     python bench/transfer_score.py --generator models/starter/generator --encoder models/starter/encoder
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -266,12 +268,14 @@ def score_ideal(
 
 
 def summarise(rows: Sequence[dict]) -> dict:
-    """Win fraction and mean scores, overall and per factor."""
+    """Win fraction (with its binomial standard error) and mean scores, overall and per factor."""
 
     def block(subset: Sequence[dict]) -> dict:
+        wins = float(np.mean([r["true"] > r["random"] for r in subset]))
         return {
             "cases": len(subset),
-            "true_wins": float(np.mean([r["true"] > r["random"] for r in subset])),
+            "true_wins": wins,
+            "true_wins_se": math.sqrt(wins * (1.0 - wins) / len(subset)),  # 16 cases at 75 %: 0.11
             "mean_true": float(np.mean([r["true"] for r in subset])),
             "mean_random": float(np.mean([r["random"] for r in subset])),
             **({"mean_subject": float(np.mean([r["subject"] for r in subset]))} if "subject" in subset[0] else {}),

@@ -315,6 +315,7 @@ def test_transfer_score_identical_reference_wins_and_scores_are_cosines():
         [{"factor": "color", "true": 0.9, "random": 0.1}, {"factor": "color", "true": 0.2, "random": 0.3}]
     )
     assert summary["true_wins"] == 0.5 and summary["per_factor"]["color"]["mean_true"] == pytest.approx(0.55)
+    assert summary["true_wins_se"] == pytest.approx(0.5 / 2**0.5)  # sqrt(p (1 - p) / n), p = 0.5, n = 2
 
 
 @pytest.mark.slow
