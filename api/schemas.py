@@ -193,7 +193,8 @@ class GenerationCreate(BaseModel):
         le=MAX_KEEP_DETAIL,
         description=f"With a base image: keep its detail finer than this blur sigma, in output pixels (the output "
         f"is blur(generated) + base - blur(base)); 0 returns the generator's output as is. Default "
-        f"{DEFAULT_KEEP_DETAIL}. It also keeps the base's texture: for an art style, try 0.",
+        f"{DEFAULT_KEEP_DETAIL}, or 0 when a reference's attribute names a style or a texture (e.g. 'art style'): "
+        f"the base's detail would replace that texture.",
     )
 
 

@@ -32,7 +32,7 @@ InstructPix2Pix-style text guidance):
   workflows): the attribute's change is kept at scales coarser than sigma and the base's own finer detail put
   back. A small generator's VAE and transformer blur what they draw; this returns the subject's edges and
   texture, and also the base's texture where a reference's art style would replace it. Off by default here
-  (None or 0); the product's requests default to `omniattr.domain.DEFAULT_KEEP_DETAIL`.
+  (None or 0); the product's requests default to `omniattr.domain.default_keep_detail` (2 px, none for a style).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ image and stores each attribute's transfer score (re-encoding of the output vs. 
 Apply to my image: a request may also name a base image to start from (a stored image, `base_image_id`, or
 an uploaded file kept under `generations/bases/` by its sha256, `base_upload`) and a `strength` in (0, 1]
 (the pipeline's img2img convention; DEFAULT_BASE_STRENGTH when not given), and `keep_detail`, the blur sigma in
-output pixels under which the output keeps the base's own detail (DEFAULT_KEEP_DETAIL when not given; 0: off).
+output pixels under which the output keeps the base's own detail (when not given: DEFAULT_KEEP_DETAIL, or 0
+when an attribute names a style or a texture; 0: off).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 from indexer.context import PlannedJob, WorkerContext
 from indexer.ingest import ImageRejected, MediaStore, decode_image, sha256_hex
 from indexer.models import GeneratorProvider
-from omniattr.domain import DEFAULT_BASE_STRENGTH, DEFAULT_KEEP_DETAIL, MAX_REFERENCES, ImageStatus, JobKind
+from omniattr.domain import DEFAULT_BASE_STRENGTH, MAX_REFERENCES, ImageStatus, JobKind, default_keep_detail
 from store import metadata
 from store.errors import ConflictError, InvalidInputError, StoreError
 
@@ -54,7 +55,8 @@ def plan_generation(
 
     `base_image_id` (a stored image) or `base_upload` (the sha256 of a file `store_base_upload` kept) makes it
     apply-to-my-image at `strength` (DEFAULT_BASE_STRENGTH when None), keeping the base's detail finer than
-    `keep_detail` output pixels (DEFAULT_KEEP_DETAIL when None; 0 keeps the generator's output as is).
+    `keep_detail` output pixels (when None, `default_keep_detail` of the references' attributes: DEFAULT_KEEP_DETAIL,
+    or 0 when one names a style or a texture; 0 keeps the generator's output as is).
     """
     require_generator(generator_available)
     if not 1 <= len(references) <= MAX_REFERENCES:
@@ -93,7 +95,8 @@ def plan_generation(
             if base.status != ImageStatus.READY:
                 raise InvalidInputError(f"image {base.id} cannot be the base image: its status is {base.status}")
         strength = DEFAULT_BASE_STRENGTH if strength is None else strength
-        keep_detail = DEFAULT_KEEP_DETAIL if keep_detail is None else keep_detail
+        if keep_detail is None:
+            keep_detail = default_keep_detail(ref["attribute"] for ref in refs)
     request = {
         "refs": refs,
         "prompt": prompt,

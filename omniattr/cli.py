@@ -662,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SIGMA",
         help=f"with --base: keep the base's detail finer than this blur sigma in output pixels; 0 returns the "
-        f"generator's output as is, e.g. to carry an art style (default {DEFAULT_KEEP_DETAIL})",
+        f"generator's output as is (default {DEFAULT_KEEP_DETAIL}, or 0 when an attribute names a style or a "
+        f"texture, e.g. 'art style')",
     )
 
     jobs = command("jobs", cmd_jobs, remote=True)

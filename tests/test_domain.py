@@ -39,6 +39,23 @@ def test_bad_attribute_text_is_one_error_with_advice():
             metadata.normalize_attribute(bad)
 
 
+@pytest.mark.parametrize(
+    ("attributes", "kept"),
+    [
+        (["lighting"], domain.DEFAULT_KEEP_DETAIL),
+        (["lighting", "color palette"], domain.DEFAULT_KEEP_DETAIL),
+        (["man hairstyle"], domain.DEFAULT_KEEP_DETAIL),  # a whole word only: a hairstyle is a shape
+        (["stylish"], domain.DEFAULT_KEEP_DETAIL),
+        (["Art Style"], 0.0),
+        (["lighting", "painting style"], 0.0),  # one texture reference is enough
+        (["surface texture"], 0.0),
+        (["textures"], 0.0),
+    ],
+)
+def test_apply_to_my_image_keeps_no_detail_by_default_for_a_style_or_texture(attributes, kept):
+    assert domain.default_keep_detail(attributes) == kept
+
+
 def test_every_job_kind_has_a_shard_body():
     assert {kind.shard_kind for kind in domain.JobKind} == set(domain.ShardKind)
     assert domain.JobKind("index_new_images").shard_kind is domain.ShardKind.INDEX

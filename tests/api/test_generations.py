@@ -84,10 +84,10 @@ def test_personalize_and_compose(tmp_path, tiny_encoder_dir, generator_dir, monk
 @pytest.mark.slow
 def test_apply_to_my_image(tmp_path, tiny_encoder_dir, generator_dir, monkeypatch):
     """A base image (stored or uploaded), a strength and the detail kept: the generation starts from the base,
-    keeps its detail (DEFAULT_KEEP_DETAIL unless told) and records all three."""
+    keeps its detail (DEFAULT_KEEP_DETAIL unless told, none for a style) and records all three."""
     with client_for(tmp_path, tiny_encoder_dir, monkeypatch, generator_path=generator_dir) as client:
         ids = upload(client)
-        refs = [{"image_id": ids[0], "attribute": "lighting"}, {"image_id": ids[1], "attribute": "art style"}]
+        refs = [{"image_id": ids[0], "attribute": "lighting"}, {"image_id": ids[1], "attribute": "color palette"}]
         body = {"refs": refs, "prompt": "a cup", "seed": 7}
         response = client.post("/api/generations", json={**body, "base_image_id": ids[2], "strength": 0.5})
         assert response.status_code == 202, response.text
@@ -95,7 +95,7 @@ def test_apply_to_my_image(tmp_path, tiny_encoder_dir, generator_dir, monkeypatc
         assert (generation["request"]["base_image_id"], generation["request"]["strength"]) == (ids[2], 0.5)
         assert wait_for_job(client, generation["job_id"])["status"] == "done"
         done = client.get(f"/api/generations/{generation['id']}").json()
-        assert done["status"] == "done" and set(done["transfer_scores"]) == {"lighting", "art style"}
+        assert done["status"] == "done" and set(done["transfer_scores"]) == {"lighting", "color palette"}
         assert done["request"]["base_image_id"] == ids[2] and done["request"]["strength"] == 0.5
         assert done["request"]["keep_detail"] == DEFAULT_KEEP_DETAIL
         from_base = client.get(done["output_url"]).content
@@ -106,6 +106,12 @@ def test_apply_to_my_image(tmp_path, tiny_encoder_dir, generator_dir, monkeypatc
         assert as_is.json()["request"]["keep_detail"] == 0
         assert wait_for_job(client, as_is.json()["job_id"])["status"] == "done"
         assert client.get(f"/api/generations/{as_is.json()['id']}/image").content != from_base  # the detail mattered
+        # A style reference: the base's detail would replace its texture, so none is kept unless asked for.
+        style = {**body, "refs": [refs[0], {"image_id": ids[1], "attribute": "Art Style"}], "base_image_id": ids[2]}
+        by_default = client.post("/api/generations", json=style).json()
+        asked = client.post("/api/generations", json={**style, "keep_detail": 3}).json()
+        assert (by_default["request"]["keep_detail"], asked["request"]["keep_detail"]) == (0, 3)
+        assert all(wait_for_job(client, g["job_id"])["status"] == "done" for g in (by_default, asked))
         plain = client.post("/api/generations", json=body).json()
         assert plain["request"]["base_image_id"] is None and plain["request"]["strength"] is None
         assert plain["request"]["keep_detail"] is None
