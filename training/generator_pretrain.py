@@ -1,8 +1,9 @@
 """Pretrain the small starter generator on the procedural corpus, then its attribute adapter against it.
 
-Three stages, each seeded and bounded by a time budget, all on a CPU:
+Stages, each seeded and bounded by a time budget, all on a CPU:
 
     python -m training.generator_pretrain base --data DIR --out GEN_DIR [--vae-seconds S --transformer-seconds S]
+    python -m training.generator_pretrain decoder --data DIR --generator GEN_DIR --out GEN_DIR2 [--seconds S]
     python -m training.generator_pretrain adapter --data DIR --generator GEN_DIR --encoder ENC_DIR
     python -m training.generator_pretrain samples --data DIR --generator GEN_DIR --out GRID.png
 
@@ -12,6 +13,10 @@ caption) examples, both sides of every pair. Text features come from frozen, ran
 text encoders over a word-level vocabulary of the corpus' captions: a fixed deterministic function of the
 caption, which the transformer learns to read. The result is a diffusers-layout directory that
 `generator_plugin.plugins.load_generator("flux", GEN_DIR)` loads.
+
+`decoder`: the VAE's decoder alone, fine-tuned with perceptual and style distances in the frozen ImageNet trunk
+on top of the pixel MSE, the encoder frozen: the latent space does not move, so the transformer and the adapter
+trained on it keep working with the sharper decoder.
 
 `adapter`: the attribute adapter with L_gen (the trainer's objective: the target's flow-matching velocity under
 its caption, conditioned on E(reference, all its positives), condition dropout as the pipeline drops
@@ -29,6 +34,7 @@ import copy
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -355,6 +361,104 @@ def train_vae(
     return losses
 
 
+class TrunkPerceptualLoss(torch.nn.Module):
+    """Perceptual and style distances in the frozen ImageNet EfficientNet-Lite0 trunk (the compact encoder's).
+
+    Pixel MSE averages texture away (a blurred decode costs little MSE); these two terms do not:
+    - `perceptual`: LPIPS-style, each level's features unit-normalised over channels at every position, squared
+      difference summed over channels and averaged over positions and levels (0 for identical images, at most 4);
+    - `style`: each level's per-channel mean and std over positions (the statistics of AdaIN and of the encoder
+      floor's style descriptor), squared difference averaged over channels and levels.
+    The trunk is frozen and its batch norms folded; gradients flow to the reconstruction only.
+    """
+
+    def __init__(self, levels: Sequence[str] = ("stage2", "stage4"), trunk: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        from encoder.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
+
+        trunk = trunk if trunk is not None else load_efficientnet_lite0().fold_batch_norm()
+        self.trunk = trunk.eval().requires_grad_(False)
+        self.levels = tuple(levels)
+        self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[-1, 1] images (B, 3, H, W) -> the trunk maps of `levels`."""
+        return self.trunk.feature_levels(((images + 1.0) / 2.0 - self.mean) / self.std, self.levels)
+
+    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perceptual, style) distances of two [-1, 1] batches, each a scalar averaged over the batch."""
+        with torch.no_grad():
+            wanted = [level.detach() for level in self.features(target)]
+        perceptual, style = reconstruction.new_zeros(()), reconstruction.new_zeros(())
+        for made, want in zip(self.features(reconstruction), wanted, strict=True):
+            a, b = _unit_over_channels(made), _unit_over_channels(want)
+            perceptual = perceptual + ((a - b) ** 2).sum(dim=1).mean()
+            style = style + torch.nn.functional.mse_loss(made.mean(dim=(2, 3)), want.mean(dim=(2, 3)))
+            style = style + torch.nn.functional.mse_loss(made.std(dim=(2, 3)), want.std(dim=(2, 3)))
+        return perceptual / len(self.levels), style / len(self.levels)
+
+
+def _unit_over_channels(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> unit length over C at every position (LPIPS' channel normalisation)."""
+    return maps / (maps.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+
+
+def finetune_decoder(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 2e-4,
+    perceptual_weight: float = 1.0,
+    style_weight: float = 0.0,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    log_every: int = 50,
+    checkpoint_path: Path | None = None,
+    loss: TrunkPerceptualLoss | None = None,
+) -> list[float]:
+    """Train the VAE's decoder alone on MSE + perceptual_weight * perceptual + style_weight * style.
+
+    The encoder is frozen, so the latent space stays the one the transformer and the attribute adapter were
+    trained in: a sharper decoder can replace the old one without retraining either (as Stable Diffusion's
+    fine-tuned decoders did). The decoder sees latents sampled from the encoder's posterior, as in train_vae.
+    Returns the per-step pixel MSE.
+    """
+    loss = loss if loss is not None else TrunkPerceptualLoss()
+    generator = torch.Generator().manual_seed(seed)
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
+    resume = StageCheckpoint(checkpoint_path, {"decoder": vae.decoder}, optimizer, generator).run_kwargs()
+
+    def batch_loss(step: int) -> BatchLoss:
+        batch = to_unit_range(images[torch.randint(len(images), (batch_size,), generator=generator)])
+        with torch.no_grad():
+            posterior = vae.encode(batch).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(latents).sample  # (B, 3, H, W)
+        mse = torch.nn.functional.mse_loss(reconstruction, batch)
+        perceptual, style = loss(reconstruction, batch)
+        total = mse + perceptual_weight * perceptual + style_weight * style
+        return BatchLoss(total, recorded=mse, extras={"perceptual": perceptual, "style": style})
+
+    vae.eval()  # the decoder has no dropout or batch norm: eval and train compute the same
+    losses = run_steps(
+        "decoder",
+        optimizer,
+        batch_loss,
+        steps=steps,
+        max_seconds=max_seconds,
+        log_every=log_every,
+        recorded_name="mse",
+        **resume,
+    )
+    vae.requires_grad_(False)
+    return losses
+
+
 def chroma(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> each pixel minus the mean of its three channels: the colour without the grey level."""
     return images - images.mean(dim=1, keepdim=True)
@@ -671,6 +775,140 @@ def pretrain_base(
     return record
 
 
+def pretrain_decoder(
+    data_dir: str | Path,
+    generator_dir: str | Path,
+    out: str | Path,
+    *,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    steps: int = 100_000,
+    max_seconds: float | None = 1800,
+    batch_size: int = 8,
+    lr: float = 2e-4,
+    perceptual_weight: float = 1.0,
+    style_weight: float = 0.0,
+    levels: Sequence[str] = ("stage2", "stage4"),
+    work: str | Path | None = None,
+) -> dict:
+    """Copy a generator to `out` with its VAE decoder fine-tuned (finetune_decoder); everything else unchanged.
+
+    The images are the corpus' pairs at the VAE's sample_size. `work`: cache and checkpoint folder (a rerun
+    resumes). The copy's pretrain_config.json keeps the base record and adds this stage's under "decoder".
+    """
+    settings = {key: value for key, value in locals().items() if key not in ("data_dir", "generator_dir", "out")}
+    settings.pop("work")
+    settings = {key: list(v) if isinstance(v, tuple) else v for key, v in settings.items()}
+    generator_dir, out, work = Path(generator_dir), Path(out), Path(work) if work is not None else None
+    vae = AutoencoderKL.from_pretrained(generator_dir / "vae").eval()
+    size = vae.config.sample_size
+    data_key = {"data": str(Path(data_dir).resolve()), "size": size, "max_pairs": max_pairs}
+    images, _ = cached(work and work / "images.pt", data_key, lambda: load_examples(data_dir, size, max_pairs))
+    print(json.dumps({"examples": len(images), "size": size}), flush=True)
+    losses = finetune_decoder(
+        vae,
+        images,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        perceptual_weight=perceptual_weight,
+        style_weight=style_weight,
+        seed=seed,
+        max_seconds=max_seconds,
+        checkpoint_path=work and work / "decoder.ckpt",
+        loss=TrunkPerceptualLoss(levels),
+    )
+    if out.resolve() != generator_dir.resolve():
+        shutil.copytree(generator_dir, out, dirs_exist_ok=True)
+    vae.save_pretrained(out / "vae")
+    record_path = out / PRETRAIN_CONFIG_NAME
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record["decoder"] = {
+        "data_dir": str(data_dir),
+        "examples": len(images),
+        "settings": settings,
+        "steps": len(losses),
+        "mse_first_last": [_mean_head(losses), _mean_tail(losses)],
+    }
+    _write_record(out, record)
+    return record["decoder"]
+
+
+def pretrain_transformer(
+    data_dir: str | Path,
+    generator_dir: str | Path,
+    out: str | Path,
+    *,
+    size: int,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    steps: int = 100_000,
+    max_seconds: float | None = 900,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    text_dropout: float = 0.15,
+    max_text_tokens: int = 48,
+    work: str | Path | None = None,
+) -> dict:
+    """Continue a generator's transformer at a new output `size`; copy the generator to `out` with it.
+
+    The VAE is convolutional, so a generator trained at 128 px can encode and decode 224 px (28 x 28 latents:
+    more of a texture survives the decode, bench/RESULTS.md); the transformer has only seen 8 x 8 tokens and
+    must learn the larger grid (RoPE positions beyond 8) and the finer scale. Same flow matching as `base` on
+    the same corpus, starting from the shipped weights; the VAE and the text encoders are unchanged, and the
+    copy's VAE config records `size` as its sample_size (the pipeline's default output side). An attribute
+    adapter trained against the old transformer is copied too but should be continued at `size`
+    (`adapter --init-adapter ... --size`).
+    """
+    settings = {key: value for key, value in locals().items() if key not in ("data_dir", "generator_dir", "out")}
+    settings.pop("work")
+    from generator_plugin.plugins import load_generator
+
+    generator_dir, out, work = Path(generator_dir), Path(out), Path(work) if work is not None else None
+    pipeline = load_generator("flux", generator_dir)
+    if pipeline.attribute_adapter is not None:
+        pipeline.unload_attribute_adapter()  # train and save the base transformer's own attention
+    data_key = {"data": str(Path(data_dir).resolve()), "size": size, "max_pairs": max_pairs}
+    images, captions = cached(work and work / "images.pt", data_key, lambda: load_examples(data_dir, size, max_pairs))
+    print(json.dumps({"examples": len(images), "size": size}), flush=True)
+    latent_key = {**data_key, "vae": str(generator_dir.resolve() / "vae")}
+    latents = cached(work and work / "latents.pt", latent_key, lambda: encode_latents(pipeline.vae, images, 64))
+    distinct = list(dict.fromkeys(captions))
+    sequences, vectors = embed_captions(pipeline, distinct, max_text_tokens)
+    position = {caption: index for index, caption in enumerate(distinct)}
+    rows = torch.tensor([position[caption] for caption in captions])
+    transformer = pipeline.transformer.requires_grad_(True)
+    ema, losses = train_transformer(
+        transformer,
+        latents,
+        sequences[rows],
+        vectors[rows],
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        text_dropout=text_dropout,
+        seed=seed,
+        max_seconds=max_seconds,
+        checkpoint_path=work and work / "transformer.ckpt",
+    )
+    if out.resolve() != generator_dir.resolve():
+        shutil.copytree(generator_dir, out, dirs_exist_ok=True)
+    ema.save_pretrained(out / "transformer")
+    pipeline.vae.register_to_config(sample_size=size)
+    pipeline.vae.save_pretrained(out / "vae")
+    record_path = out / PRETRAIN_CONFIG_NAME
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record["transformer_at_size"] = {
+        "data_dir": str(data_dir),
+        "examples": len(images),
+        "settings": settings,
+        "steps": len(losses),
+        "loss_first_last": [_mean_head(losses), _mean_tail(losses)],
+    }
+    _write_record(out, record)
+    return record["transformer_at_size"]
+
+
 def pretrain_adapter(
     data_dir: str | Path,
     generator_dir: str | Path,
@@ -929,7 +1167,7 @@ def _write_record(directory: Path, record: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: `base`, `adapter` and `samples` (see the module docstring)."""
+    """CLI: `base`, `decoder`, `adapter` and `samples` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m training.generator_pretrain", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     base = commands.add_parser("base", help="train the VAE and the transformer; write a generator directory")
@@ -952,6 +1190,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     base.add_argument("--latent-channels", type=int, default=8)
     base.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
     base.add_argument("--threads", type=int)
+    decoder = commands.add_parser(
+        "decoder", help="fine-tune a generator's VAE decoder with a perceptual loss; the latents do not change"
+    )
+    decoder.add_argument("--data", required=True, type=Path)
+    decoder.add_argument("--generator", required=True, type=Path)
+    decoder.add_argument("--out", required=True, type=Path, help="a copy of the generator with the new decoder")
+    decoder.add_argument("--seed", type=int, default=0)
+    decoder.add_argument("--max-pairs", type=int)
+    decoder.add_argument("--seconds", type=float, default=1800)
+    decoder.add_argument("--steps", type=int, default=100_000)
+    decoder.add_argument("--batch-size", type=int, default=8)
+    decoder.add_argument("--lr", type=float, default=2e-4)
+    decoder.add_argument("--perceptual-weight", type=float, default=1.0)
+    decoder.add_argument("--style-weight", type=float, default=0.0)
+    decoder.add_argument("--levels", nargs="+", default=("stage2", "stage4"), help="trunk levels the losses read")
+    decoder.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
+    decoder.add_argument("--threads", type=int)
+    grow = commands.add_parser("transformer", help="continue a generator's transformer at a new output size")
+    grow.add_argument("--data", required=True, type=Path)
+    grow.add_argument("--generator", required=True, type=Path)
+    grow.add_argument("--out", required=True, type=Path, help="a copy of the generator with the new transformer")
+    grow.add_argument("--size", required=True, type=int, help="output side in pixels (a multiple of 16)")
+    grow.add_argument("--seed", type=int, default=0)
+    grow.add_argument("--max-pairs", type=int)
+    grow.add_argument("--seconds", type=float, default=900)
+    grow.add_argument("--steps", type=int, default=100_000)
+    grow.add_argument("--batch-size", type=int, default=32)
+    grow.add_argument("--lr", type=float, default=5e-4)
+    grow.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
+    grow.add_argument("--threads", type=int)
     adapter = commands.add_parser("adapter", help="train the attribute adapter with L_gen, encoder frozen")
     adapter.add_argument("--data", required=True, type=Path)
     adapter.add_argument("--generator", required=True, type=Path)
@@ -1025,6 +1293,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             vae_norm_groups=args.vae_norm_groups,
             latent_channels=args.latent_channels,
             vae_batch_size=args.vae_batch_size,
+            work=args.work,
+        )
+    elif args.command == "decoder":
+        record = pretrain_decoder(
+            args.data,
+            args.generator,
+            args.out,
+            max_pairs=args.max_pairs,
+            seed=args.seed,
+            steps=args.steps,
+            max_seconds=args.seconds,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            perceptual_weight=args.perceptual_weight,
+            style_weight=args.style_weight,
+            levels=tuple(args.levels),
+            work=args.work,
+        )
+    elif args.command == "transformer":
+        record = pretrain_transformer(
+            args.data,
+            args.generator,
+            args.out,
+            size=args.size,
+            max_pairs=args.max_pairs,
+            seed=args.seed,
+            steps=args.steps,
+            max_seconds=args.seconds,
+            batch_size=args.batch_size,
+            lr=args.lr,
             work=args.work,
         )
     elif args.command == "adapter":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -146,6 +147,81 @@ def test_base_stage_resumes_from_its_work_folder_as_if_never_stopped(pair_dir, t
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(resumed[name], weight, rtol=1e-5, atol=1e-6)
     assert load_generator("flux", stopped / "gen").vae.config.sample_size == 32
+
+
+def test_trunk_style_distance_prefers_the_same_texture_where_pixel_mse_prefers_a_blur():
+    """The reason for the decoder stage: a blurred copy is closer in pixel MSE than another sample of the same
+    texture, but farther in the trunk's style statistics and its perceptual distance keeps it far from zero."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1  # two samples of one texture (uniform noise)
+    texture, other_sample = noise[:1], noise[1:]
+    blurred = torch.nn.functional.avg_pool2d(texture, 5, stride=1, padding=2, count_include_pad=False)
+    loss = gp.TrunkPerceptualLoss()
+    assert float(((blurred - texture) ** 2).mean()) < float(((other_sample - texture) ** 2).mean())
+    perceptual_blur, style_blur = loss(blurred, texture)
+    perceptual_other, style_other = loss(other_sample, texture)
+    assert float(style_other) < 0.5 * float(style_blur), (float(style_other), float(style_blur))
+    same = loss(texture, texture)
+    assert float(same[0]) < 1e-6 and float(same[1]) < 1e-10 and float(perceptual_blur) > 0.1
+
+    reconstruction = blurred.clone().requires_grad_(True)
+    sum(loss(reconstruction, texture)).backward()
+    assert reconstruction.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in loss.trunk.parameters())
+
+
+@pytest.mark.slow
+def test_decoder_stage_changes_only_the_decoder_and_keeps_the_rest(pair_dir, generator_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sharper"
+    record = gp.pretrain_decoder(
+        pair_dir, generator_dir, out, steps=3, max_seconds=None, batch_size=2, lr=1e-2, style_weight=1.0
+    )
+    assert record["steps"] == 3 and record["examples"] == 16
+    before = load_file(next((generator_dir / "vae").glob("*.safetensors")))
+    after = load_file(next((out / "vae").glob("*.safetensors")))
+    assert before.keys() == after.keys()
+    for name, weight in before.items():
+        if name.startswith("decoder."):
+            continue
+        torch.testing.assert_close(after[name], weight, rtol=0, atol=0)  # the latent space does not move
+    assert any(not torch.equal(after[name], weight) for name, weight in before.items() if name.startswith("decoder."))
+    for name in ("transformer", "text_encoder", "scheduler"):
+        copied, original = (sorted(p.name for p in (root / name).iterdir()) for root in (out, generator_dir))
+        assert copied == original
+    stored = json.loads((out / gp.PRETRAIN_CONFIG_NAME).read_text())
+    assert stored["stage"] == "base" and stored["decoder"]["steps"] == 3
+    pipeline = load_generator("flux", out)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(
+        prompt="A photo of a red matte star.", height=64, width=64, num_inference_steps=2, max_sequence_length=64
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+@pytest.mark.slow
+def test_transformer_stage_continues_at_a_new_size_and_makes_it_the_default(pair_dir, generator_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bigger"
+    record = gp.pretrain_transformer(
+        pair_dir, generator_dir, out, size=96, steps=3, max_seconds=None, batch_size=2, work=tmp_path / "work"
+    )
+    assert record["steps"] == 3 and record["examples"] == 16
+    before = load_file(next((generator_dir / "transformer").glob("*.safetensors")))
+    after = load_file(next((out / "transformer").glob("*.safetensors")))
+    assert before.keys() == after.keys()  # the base transformer alone: no adapter weights saved into it
+    assert any(not torch.equal(after[name], weight) for name, weight in before.items())
+    vae_before = load_file(next((generator_dir / "vae").glob("*.safetensors")))
+    vae_after = load_file(next((out / "vae").glob("*.safetensors")))
+    for name, weight in vae_before.items():
+        torch.testing.assert_close(vae_after[name], weight, rtol=0, atol=0)
+    assert {p.name for p in (tmp_path / "work").iterdir()} == {"images.pt", "latents.pt", "transformer.ckpt"}
+    pipeline = load_generator("flux", out)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(prompt="A photo of a red matte star.", num_inference_steps=2, max_sequence_length=64).images[0]
+    assert image.size == (96, 96)  # the new size is the pipeline's default output side
 
 
 def test_transfer_example_keeps_shared_attributes_of_two_different_subjects():
