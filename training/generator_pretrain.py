@@ -246,6 +246,17 @@ def embed_captions(
     return torch.cat(sequences), torch.cat(vectors)
 
 
+def example_caption_features(
+    pipeline: AttributePipeline, captions: Sequence[str], max_text_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """embed_captions for every example's caption, each distinct caption encoded once: (N, T, J) and (N, P)."""
+    distinct = list(dict.fromkeys(captions))
+    sequences, vectors = embed_captions(pipeline, distinct, max_text_tokens)
+    position = {caption: index for index, caption in enumerate(distinct)}
+    rows = torch.tensor([position[caption] for caption in captions])
+    return sequences[rows], vectors[rows]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Resuming
 
@@ -740,15 +751,12 @@ def pretrain_base(
     }
     latents, shift, scale = cached(work and work / "latents.pt", vae_key, lambda: normalised_latents(vae, images))
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)  # latents: (N, S, 4 C)
-    distinct = list(dict.fromkeys(captions))
-    sequences, vectors = embed_captions(pipeline, distinct, max_text_tokens)
-    position = {caption: index for index, caption in enumerate(distinct)}
-    rows = torch.tensor([position[caption] for caption in captions])
+    sequences, vectors = example_caption_features(pipeline, captions, max_text_tokens)
     ema, transformer_losses = train_transformer(
         transformer,
         latents,
-        sequences[rows],
-        vectors[rows],
+        sequences,
+        vectors,
         steps=transformer_steps,
         batch_size=transformer_batch_size,
         lr=transformer_lr,
@@ -818,20 +826,9 @@ def pretrain_decoder(
         checkpoint_path=work and work / "decoder.ckpt",
         loss=TrunkPerceptualLoss(levels),
     )
-    if out.resolve() != generator_dir.resolve():
-        shutil.copytree(generator_dir, out, dirs_exist_ok=True)
+    _copy_generator(generator_dir, out)
     vae.save_pretrained(out / "vae")
-    record_path = out / PRETRAIN_CONFIG_NAME
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    record["decoder"] = {
-        "data_dir": str(data_dir),
-        "examples": len(images),
-        "settings": settings,
-        "steps": len(losses),
-        "mse_first_last": [_mean_head(losses), _mean_tail(losses)],
-    }
-    _write_record(out, record)
-    return record["decoder"]
+    return _add_stage_record(out, "decoder", data_dir, len(images), settings, losses, recorded="mse")
 
 
 def pretrain_transformer(
@@ -873,16 +870,13 @@ def pretrain_transformer(
     print(json.dumps({"examples": len(images), "size": size}), flush=True)
     latent_key = {**data_key, "vae": str(generator_dir.resolve() / "vae")}
     latents = cached(work and work / "latents.pt", latent_key, lambda: encode_latents(pipeline.vae, images, 64))
-    distinct = list(dict.fromkeys(captions))
-    sequences, vectors = embed_captions(pipeline, distinct, max_text_tokens)
-    position = {caption: index for index, caption in enumerate(distinct)}
-    rows = torch.tensor([position[caption] for caption in captions])
+    sequences, vectors = example_caption_features(pipeline, captions, max_text_tokens)
     transformer = pipeline.transformer.requires_grad_(True)
     ema, losses = train_transformer(
         transformer,
         latents,
-        sequences[rows],
-        vectors[rows],
+        sequences,
+        vectors,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -891,22 +885,41 @@ def pretrain_transformer(
         max_seconds=max_seconds,
         checkpoint_path=work and work / "transformer.ckpt",
     )
-    if out.resolve() != generator_dir.resolve():
-        shutil.copytree(generator_dir, out, dirs_exist_ok=True)
+    _copy_generator(generator_dir, out)
     ema.save_pretrained(out / "transformer")
     pipeline.vae.register_to_config(sample_size=size)
     pipeline.vae.save_pretrained(out / "vae")
+    return _add_stage_record(out, "transformer_at_size", data_dir, len(images), settings, losses)
+
+
+def _copy_generator(generator_dir: Path, out: Path) -> None:
+    """Copy a generator directory to `out` (a stage then overwrites the parts it trained); nothing if the same."""
+    if out.resolve() != generator_dir.resolve():
+        shutil.copytree(generator_dir, out, dirs_exist_ok=True)
+
+
+def _add_stage_record(
+    out: Path,
+    stage: str,
+    data_dir: str | Path,
+    examples: int,
+    settings: dict,
+    losses: Sequence[float],
+    recorded: str = "loss",
+) -> dict:
+    """Add a continuing stage's record under `stage` to out's pretrain_config.json (kept: the earlier ones);
+    `losses` are the per-step values the stage records, named `recorded`."""
     record_path = out / PRETRAIN_CONFIG_NAME
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    record["transformer_at_size"] = {
+    record[stage] = {
         "data_dir": str(data_dir),
-        "examples": len(images),
+        "examples": examples,
         "settings": settings,
         "steps": len(losses),
-        "loss_first_last": [_mean_head(losses), _mean_tail(losses)],
+        f"{recorded}_first_last": [_mean_head(losses), _mean_tail(losses)],
     }
     _write_record(out, record)
-    return record["transformer_at_size"]
+    return record[stage]
 
 
 def pretrain_adapter(
@@ -1166,6 +1179,23 @@ def _write_record(directory: Path, record: dict) -> None:
     (directory / PRETRAIN_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _continuing_stage_parser(commands, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand that continues a trained generator into a copy at --out, with the options they share."""
+    parser = commands.add_parser(name, help=help)
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--generator", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="a copy of the generator with the trained part")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-pairs", type=int)
+    parser.add_argument("--seconds", type=float, default=900)
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
+    parser.add_argument("--threads", type=int)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: `base`, `decoder`, `adapter` and `samples` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m training.generator_pretrain", description=__doc__.split("\n")[0])
@@ -1190,36 +1220,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     base.add_argument("--latent-channels", type=int, default=8)
     base.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
     base.add_argument("--threads", type=int)
-    decoder = commands.add_parser(
-        "decoder", help="fine-tune a generator's VAE decoder with a perceptual loss; the latents do not change"
+    decoder = _continuing_stage_parser(
+        commands, "decoder", "fine-tune a generator's VAE decoder with a perceptual loss; the latents do not change"
     )
-    decoder.add_argument("--data", required=True, type=Path)
-    decoder.add_argument("--generator", required=True, type=Path)
-    decoder.add_argument("--out", required=True, type=Path, help="a copy of the generator with the new decoder")
-    decoder.add_argument("--seed", type=int, default=0)
-    decoder.add_argument("--max-pairs", type=int)
-    decoder.add_argument("--seconds", type=float, default=1800)
-    decoder.add_argument("--steps", type=int, default=100_000)
-    decoder.add_argument("--batch-size", type=int, default=8)
-    decoder.add_argument("--lr", type=float, default=2e-4)
+    decoder.set_defaults(seconds=1800, batch_size=8, lr=2e-4)
     decoder.add_argument("--perceptual-weight", type=float, default=1.0)
     decoder.add_argument("--style-weight", type=float, default=0.0)
     decoder.add_argument("--levels", nargs="+", default=("stage2", "stage4"), help="trunk levels the losses read")
-    decoder.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
-    decoder.add_argument("--threads", type=int)
-    grow = commands.add_parser("transformer", help="continue a generator's transformer at a new output size")
-    grow.add_argument("--data", required=True, type=Path)
-    grow.add_argument("--generator", required=True, type=Path)
-    grow.add_argument("--out", required=True, type=Path, help="a copy of the generator with the new transformer")
+    grow = _continuing_stage_parser(commands, "transformer", "continue a generator's transformer at a new output size")
     grow.add_argument("--size", required=True, type=int, help="output side in pixels (a multiple of 16)")
-    grow.add_argument("--seed", type=int, default=0)
-    grow.add_argument("--max-pairs", type=int)
-    grow.add_argument("--seconds", type=float, default=900)
-    grow.add_argument("--steps", type=int, default=100_000)
-    grow.add_argument("--batch-size", type=int, default=32)
-    grow.add_argument("--lr", type=float, default=5e-4)
-    grow.add_argument("--work", type=Path, help="cache and checkpoint folder: a rerun resumes from it")
-    grow.add_argument("--threads", type=int)
     adapter = commands.add_parser("adapter", help="train the attribute adapter with L_gen, encoder frozen")
     adapter.add_argument("--data", required=True, type=Path)
     adapter.add_argument("--generator", required=True, type=Path)
@@ -1295,28 +1304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             vae_batch_size=args.vae_batch_size,
             work=args.work,
         )
-    elif args.command == "decoder":
-        record = pretrain_decoder(
-            args.data,
-            args.generator,
-            args.out,
-            max_pairs=args.max_pairs,
-            seed=args.seed,
-            steps=args.steps,
-            max_seconds=args.seconds,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            perceptual_weight=args.perceptual_weight,
-            style_weight=args.style_weight,
-            levels=tuple(args.levels),
-            work=args.work,
-        )
-    elif args.command == "transformer":
-        record = pretrain_transformer(
-            args.data,
-            args.generator,
-            args.out,
-            size=args.size,
+    elif args.command in ("decoder", "transformer"):
+        common = dict(
             max_pairs=args.max_pairs,
             seed=args.seed,
             steps=args.steps,
@@ -1325,6 +1314,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr=args.lr,
             work=args.work,
         )
+        if args.command == "decoder":
+            record = pretrain_decoder(
+                args.data,
+                args.generator,
+                args.out,
+                perceptual_weight=args.perceptual_weight,
+                style_weight=args.style_weight,
+                levels=tuple(args.levels),
+                **common,
+            )
+        else:
+            record = pretrain_transformer(args.data, args.generator, args.out, size=args.size, **common)
     elif args.command == "adapter":
         record = pretrain_adapter(
             args.data,
