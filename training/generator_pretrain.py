@@ -4,6 +4,7 @@ Stages, each seeded and bounded by a time budget, all on a CPU:
 
     python -m training.generator_pretrain base --data DIR --out GEN_DIR [--vae-seconds S --transformer-seconds S]
     python -m training.generator_pretrain decoder --data DIR --generator GEN_DIR --out GEN_DIR2 [--seconds S]
+    python -m training.generator_pretrain transformer --data DIR --generator GEN_DIR --out GEN_DIR2 --size PX
     python -m training.generator_pretrain adapter --data DIR --generator GEN_DIR --encoder ENC_DIR
     python -m training.generator_pretrain samples --data DIR --generator GEN_DIR --out GRID.png
 
@@ -17,6 +18,9 @@ caption, which the transformer learns to read. The result is a diffusers-layout 
 `decoder`: the VAE's decoder alone, fine-tuned with perceptual and style distances in the frozen ImageNet trunk
 on top of the pixel MSE, the encoder frozen: the latent space does not move, so the transformer and the adapter
 trained on it keep working with the sharper decoder.
+
+`transformer`: the transformer continued at a new output size (the convolutional VAE unchanged); the size becomes
+the copy's default output side, and its adapter should then be continued at that size (`adapter --size`).
 
 `adapter`: the attribute adapter with L_gen (the trainer's objective: the target's flow-matching velocity under
 its caption, conditioned on E(reference, all its positives), condition dropout as the pipeline drops
@@ -1197,7 +1201,7 @@ def _continuing_stage_parser(commands, name: str, help: str) -> argparse.Argumen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: `base`, `decoder`, `adapter` and `samples` (see the module docstring)."""
+    """CLI: `base`, `decoder`, `transformer`, `adapter` and `samples` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m training.generator_pretrain", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     base = commands.add_parser("base", help="train the VAE and the transformer; write a generator directory")
