@@ -514,6 +514,7 @@ def label_pairs(
         top_up()
         while in_flight:
             finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            crash: BaseException | None = None
             for future in finished:
                 in_flight.discard(future)
                 task = task_of.pop(future)
@@ -521,6 +522,9 @@ def label_pairs(
                     outcome = future.result()
                 except Exception as error:  # noqa: BLE001 - a bug or a model crash fails this pair, not the run
                     outcome = Outcome(task, kind="annotator_error", error=f"{error.__class__.__name__}: {error}")
+                except BaseException as error:  # an interrupt in a worker: write the other finished pairs, then stop
+                    crash = crash or error
+                    continue
                 if outcome.record is not None:
                     write_pairs(out_dir, [outcome.record])
                     summary.labelled += 1
@@ -539,6 +543,8 @@ def label_pairs(
                             summary.not_attempted += 1
                 bar.update(1)
                 bar.set_postfix(ok=summary.labelled, failed=summary.failed, refresh=False)
+            if crash is not None:
+                raise crash
             top_up()
     finally:
         executor.shutdown(wait=False, cancel_futures=True)

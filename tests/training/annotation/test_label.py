@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from training.annotation import label as label_module
 from training.annotation.label import (
     FAILURES_FILENAME,
     EndpointAnnotator,
@@ -274,6 +275,37 @@ def test_a_crash_loses_no_finished_label_and_a_torn_line_is_relabelled(server, t
     assert len(report.bad_lines) == 1  # the torn line, skipped
     assert (summary.already_done, summary.labelled) == (2, 2)
     assert server.count("pair0") == server.count("pair1") == 1
+
+
+@pytest.mark.slow
+def test_an_interrupt_in_one_worker_still_writes_the_pairs_the_others_finished(server, tmp_path, monkeypatch):
+    images, out = tmp_path / "in", tmp_path / "dataset"
+    tasks = [server.pair(images, f"pair{i}", [GOOD]) for i in range(4)]
+    crash_on = tasks[2].image_x.read_bytes()
+    answered = threading.Semaphore(0)
+
+    class CrashingAnnotator(EndpointAnnotator):
+        def complete(self, request):
+            if request.images[0].data == crash_on:
+                for _ in range(3):  # pair2 dies after the other three pairs have their answers
+                    assert answered.acquire(timeout=10)
+                raise KeyboardInterrupt
+            reply = super().complete(request)
+            answered.release()
+            return reply
+
+    write_pairs = label_module.write_pairs
+
+    def slow_write_pairs(*args, **kwargs):  # a slow disk: the crash and the other pairs finish during pair0's write
+        write_pairs(*args, **kwargs)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(label_module, "write_pairs", slow_write_pairs)
+    annotator = CrashingAnnotator(server.url, "big-vlm", timeout_s=CLIENT_TIMEOUT_S)
+    with pytest.raises(KeyboardInterrupt):
+        label_pairs(tasks, annotator, _config(out, concurrency=2))
+    annotator.close()
+    assert sorted(record.id for record in load_pairs(out).records) == ["pair0", "pair1", "pair3"]
 
 
 def test_unreachable_endpoint_fails_each_pair_and_stops_early(tmp_path):
